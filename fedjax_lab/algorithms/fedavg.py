@@ -1,0 +1,150 @@
+"""Federated Averaging, with FedOpt's server optimisers and FedProx's straggler protocol.
+
+References:
+    McMahan, Moore, Ramage, Hampson, Agüera y Arcas. "Communication-Efficient Learning of Deep
+    Networks from Decentralized Data." AISTATS 2017, arXiv 1602.05629.
+    Reddi et al. "Adaptive Federated Optimization." ICLR 2021, arXiv 2003.00295 (server optimiser).
+
+Update: each sampled client starts from w_t and runs E epochs of minibatch SGD (batch B, shuffled
+every epoch) to w_i; the server steps on the pseudo-gradient sum_i p_i (w_t - w_i) with its optax
+optimiser; with `optax.sgd(1.0)` that is w_{t+1} = sum_i p_i w_i, p_i = n_i / sum_j n_j.
+FedSGD is `num_epochs=1, batch_size=None` (one full-batch gradient per client).
+
+`local_regularizer` and `straggler_policy` are the seams other algorithms compose: FedProx is
+FedAvg with a proximal term that keeps stragglers' partial work (fedprox.py).
+
+Pitfalls avoided: clients with fewer examples do fewer effective steps under vmap (a per-step
+active mask, never a fixed step count over padding); every epoch is reshuffled; sample-weighted vs
+uniform averaging is an explicit option.
+"""
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
+                             local_train, model_loss, sample_stragglers, server_update,
+                             weighted_mean)
+from fedjax_lab.models import Model
+
+PyTree = Any
+# local_regularizer(client_params, global_params) -> scalar added to every local minibatch loss.
+LocalRegularizer = Callable[[PyTree, PyTree], jax.Array]
+STRAGGLER_POLICIES = ("drop", "keep")
+
+
+class FedAvgState(NamedTuple):
+    """Attributes: params (global model), opt_state (server optimiser), round, metrics."""
+
+    params: PyTree
+    opt_state: PyTree
+    round: jax.Array
+    metrics: dict[str, jax.Array]
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid; expected a positive integer")
+
+
+def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
+           server_optimizer: optax.GradientTransformation | None = None,
+           num_epochs: int = 1, batch_size: int | None = 10,
+           weighting: str = "num_examples", straggler_fraction: float = 0.0,
+           straggler_policy: str = "drop", local_regularizer: LocalRegularizer | None = None,
+           execution: ClientExecution = ClientExecution(), unroll: int = 1) -> Algorithm:
+    """Builds FedAvg.
+
+    Args:
+        model: the `(init, apply)` model trained with softmax cross-entropy.
+        client_optimizer: optax optimiser of local training, e.g. `optax.sgd(0.01)`.
+        server_optimizer: optax optimiser applied to the mean client delta; default
+            `optax.sgd(1.0)`, plain averaging.
+        num_epochs: local epochs E.
+        batch_size: local batch B; None is the full batch (B = infinity in McMahan et al.).
+        weighting: "num_examples" (p_i proportional to n_i) or "uniform".
+        straggler_fraction: fraction s of each cohort that straggles (FedProx's protocol).
+        straggler_policy: "drop" aggregates only full-work clients (FedAvg in FedProx's
+            experiments); "keep" aggregates stragglers' partial work too.
+        local_regularizer: optional term added to each local minibatch loss.
+        execution: how clients run (vmap, chunked, sequential, unrolled).
+        unroll: unroll factor of the local step loop.
+
+    Returns:
+        An `Algorithm` whose state is `FedAvgState`.
+    """
+    _check_positive_int("num_epochs", num_epochs)
+    if batch_size is not None:
+        _check_positive_int("batch_size", batch_size)
+    if straggler_policy not in STRAGGLER_POLICIES:
+        raise ValueError(f"straggler_policy {straggler_policy!r} is unknown; "
+                         f"allowed: {', '.join(STRAGGLER_POLICIES)}")
+    if not 0.0 <= straggler_fraction <= 1.0:
+        raise ValueError(f"straggler_fraction={straggler_fraction!r} is invalid; "
+                         "expected 0 <= s <= 1")
+    if straggler_fraction > 0 and num_epochs < 2:
+        raise ValueError(f"straggler_fraction > 0 needs num_epochs >= 2 (stragglers run "
+                         f"1..E-1 epochs); got num_epochs={num_epochs}")
+    client_weights(jnp.ones(1), weighting=weighting)
+    server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
+    base_loss = model_loss(model.apply)
+
+    def init(key: jax.Array) -> FedAvgState:
+        params = model.init(key)
+        return FedAvgState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32),
+                           _round_metrics(jnp.zeros(0), jnp.zeros(0), jnp.zeros(0, jnp.int32),
+                                          optax.tree.zeros_like(params)))
+
+    def round_fn(state: FedAvgState, batch: ClientBatch) -> FedAvgState:
+        global_params = state.params
+        if local_regularizer is None:
+            loss_fn = base_loss
+        else:
+            def loss_fn(params, x, y, mask, rng):
+                return base_loss(params, x, y, mask, rng) + local_regularizer(params, global_params)
+
+        stragglers = sample_stragglers(batch.rng, num_epochs=num_epochs,
+                                       fraction=straggler_fraction)
+
+        def client_update(client):
+            x, y, mask, rng, epochs = client
+            result = local_train(loss_fn, client_optimizer, global_params, x, y, mask, rng,
+                                 num_epochs=num_epochs, batch_size=batch_size,
+                                 active_epochs=epochs, unroll=unroll)
+            return optax.tree.sub(global_params, result.params), result.mean_loss, result.num_steps
+
+        deltas, losses, steps = execution.map(
+            client_update, (batch.x, batch.y, batch.mask, batch.rng, stragglers.epochs))
+        participating = ~stragglers.is_straggler if straggler_policy == "drop" else None
+        weights = client_weights(batch.num_examples, weighting=weighting,
+                                 participating=participating)
+        mean_delta = weighted_mean(deltas, weights)
+        params, opt_state = server_update(global_params, state.opt_state, mean_delta,
+                                          server_optimizer)
+        return FedAvgState(params, opt_state, state.round + 1,
+                           _round_metrics(weights, losses, steps, mean_delta))
+
+    def predict(state: FedAvgState, batch: ClientBatch) -> jax.Array:
+        return predict_with(model, state.params, batch.x)
+
+    return Algorithm(init=init, round=round_fn, predict=predict)
+
+
+def predict_with(model: Model, params: PyTree, x: jax.Array) -> jax.Array:
+    """Logits `[C, N, classes]` of one shared model on every client's examples `[C, N, ...]`."""
+    num_clients, num_examples = x.shape[:2]
+    logits = model.apply(params, x.reshape((num_clients * num_examples,) + x.shape[2:]))
+    return logits.reshape(num_clients, num_examples, -1)
+
+
+def _round_metrics(weights, losses, steps, mean_delta) -> dict[str, jax.Array]:
+    """The round's scalars; `init` calls it on empty cohorts so the structure never changes."""
+    dtype = jnp.result_type(float)
+    return {
+        "train_loss": jnp.sum(weights * losses).astype(dtype),
+        "participants": jnp.sum(weights > 0).astype(jnp.int32),
+        "local_steps": jnp.sum(steps).astype(jnp.int32),
+        "update_norm": optax.tree.norm(mean_delta).astype(dtype),
+    }

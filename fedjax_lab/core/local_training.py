@@ -1,0 +1,128 @@
+"""Local training: the one client-side primitive every algorithm composes.
+
+A client runs `num_epochs` epochs of minibatch training over its own real examples with an optax
+optimiser. Under `vmap` all clients must run the same program, so the loop has a fixed trip count
+(`num_epochs * ceil(N / batch_size)` for the padded length N) and each step carries an `active`
+flag: a step beyond the client's own `ceil(n_i / batch_size)` batches, or in an epoch beyond its
+`active_epochs` (a straggler), leaves parameters and optimiser state unchanged. Each epoch draws a
+fresh permutation of the client's real examples inside jit (McMahan et al. shuffle every epoch;
+FedGen#7 and FedProx's reseeded batcher are the pitfalls avoided). The permutation and every
+step's key depend only on the client's key, the example's position and (epoch, batch), never on
+the padded length, so a padded client trains exactly as the same client unpadded.
+
+Algorithms add their terms through the loss closure: FedProx adds `mu/2 ||w - w_t||^2`, Ditto
+its personal proximal term, and so on.
+"""
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_lab.core.types import ClientStream
+
+PyTree = Any
+# loss_fn(params, x_batch, y_batch, mask_batch, rng) -> scalar mean loss over the real examples.
+LossFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+class LocalTrainingResult(NamedTuple):
+    """What one client's local training returns.
+
+    Attributes:
+        params: the parameters after the client's active steps.
+        mean_loss: mean minibatch loss over the active steps, evaluated before each step (0 when
+            the client took no step).
+        num_steps: the number of active steps taken (int32).
+    """
+
+    params: PyTree
+    mean_loss: jax.Array
+    num_steps: jax.Array
+
+
+def steps_per_epoch(padded_length: int, batch_size: int) -> int:
+    """Trip count of one epoch for clients padded to `padded_length` examples."""
+    return max(1, math.ceil(padded_length / batch_size))
+
+
+def epoch_permutation(key: jax.Array, mask: jax.Array) -> jax.Array:
+    """Indices of the real examples (mask True) in random order, followed by the padded ones.
+
+    Each position draws its own bits from `fold_in(key, position)`, so the order of the real
+    examples does not depend on how much padding follows them.
+    """
+    positions = jnp.arange(mask.shape[0], dtype=jnp.int32)
+    bits = jax.vmap(lambda i: jax.random.bits(jax.random.fold_in(key, i)))(positions)
+    is_padding = jnp.logical_not(mask).astype(jnp.int32)
+    *_, order = jax.lax.sort((is_padding, bits, positions), num_keys=2)
+    return order
+
+
+def local_train(loss_fn: LossFn, optimizer: optax.GradientTransformation, params: PyTree,
+                x: jax.Array, y: jax.Array, mask: jax.Array, rng: jax.Array, *,
+                num_epochs: int, batch_size: int | None,
+                active_epochs: jax.Array | None = None, unroll: int = 1) -> LocalTrainingResult:
+    """Trains one client's copy of `params` on its examples (unbatched; `vmap` it over clients).
+
+    Args:
+        loss_fn: `loss_fn(params, x_batch, y_batch, mask_batch, rng)`; the mean over real examples
+            of the batch, plus whatever term the algorithm adds.
+        optimizer: the client optimiser; its state starts fresh from `optimizer.init(params)`.
+        params: starting parameters (usually the round's global model).
+        x: `[N, *feature_shape]` the client's examples, padded to N.
+        y: `[N]` labels.
+        mask: `[N]` bool, True for real examples.
+        rng: the client's round key (`client_key`).
+        num_epochs: epochs every full-work client runs (static).
+        batch_size: examples per step (static); None means the full batch (one step per epoch).
+        active_epochs: optional traced int, epochs this client actually runs (stragglers run fewer).
+        unroll: `lax.scan` unroll factor of the step loop.
+
+    Returns:
+        A `LocalTrainingResult`.
+    """
+    padded_length = mask.shape[0]
+    batch_size = padded_length if batch_size is None else batch_size
+    num_batches = steps_per_epoch(padded_length, batch_size)
+    num_real = jnp.sum(mask, dtype=jnp.int32)
+    client_batches = (num_real + batch_size - 1) // batch_size
+    if active_epochs is None:
+        active_epochs = num_epochs
+
+    shuffle_key = jax.random.fold_in(rng, ClientStream.SHUFFLE)
+    step_key = jax.random.fold_in(rng, ClientStream.STEP)
+    permutations = jax.vmap(lambda e: epoch_permutation(jax.random.fold_in(shuffle_key, e), mask))(
+        jnp.arange(num_epochs))
+    slack = num_batches * batch_size - padded_length
+    permutations = jnp.pad(permutations, ((0, 0), (0, slack)))
+    slot_is_real = jnp.arange(num_batches * batch_size) < num_real
+
+    def step(carry, step_index):
+        params, opt_state, loss_sum = carry
+        epoch, batch = jnp.divmod(step_index, num_batches)
+        start = batch * batch_size
+        indices = jax.lax.dynamic_slice_in_dim(permutations[epoch], start, batch_size)
+        batch_mask = jax.lax.dynamic_slice_in_dim(slot_is_real, start, batch_size)
+        batch_key = jax.random.fold_in(jax.random.fold_in(step_key, epoch), batch)
+        loss, grads = jax.value_and_grad(loss_fn)(params, x[indices], y[indices], batch_mask,
+                                                  batch_key)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        active = (epoch < active_epochs) & (batch < client_batches)
+        keep_if_inactive = lambda new, old: jnp.where(active, new, old)
+        params = jax.tree.map(keep_if_inactive, new_params, params)
+        opt_state = jax.tree.map(keep_if_inactive, new_opt_state, opt_state)
+        loss_sum = loss_sum + jnp.where(active, loss, jnp.zeros_like(loss))
+        return (params, opt_state, loss_sum), active
+
+    loss_dtype = jax.eval_shape(loss_fn, params, x[:batch_size], y[:batch_size],
+                                mask[:batch_size], rng).dtype
+    init = (params, optimizer.init(params), jnp.zeros((), loss_dtype))
+    (params, _, loss_sum), active_steps = jax.lax.scan(
+        step, init, jnp.arange(num_epochs * num_batches), unroll=unroll)
+    num_steps = jnp.sum(active_steps, dtype=jnp.int32)
+    mean_loss = loss_sum / jnp.maximum(num_steps, 1).astype(loss_sum.dtype)
+    return LocalTrainingResult(params=params, mean_loss=mean_loss, num_steps=num_steps)

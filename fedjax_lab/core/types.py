@@ -1,0 +1,121 @@
+"""The contract shared by every algorithm: `ClientBatch`, `Algorithm` and the key convention.
+
+A round is a pure function `round(server_state, client_batch) -> server_state`. The clients of a
+round are stacked along a leading axis C, so a round is one compiled program over its cohort.
+Randomness flows from one experiment key: the cohort of round t comes from `cohort_key(key, t)`
+and client i's local randomness from `client_key(key, t, i)`. Two algorithms run with the same
+key therefore see the same clients, the same shuffles and the same stragglers, which is what
+makes "FedProx with mu = 0 equals FedAvg" testable bit for bit.
+"""
+
+import enum
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+ServerState = Any
+
+# Tags that separate the two key streams derived from the experiment key.
+_COHORT_STREAM = 0
+_CLIENT_STREAM = 1
+_INIT_STREAM = 2
+
+
+class ClientStream(enum.IntEnum):
+    """Independent sub-streams of one client's round key, one per use, so uses never correlate."""
+
+    SHUFFLE = 0
+    STEP = 1
+    STRAGGLER = 2
+    STRAGGLER_EPOCHS = 3
+
+
+class ClientBatch(NamedTuple):
+    """The clients of one round, stacked along a leading client axis C.
+
+    Attributes:
+        x: inputs `[C, N, *feature_shape]`, padded to a common N.
+        y: integer labels `[C, N]`.
+        mask: `[C, N]` bool, True for real examples, False for padding.
+        num_examples: `[C]` int32, the number of real examples (0 for a padded client).
+        client_ids: `[C]` int32, each client's index in the population.
+        rng: `[C]` typed PRNG keys, one per client (`client_key(key, round, client_id)`).
+    """
+
+    x: jax.Array
+    y: jax.Array
+    mask: jax.Array
+    num_examples: jax.Array
+    client_ids: jax.Array
+    rng: jax.Array
+
+    @property
+    def num_clients(self) -> int:
+        return self.y.shape[0]
+
+
+class Algorithm(NamedTuple):
+    """A federated algorithm as three pure functions, built by a factory closing over hyperparameters.
+
+    Attributes:
+        init: `init(key) -> server_state`.
+        round: `round(server_state, client_batch) -> server_state`; pure, jit-able and scan-able.
+            The returned state's `metrics` is a dict of scalars describing the round.
+        predict: `predict(server_state, client_batch) -> logits [C, N, num_classes]`, personalised
+            for algorithms that keep per-client models.
+    """
+
+    init: Callable[[jax.Array], ServerState]
+    round: Callable[[ServerState, ClientBatch], ServerState]
+    predict: Callable[[ServerState, ClientBatch], jax.Array]
+
+
+def experiment_key(seed: int) -> jax.Array:
+    """The one key all of an experiment's randomness derives from."""
+    return jax.random.key(seed)
+
+
+def init_key(key: jax.Array) -> jax.Array:
+    """Key of the algorithm's `init` (the initial model), disjoint from the round streams."""
+    return jax.random.fold_in(key, _INIT_STREAM)
+
+
+def cohort_key(key: jax.Array, round_index) -> jax.Array:
+    """Key that picks round `round_index`'s cohort; independent of the clients' own keys."""
+    return jax.random.fold_in(jax.random.fold_in(key, _COHORT_STREAM), round_index)
+
+
+def client_key(key: jax.Array, round_index, client_id) -> jax.Array:
+    """Client `client_id`'s key in round `round_index`: the same whichever algorithm runs."""
+    round_key = jax.random.fold_in(jax.random.fold_in(key, _CLIENT_STREAM), round_index)
+    return jax.random.fold_in(round_key, client_id)
+
+
+def client_keys(key: jax.Array, round_index, client_ids: jax.Array) -> jax.Array:
+    """`client_key` for each id in `client_ids` `[C]`, stacked to `[C]` keys."""
+    return jax.vmap(client_key, in_axes=(None, None, 0))(key, round_index, client_ids)
+
+
+def gather_clients(population_state: PyTree, client_ids: jax.Array) -> PyTree:
+    """Rows `client_ids` of a pytree stacked over the whole population."""
+    return jax.tree.map(lambda leaf: leaf[client_ids], population_state)
+
+
+def scatter_clients(population_state: PyTree, client_ids: jax.Array, cohort_state: PyTree,
+                    valid: jax.Array | None = None) -> PyTree:
+    """Writes a cohort's state back into the population; rows of other clients are untouched.
+
+    Args:
+        population_state: pytree whose leaves are `[num_clients, ...]`.
+        client_ids: `[C]` population indices of the cohort, distinct among valid rows.
+        cohort_state: pytree whose leaves are `[C, ...]`.
+        valid: optional `[C]` bool; rows with False (padded clients) are not written.
+    """
+    if valid is not None:
+        num_clients = jax.tree.leaves(population_state)[0].shape[0]
+        # An out-of-range index with mode="drop" skips the write, so padded rows change nothing.
+        client_ids = jnp.where(valid, client_ids, num_clients)
+    return jax.tree.map(lambda pop, new: pop.at[client_ids].set(new, mode="drop"),
+                        population_state, cohort_state)

@@ -1,0 +1,21 @@
+"""Models: flax modules behind one `(init, apply)` wrapper, and the registry the CLI uses."""
+
+from fedjax_lab.models.model import Model, from_flax
+from fedjax_lab.models.networks import femnist_cnn, logistic_regression, mlp
+
+MODELS = {
+    "logistic": logistic_regression,
+    "mlp": mlp,
+    "cnn": femnist_cnn,
+}
+
+
+def get_model(name: str, feature_shape, num_classes: int, **options) -> Model:
+    """Builds the registered model `name` for examples of `feature_shape`."""
+    if name not in MODELS:
+        raise ValueError(f"model {name!r} is unknown; allowed: {', '.join(MODELS)}")
+    return MODELS[name](feature_shape, num_classes, **options)
+
+
+__all__ = ["MODELS", "Model", "femnist_cnn", "from_flax", "get_model", "logistic_regression",
+           "mlp"]

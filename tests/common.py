@@ -1,0 +1,54 @@
+"""Small hand-built clients shared by the engine and algorithm tests."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lab.core import ClientBatch, client_keys, experiment_key
+from fedjax_lab.models import logistic_regression
+
+NUM_FEATURES = 5
+NUM_CLASSES = 3
+
+
+def make_clients(sizes, *, padded_length=None, seed=0, dtype=np.float32):
+    """Ragged clients as numpy lists: x_i [n_i, NUM_FEATURES], y_i [n_i]."""
+    rng = np.random.default_rng(seed)
+    xs = [rng.normal(size=(n, NUM_FEATURES)).astype(dtype) for n in sizes]
+    ys = [rng.integers(0, NUM_CLASSES, size=n).astype(np.int32) for n in sizes]
+    return xs, ys
+
+
+def stack_clients(xs, ys, padded_length=None, *, round_index=0, seed=0, client_ids=None):
+    """A `ClientBatch` of the given ragged clients, padded to `padded_length`."""
+    sizes = [len(y) for y in ys]
+    padded_length = padded_length or max(max(sizes), 1)
+    num = len(xs)
+    x = np.zeros((num, padded_length, NUM_FEATURES), xs[0].dtype)
+    y = np.zeros((num, padded_length), np.int32)
+    mask = np.zeros((num, padded_length), bool)
+    for i, (xi, yi) in enumerate(zip(xs, ys)):
+        x[i, :len(yi)], y[i, :len(yi)], mask[i, :len(yi)] = xi, yi, True
+    ids = jnp.arange(num, dtype=jnp.int32) if client_ids is None else jnp.asarray(client_ids)
+    return ClientBatch(x=jnp.asarray(x), y=jnp.asarray(y), mask=jnp.asarray(mask),
+                       num_examples=jnp.asarray(sizes, jnp.int32), client_ids=ids,
+                       rng=client_keys(experiment_key(seed), round_index, ids))
+
+
+def small_model():
+    return logistic_regression((NUM_FEATURES,), NUM_CLASSES)
+
+
+def float64_params(model, seed=0):
+    """The model's initial parameters in float64 (call inside `jax.enable_x64`)."""
+    return jax.tree.map(lambda p: p.astype(jnp.float64), model.init(jax.random.key(seed)))
+
+
+def assert_trees_equal(a, b):
+    """Bit-for-bit equality of two pytrees."""
+    jax.tree.map(lambda u, v: np.testing.assert_array_equal(np.asarray(u), np.asarray(v)), a, b)
+
+
+def assert_trees_close(a, b, rtol=1e-12, atol=1e-12):
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v),
+                                                         rtol=rtol, atol=atol), a, b)

@@ -1,0 +1,126 @@
+"""Aggregation, client execution strategies, stragglers, key streams and client-state scatter."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from common import assert_trees_close, float64_params, make_clients, small_model, stack_clients
+from fedjax_lab.core import (ClientExecution, client_keys, client_weights, experiment_key,
+                             gather_clients, local_train, model_loss, sample_stragglers,
+                             scatter_clients, weighted_mean)
+from fedjax_lab.data.sampling import sample_cohort
+
+
+def test_sample_weights_sum_to_one_and_empty_clients_weigh_zero():
+    w = client_weights(jnp.array([10, 30, 0, 60]))
+    np.testing.assert_allclose(w, [0.1, 0.3, 0.0, 0.6], rtol=1e-6)
+    u = client_weights(jnp.array([10, 30, 0, 60]), weighting="uniform")
+    np.testing.assert_allclose(u, [1 / 3, 1 / 3, 0.0, 1 / 3], rtol=1e-6)
+    p = client_weights(jnp.array([10, 30, 0, 60]), participating=jnp.array([1, 0, 1, 1], bool))
+    np.testing.assert_allclose(p, [10 / 70, 0.0, 0.0, 60 / 70], rtol=1e-6)
+    np.testing.assert_array_equal(client_weights(jnp.array([5, 5]),
+                                                 participating=jnp.zeros(2, bool)), [0, 0])
+    with pytest.raises(ValueError, match="weighting 'size' is unknown; allowed: num_examples"):
+        client_weights(jnp.array([1]), weighting="size")
+
+
+def test_weighted_mean_of_identical_models_is_that_model():
+    with jax.enable_x64(True):
+        params = float64_params(small_model())
+        stacked = jax.tree.map(lambda p: jnp.stack([p] * 4), params)
+        mean = weighted_mean(stacked, client_weights(jnp.array([3, 1, 7, 2])))
+        assert_trees_close(mean, params, rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("execution", [ClientExecution("chunked", 2), ClientExecution("chunked", 3),
+                                       ClientExecution("sequential"), ClientExecution("unrolled")])
+def test_every_strategy_equals_vmap(execution):
+    with jax.enable_x64(True):
+        xs, ys = make_clients([7, 3, 12, 5, 1], dtype=np.float64)
+        batch = stack_clients(xs, ys)
+        model = small_model()
+        params = float64_params(model)
+
+        def client_fn(client):
+            x, y, mask, rng = client
+            return local_train(model_loss(model.apply), optax.sgd(0.2), params, x, y, mask, rng,
+                               num_epochs=2, batch_size=3)
+
+        per_client = (batch.x, batch.y, batch.mask, batch.rng)
+        assert_trees_close(execution.map(client_fn, per_client),
+                           ClientExecution("vmap").map(client_fn, per_client))
+
+
+def test_execution_rejects_unknown_strategy_and_bad_chunks():
+    with pytest.raises(ValueError, match="strategy 'pmap' is unknown; allowed: vmap, chunked"):
+        ClientExecution("pmap")
+    with pytest.raises(ValueError, match="chunk_size=0 is invalid"):
+        ClientExecution("chunked", 0)
+
+
+def test_stragglers_count_epochs_and_determinism():
+    key = experiment_key(0)
+    for round_index in range(20):
+        rngs = client_keys(key, round_index, jnp.arange(10))
+        s = sample_stragglers(rngs, num_epochs=20, fraction=0.9)
+        assert int(s.is_straggler.sum()) == 9
+        epochs = np.asarray(s.epochs)
+        assert np.all((epochs[s.is_straggler] >= 1) & (epochs[s.is_straggler] <= 19))
+        assert np.all(epochs[~s.is_straggler] == 20)
+        again = sample_stragglers(rngs, num_epochs=20, fraction=0.9)
+        np.testing.assert_array_equal(s.epochs, again.epochs)
+    assert int(sample_stragglers(rngs, num_epochs=5, fraction=0.25).is_straggler.sum()) == 2
+
+
+def test_straggler_set_and_epochs_are_spread_over_clients_and_range():
+    key = experiment_key(1)
+    hits = np.zeros(10)
+    seen_epochs = set()
+    for round_index in range(400):
+        s = sample_stragglers(client_keys(key, round_index, jnp.arange(10)), num_epochs=4,
+                              fraction=0.5)
+        hits += np.asarray(s.is_straggler)
+        seen_epochs |= set(np.asarray(s.epochs)[np.asarray(s.is_straggler)].tolist())
+    np.testing.assert_allclose(hits / 400, 0.5, atol=0.1)
+    assert seen_epochs == {1, 2, 3}
+
+
+def test_straggler_arguments_are_validated():
+    rngs = client_keys(experiment_key(0), 0, jnp.arange(4))
+    with pytest.raises(ValueError, match="num_epochs >= 2"):
+        sample_stragglers(rngs, num_epochs=1, fraction=0.5)
+    with pytest.raises(ValueError, match="straggler fraction 1.5 is invalid"):
+        sample_stragglers(rngs, num_epochs=3, fraction=1.5)
+
+
+def test_scatter_leaves_unsampled_and_padded_clients_untouched():
+    population = {"v": jnp.arange(12.0).reshape(6, 2), "count": jnp.zeros(6, jnp.int32)}
+    ids = jnp.array([4, 1, 5])
+    cohort = gather_clients(population, ids)
+    np.testing.assert_array_equal(cohort["v"], [[8, 9], [2, 3], [10, 11]])
+    new = {"v": -jnp.ones((3, 2)), "count": jnp.array([7, 8, 9], jnp.int32)}
+    updated = jax.jit(scatter_clients)(population, ids, new, jnp.array([True, True, False]))
+    np.testing.assert_array_equal(updated["count"], [0, 8, 0, 0, 7, 0])
+    np.testing.assert_array_equal(updated["v"][np.array([0, 2, 3, 5])], population["v"][np.array([0, 2, 3, 5])])
+    np.testing.assert_array_equal(updated["v"][np.array([1, 4])], -np.ones((2, 2)))
+
+
+def test_cohorts_are_pure_functions_of_seed_and_round():
+    key = experiment_key(7)
+    a = np.asarray(sample_cohort(key, 3, 100, 10))
+    assert len(set(a.tolist())) == 10 and a.min() >= 0 and a.max() < 100
+    np.testing.assert_array_equal(a, jax.jit(sample_cohort, static_argnums=(2, 3))(key, 3, 100, 10))
+    assert not np.array_equal(a, sample_cohort(key, 4, 100, 10))
+    assert not np.array_equal(a, sample_cohort(experiment_key(8), 3, 100, 10))
+    with pytest.raises(ValueError, match=r"cohort_size=101 is invalid; expected an integer in 1..100"):
+        sample_cohort(key, 0, 100, 101)
+
+
+def test_client_keys_do_not_depend_on_cohort_composition():
+    key = experiment_key(0)
+    a = client_keys(key, 5, jnp.array([3, 9]))
+    b = client_keys(key, 5, jnp.array([9, 1, 3]))
+    np.testing.assert_array_equal(jax.random.key_data(a[0]), jax.random.key_data(b[2]))
+    np.testing.assert_array_equal(jax.random.key_data(a[1]), jax.random.key_data(b[0]))
