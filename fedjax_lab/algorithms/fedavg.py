@@ -145,6 +145,6 @@ def _round_metrics(weights, losses, steps, mean_delta) -> dict[str, jax.Array]:
     return {
         "train_loss": jnp.sum(weights * losses).astype(dtype),
         "participants": jnp.sum(weights > 0).astype(jnp.int32),
-        "local_steps": jnp.sum(steps).astype(jnp.int32),
+        "local_steps": jnp.sum(jnp.where(weights > 0, steps, 0)).astype(jnp.int32),
         "update_norm": optax.tree.norm(mean_delta).astype(dtype),
     }

@@ -84,6 +84,7 @@ def local_train(loss_fn: LossFn, optimizer: optax.GradientTransformation, params
     Returns:
         A `LocalTrainingResult`.
     """
+    x, y, mask = jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask)
     padded_length = mask.shape[0]
     batch_size = padded_length if batch_size is None else batch_size
     num_batches = steps_per_epoch(padded_length, batch_size)
