@@ -58,10 +58,12 @@ class FemnistCNN(nn.Module):
 
 
 def logistic_regression(feature_shape, num_classes: int) -> Model:
+    """Multinomial logistic regression (FedProx's "mclr")."""
     return from_flax(LogisticRegression(num_classes), feature_shape, num_classes)
 
 
 def mlp(feature_shape, num_classes: int, hidden: Sequence[int] = (200, 200)) -> Model:
+    """ReLU multilayer perceptron; the default widths are McMahan et al.'s 2NN."""
     return from_flax(MLP(tuple(hidden), num_classes), feature_shape, num_classes)
 
 
@@ -80,6 +82,7 @@ def image_shape(feature_shape) -> tuple[int, int, int]:
 
 
 def femnist_cnn(feature_shape, num_classes: int) -> Model:
+    """LEAF's FEMNIST CNN: two 5x5 convolutions (32, 64) with pooling, dense 2048."""
     shape = image_shape(feature_shape)
     if shape[0] % 4 or shape[1] % 4:
         raise ValueError(f"the CNN pools twice by 2; image shape {shape[:2]} must be divisible by 4")
