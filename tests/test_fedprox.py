@@ -74,6 +74,10 @@ def test_fedavg_drops_and_fedprox_keeps_the_same_stragglers():
     kept = jax.jit(fedprox_algorithm.round)(state, batch).metrics
     assert int(dropped["participants"]) == round(10 * (1 - 0.7)) == 3
     assert int(kept["participants"]) == 10
+    model_bytes = (5 * 3 + 3) * 4
+    assert float(dropped["bytes_down"]) == float(kept["bytes_down"]) == 10 * model_bytes
+    assert float(dropped["bytes_up"]) == 3 * model_bytes
+    assert float(kept["bytes_up"]) == 10 * model_bytes
 
     stragglers = sample_stragglers(batch.rng, num_epochs=5, fraction=0.7)
     batches = np.array([-(-n // 4) for n in sizes])

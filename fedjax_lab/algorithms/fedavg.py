@@ -26,7 +26,7 @@ import optax
 
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              local_train, model_loss, sample_stragglers, server_update,
-                             weighted_mean)
+                             tree_bytes, weighted_mean)
 from fedjax_lab.models import Model
 
 PyTree = Any
@@ -140,9 +140,16 @@ def predict_with(model: Model, params: PyTree, x: jax.Array) -> jax.Array:
 
 
 def _round_metrics(weights, losses, steps, mean_delta) -> dict[str, jax.Array]:
-    """The round's scalars; `init` calls it on empty cohorts so the structure never changes."""
+    """The round's scalars; `init` calls it on empty cohorts so the structure never changes.
+
+    Every cohort client downloads the model; only aggregated clients' models count as uploaded
+    (a dropped straggler's work never arrives).
+    """
     dtype = jnp.result_type(float)
+    model_bytes = tree_bytes(mean_delta)
     return {
+        "bytes_down": jnp.asarray(weights.shape[0] * model_bytes, dtype),
+        "bytes_up": (jnp.sum(weights > 0) * model_bytes).astype(dtype),
         "train_loss": jnp.sum(weights * losses).astype(dtype),
         "participants": jnp.sum(weights > 0).astype(jnp.int32),
         "local_steps": jnp.sum(jnp.where(weights > 0, steps, 0)).astype(jnp.int32),
