@@ -1,28 +1,43 @@
 """`fedjax-lab run` trains an algorithm; `fedjax-lab list` shows what can be chosen.
 
 With no options, `fedjax-lab run` trains FedAvg on the embedded digits data set and prints the
-final test accuracy. Every option is validated before anything is compiled or written.
+final test accuracy. `fedjax-lab run --resume DIR` continues an interrupted run from its newest
+checkpoint; options given with it must agree with the saved configuration. Every option is
+validated before anything is compiled or written.
 """
 
 import argparse
 import dataclasses
 import sys
 
-from fedjax_lab.config import ALGORITHMS, DATASETS, ConfigError, RunConfig, run
+from fedjax_lab.checkpoint import CheckpointError
+from fedjax_lab.config import (ALGORITHMS, DATASETS, ConfigError, RunConfig, load_saved_config,
+                               run)
+from fedjax_lab.experiment import ConfigMismatchError, DivergenceError
 from fedjax_lab.models import MODELS
 
 _DEFAULTS = RunConfig()
+_HELP = {
+    "batch_size": "examples per local step, or 'full' for the full batch",
+    "output": "folder for config, metrics, evaluations, summary and checkpoints",
+    "checkpoint_every": "checkpoint every this many rounds (and at the end); needs --output",
+    "allow_divergence": "keep training past a non-finite loss or parameter",
+    "stragglers": "fraction of each cohort that runs 1..E-1 epochs (FedProx's protocol)",
+    "mu": "FedProx's proximal coefficient",
+}
 
 
-def _optional_batch(text: str) -> int | None | str:
-    return None if text == "full" else _number(text, int)
-
-
-def _number(text: str, kind):
-    try:
-        return kind(text)
-    except ValueError:
-        return text  # validation reports the bad value with the option's name
+def _parse_value(text: str, default):
+    """Converts a command-line value like the default; a bad value is kept for validation."""
+    if text == "full":
+        return None
+    for kind in (int, float):
+        if isinstance(default, kind) or default is None:
+            try:
+                return kind(text)
+            except ValueError:
+                continue
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,48 +45,54 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="list algorithms, data sets and models")
     run_parser = commands.add_parser("run", help="train an algorithm",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     argument_default=argparse.SUPPRESS)
+    run_parser.add_argument("--resume", metavar="DIR",
+                            help="continue the run saved in DIR from its newest checkpoint")
     for field in dataclasses.fields(RunConfig):
         flag = "--" + field.name.replace("_", "-")
         default = getattr(_DEFAULTS, field.name)
-        if field.name == "batch_size":
-            run_parser.add_argument(flag, type=_optional_batch, default=default,
-                                    help="examples per local step, or 'full' for the full batch")
-        elif field.name in ("output",):
-            run_parser.add_argument(flag, default=default, help="folder for metrics and summary")
-        elif isinstance(default, bool) or field.type in ("str",) or isinstance(default, str):
-            run_parser.add_argument(flag, default=default)
-        elif isinstance(default, float):
-            run_parser.add_argument(flag, type=lambda t: _number(t, float), default=default)
+        help_text = f"{_HELP.get(field.name, '')} (default: {default})".strip()
+        if isinstance(default, bool):
+            run_parser.add_argument(flag, action="store_true", help=help_text)
+        elif isinstance(default, str):
+            run_parser.add_argument(flag, help=help_text)
         else:
-            run_parser.add_argument(flag, type=lambda t: _number(t, int), default=default)
+            run_parser.add_argument(flag, help=help_text,
+                                    type=lambda text, d=default: _parse_value(text, d))
     return parser
 
 
 def _list() -> None:
+    models = {name: factory.__doc__ or "" for name, factory in MODELS.items()}
     for title, entries in (("algorithms", ALGORITHMS), ("datasets", DATASETS),
-                           ("models", {name: factory.__doc__ or "" for name, factory in
-                                       MODELS.items()})):
+                           ("models", models)):
         print(f"{title}:")
         for name, description in entries.items():
             print(f"  {name:14s} {description.strip().splitlines()[0] if description else ''}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "list":
+    args = vars(build_parser().parse_args(argv))
+    if args.pop("command") == "list":
         _list()
         return 0
-    config = RunConfig(**{field.name: getattr(args, field.name)
-                          for field in dataclasses.fields(RunConfig)})
+    resume_dir = args.pop("resume", None)
     try:
-        result = run(config)
+        if resume_dir is None:
+            config = dataclasses.replace(_DEFAULTS, **args)
+        else:
+            config = dataclasses.replace(load_saved_config(resume_dir), output=resume_dir)
+            config = dataclasses.replace(config, **args)
+        result = run(config, resume=resume_dir is not None)
     except ConfigError as error:
         print(f"fedjax-lab: error: {error.as_flag()}", file=sys.stderr)
         return 2
-    except (ValueError, FileExistsError, NotADirectoryError) as error:
+    except (ValueError, OSError, CheckpointError, ConfigMismatchError) as error:
         print(f"fedjax-lab: error: {error}", file=sys.stderr)
         return 2
+    except DivergenceError as error:
+        print(f"fedjax-lab: error: {error}", file=sys.stderr)
+        return 3
     final = result.summary["final"]["test"]
     print(f"{config.algorithm} on {config.dataset}: test accuracy {final['accuracy']:.4f} "
           f"(per client mean {final['client_accuracy_mean']:.4f}, min "

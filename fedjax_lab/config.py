@@ -6,7 +6,9 @@ Every bad value is reported as one line naming the option, the value and what is
 """
 
 import dataclasses
+import json
 import math
+import os
 from typing import Any, Callable
 
 import optax
@@ -15,7 +17,7 @@ from fedjax_lab.algorithms import fedavg, fedprox
 from fedjax_lab.core.aggregation import WEIGHTINGS
 from fedjax_lab.core.client_execution import STRATEGIES, ClientExecution
 from fedjax_lab.data import digits, fedprox_synthetic
-from fedjax_lab.experiment import ExperimentResult, run_experiment
+from fedjax_lab.experiment import CONFIG_FILE, ExperimentResult, run_experiment
 from fedjax_lab.models import MODELS, get_model
 
 ALGORITHMS = {"fedavg": "FedAvg (McMahan et al., 2017)",
@@ -72,6 +74,8 @@ class RunConfig:
     seed: int = 0
     eval_every: int = 20
     output: str | None = None
+    checkpoint_every: int | None = None
+    allow_divergence: bool = False
 
     def validate(self) -> None:
         """Raises `ConfigError` for the first invalid option."""
@@ -84,6 +88,13 @@ class RunConfig:
         _choice("execution", self.execution, STRATEGIES)
         for option in ("rounds", "local_epochs", "eval_every"):
             _positive_int(option, getattr(self, option))
+        if self.checkpoint_every is not None:
+            _positive_int("checkpoint_every", self.checkpoint_every)
+            if self.output is None:
+                raise ConfigError("checkpoint_every", self.checkpoint_every,
+                                  "checkpoints are written under --output, which is not set")
+        if not isinstance(self.allow_divergence, bool):
+            raise ConfigError("allow_divergence", self.allow_divergence, "expected True or False")
         if self.num_clients is not None:
             _positive_int("num_clients", self.num_clients)
         if self.batch_size is not None:
@@ -155,12 +166,34 @@ def build_algorithm(config: RunConfig, model):
     return fedavg(model, optax.sgd(config.client_lr), **options)
 
 
-def run(config: RunConfig, *, progress: bool = True) -> ExperimentResult:
-    """Validates `config`, builds its pieces and runs the experiment."""
+def run(config: RunConfig, *, progress: bool = True, resume: bool = False) -> ExperimentResult:
+    """Validates `config`, builds its pieces and runs the experiment.
+
+    With `resume=True`, continues the run saved in `config.output` from its newest usable
+    checkpoint; a configuration that differs from the saved one is refused, naming the fields.
+    """
     config.validate()
+    if resume and config.output is None:
+        raise ConfigError("output", None, "resuming needs the folder of the run to continue")
     dataset = build_dataset(config)
     model = get_model(config.model, dataset.feature_shape, dataset.num_classes)
     return run_experiment(build_algorithm(config, model), dataset, num_rounds=config.rounds,
                           cohort_size=config.cohort_size, seed=config.seed,
                           eval_every=config.eval_every, output_dir=config.output,
-                          config=dataclasses.asdict(config), progress=progress)
+                          config=dataclasses.asdict(config), progress=progress,
+                          checkpoint_every=config.checkpoint_every, resume=resume,
+                          allow_divergence=config.allow_divergence)
+
+
+def load_saved_config(output_dir: str) -> RunConfig:
+    """The `RunConfig` saved in a run's folder (for `fedjax-lab run --resume DIR`)."""
+    path = os.path.join(output_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"cannot resume {output_dir!r}: it has no {CONFIG_FILE}")
+    with open(path) as f:
+        saved = json.load(f)
+    known = {field.name for field in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise ValueError(f"{path} has unknown options {', '.join(unknown)}")
+    return RunConfig(**saved)

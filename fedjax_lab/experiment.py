@@ -8,15 +8,20 @@ JSON lines; evaluations and the final summary are written beside them.
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
 import time
+import warnings
 from functools import partial
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from fedjax_lab import checkpoint
 
 from fedjax_lab.core.types import Algorithm, experiment_key, init_key
 from fedjax_lab.data.sampling import check_cohort_size, cohort_batch, sample_cohort
@@ -26,6 +31,7 @@ METRICS_FILE = "metrics.jsonl"
 EVALUATIONS_FILE = "evaluations.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclasses.dataclass
@@ -95,31 +101,104 @@ def _progress(round_index: int, num_rounds: int, metrics: dict, evaluation: dict
     print(" | ".join(parts), end=end, file=sys.stderr, flush=True)
 
 
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite metric or parameter; the message names round and metric."""
+
+
+class ConfigMismatchError(ValueError):
+    """A resumed run's configuration differs from the saved one; the message names the fields."""
+
+
+# Options that change how a run is carried out but not its results, so a resume may change them.
+RESUMABLE_CHANGES = frozenset({"output", "checkpoint_every", "allow_divergence"})
+
+
+def _check_same_config(output_dir: str, config: dict) -> None:
+    path = os.path.join(output_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"cannot resume {output_dir!r}: it has no {CONFIG_FILE}")
+    with open(path) as f:
+        saved = json.load(f)
+    current = json.loads(json.dumps(config))
+    differing = [name for name in sorted(set(saved) | set(current))
+                 if name not in RESUMABLE_CHANGES and saved.get(name) != current.get(name)]
+    if differing:
+        details = ", ".join(f"{name} (saved {saved.get(name)!r}, now {current.get(name)!r})"
+                            for name in differing)
+        raise ConfigMismatchError(f"cannot resume {output_dir!r} with a different configuration: "
+                                  f"{details}")
+
+
+def _write_jsonl_atomic(path: str, rows: list[dict]) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".jsonl")
+    with os.fdopen(handle, "w") as out:
+        out.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(temporary, path)
+
+
+def _first_non_finite(rows: list[dict]) -> tuple[int, str, float] | None:
+    for row in rows:
+        for name, value in row.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                return row["round"], name, value
+    return None
+
+
+def _all_finite(state) -> bool:
+    leaves = [leaf for leaf in jax.tree.leaves(state)
+              if jax.dtypes.issubdtype(leaf.dtype, jnp.inexact)]
+    return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in leaves)
+
+
+def _next_stop(done: int, num_rounds: int, *periods: int | None) -> int:
+    """The next round at which to evaluate, checkpoint or finish."""
+    stops = [num_rounds] + [(done // period + 1) * period for period in periods if period]
+    return min(stops)
+
+
 def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_size: int,
                    seed: int = 0, eval_every: int = 10, eval_train: bool = False,
                    output_dir: str | None = None, config: dict | None = None,
-                   progress: bool = True) -> ExperimentResult:
+                   progress: bool = True, checkpoint_every: int | None = None,
+                   resume: bool = False, allow_divergence: bool = False) -> ExperimentResult:
     """Trains `algorithm` on `dataset` for `num_rounds` rounds.
 
     Args:
         algorithm: the algorithm to run.
         dataset: a `FederatedDataset`; training clients are sampled from `dataset.train`, and
             evaluation scores `algorithm.predict` on every client of `dataset.test`.
-        num_rounds: rounds to run.
+        num_rounds: rounds to run (in total, counting rounds run before a resume).
         cohort_size: clients per round.
         seed: the experiment seed; the same seed gives the same run, bit for bit.
         eval_every: evaluate (and report progress) every this many rounds, and after the last.
         eval_train: also evaluate on the training data (the training loss FedProx plots).
-        output_dir: optional folder for metrics.jsonl, evaluations.jsonl, summary.json and
-            config.json; refused if it already holds results.
-        config: optional description of the run, saved as config.json.
+        output_dir: optional folder for metrics.jsonl, evaluations.jsonl, summary.json,
+            config.json and checkpoints/; refused if it already holds results, unless resuming.
+        config: optional description of the run, saved as config.json; on resume it must equal
+            the saved one except for RESUMABLE_CHANGES.
         progress: print a progress line to standard error.
+        checkpoint_every: checkpoint every this many rounds (and at the end); needs output_dir.
+            With an output_dir and no period, a checkpoint is written at the end only.
+        resume: continue from the newest usable checkpoint in output_dir/checkpoints (from round
+            0 if there is none yet); the result is bit-identical to a run that was never
+            interrupted.
+        allow_divergence: keep going when a metric or parameter becomes non-finite, instead of
+            stopping with `DivergenceError` (for those who study divergence).
     """
-    for name, value in (("num_rounds", num_rounds), ("eval_every", eval_every)):
+    for name, value in (("num_rounds", num_rounds), ("eval_every", eval_every),
+                        ("checkpoint_every", 1 if checkpoint_every is None else checkpoint_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} is invalid; expected a positive integer")
     check_cohort_size(cohort_size, dataset.train.num_clients)
-    if output_dir is not None:
+    if (checkpoint_every is not None or resume) and output_dir is None:
+        raise ValueError("checkpoints and resume need an output_dir")
+    if resume:
+        if not os.path.isdir(output_dir):
+            raise FileNotFoundError(f"cannot resume {output_dir!r}: no such folder")
+        if config is not None:
+            _check_same_config(output_dir, config)
+    elif output_dir is not None:
         prepare_output_dir(output_dir)
         if config is not None:
             write_json_atomic(os.path.join(output_dir, CONFIG_FILE), config)
@@ -130,28 +209,56 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
     if eval_train:
         evaluators["train"] = make_evaluator(algorithm, dataset.train.pad(), key)
     run_block = make_round_block(algorithm, key, dataset.train.num_clients, cohort_size)
+    checkpoint_dir = None if output_dir is None else os.path.join(output_dir, CHECKPOINT_DIR)
 
     start = time.perf_counter()
     state = algorithm.init(init_key(key))
     history, evaluations = [], []
-    done = 0
+    if resume:
+        restored = checkpoint.load_latest(checkpoint_dir, state)
+        if restored is None:
+            # Killed before its first checkpoint: round 0 is the newest state there is.
+            warnings.warn(f"no usable checkpoint in {checkpoint_dir}; starting from round 0",
+                          stacklevel=2)
+        else:
+            state, history, evaluations = (restored.state, restored.history,
+                                           restored.evaluations)
+        _write_jsonl_atomic(os.path.join(output_dir, METRICS_FILE), history)
+        _write_jsonl_atomic(os.path.join(output_dir, EVALUATIONS_FILE), evaluations)
+    done = int(state.round)
+    if done > num_rounds:
+        raise ValueError(f"num_rounds={num_rounds} is below the checkpoint's round {done}")
     while done < num_rounds:
-        block = min(eval_every, num_rounds - done)
-        state, metrics = run_block(state, population, block)
+        stop = _next_stop(done, num_rounds, eval_every, checkpoint_every)
+        state, metrics = run_block(state, population, stop - done)
         rows = [{"round": done + i + 1, **_to_python(jax.tree.map(lambda m: m[i], metrics))}
-                for i in range(block)]
-        done += block
-        evaluation = {"round": done, **{name: evaluate(state)
-                                        for name, evaluate in evaluators.items()}}
+                for i in range(stop - done)]
+        done = stop
         history.extend(rows)
-        evaluations.append(evaluation)
         if output_dir is not None:
             with open(os.path.join(output_dir, METRICS_FILE), "a") as out:
                 out.writelines(json.dumps(row) + "\n" for row in rows)
-            with open(os.path.join(output_dir, EVALUATIONS_FILE), "a") as out:
-                out.write(json.dumps(evaluation) + "\n")
-        if progress:
-            _progress(done, num_rounds, rows[-1], evaluation, time.perf_counter() - start)
+        bad = _first_non_finite(rows)
+        if bad is None and not _all_finite(state):
+            bad = (done, "parameters", math.nan)
+        if bad is not None and not allow_divergence:
+            kept = checkpoint.list_checkpoints(checkpoint_dir) if checkpoint_dir else []
+            where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint kept"
+            raise DivergenceError(f"training diverged at round {bad[0]}: {bad[1]} is {bad[2]}; "
+                                  f"stopped ({where}); allow_divergence continues past it")
+        evaluation = None
+        if done % eval_every == 0 or done == num_rounds:
+            evaluation = {"round": done, **{name: evaluate(state)
+                                            for name, evaluate in evaluators.items()}}
+            evaluations.append(evaluation)
+            if output_dir is not None:
+                with open(os.path.join(output_dir, EVALUATIONS_FILE), "a") as out:
+                    out.write(json.dumps(evaluation) + "\n")
+            if progress:
+                _progress(done, num_rounds, rows[-1], evaluation, time.perf_counter() - start)
+        if checkpoint_dir is not None and (
+                done == num_rounds or (checkpoint_every and done % checkpoint_every == 0)):
+            checkpoint.save(checkpoint_dir, state, history, evaluations)
     seconds = time.perf_counter() - start
     summary = {"rounds": num_rounds, "seconds": seconds, "final": evaluations[-1],
                "final_train_loss": history[-1]["train_loss"]}

@@ -48,10 +48,20 @@ def test_outputs_are_written_and_an_existing_run_is_never_overwritten(tmp_path):
     assert summary["final"]["test"]["accuracy"] == result.summary["final"]["test"]["accuracy"]
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["rounds"] == 5
-    before = {name: open(os.path.join(out, name)).read() for name in os.listdir(out)}
+    before = _snapshot(out)
     with pytest.raises(FileExistsError, match="already holds results"):
         _small_run(output=out)
-    assert {name: open(os.path.join(out, name)).read() for name in os.listdir(out)} == before
+    assert _snapshot(out) == before
+
+
+def _snapshot(folder):
+    """Every file under `folder` with its bytes."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                files[os.path.relpath(os.path.join(root, name), folder)] = f.read()
+    return files
 
 
 def test_training_improves_accuracy_on_digits():

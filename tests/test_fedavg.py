@@ -97,7 +97,8 @@ def test_clients_with_identical_data_and_order_reproduce_single_client_training(
         algorithm = fedavg(model, optax.sgd(0.1), num_epochs=2, batch_size=3)
         state = state_from(algorithm, float64_params(model))
         round_fn = jax.jit(algorithm.round)
-        assert_trees_close(round_fn(state, many).params, round_fn(state, single).params, rtol=1e-14, atol=1e-15)
+        assert_trees_close(round_fn(state, many).params, round_fn(state, single).params,
+                           rtol=1e-14, atol=1e-15)
 
 
 def test_uniform_weighting_differs_from_sample_weighting_when_sizes_differ():

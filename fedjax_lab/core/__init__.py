@@ -13,5 +13,6 @@ __all__ = [
     "Algorithm", "ClientBatch", "ClientExecution", "LocalTrainingResult", "Stragglers",
     "client_key", "client_keys", "client_weights", "cohort_key", "cross_entropy",
     "experiment_key", "gather_clients", "init_key", "local_train", "masked_mean", "model_loss",
-    "sample_stragglers", "scatter_clients", "server_update", "sign_bytes", "tree_bytes", "weighted_mean",
+    "sample_stragglers", "scatter_clients", "server_update", "sign_bytes", "tree_bytes",
+    "weighted_mean",
 ]

@@ -57,7 +57,7 @@ class ClientBatch(NamedTuple):
 
 
 class Algorithm(NamedTuple):
-    """A federated algorithm as three pure functions, built by a factory closing over hyperparameters.
+    """A federated algorithm as three pure functions, built by a factory over hyperparameters.
 
     Attributes:
         init: `init(key) -> server_state`.
@@ -65,11 +65,15 @@ class Algorithm(NamedTuple):
             The returned state's `metrics` is a dict of scalars describing the round.
         predict: `predict(server_state, client_batch) -> logits [C, N, num_classes]`, personalised
             for algorithms that keep per-client models.
+        predict_global: optional, the same for the shared global model of a personalised
+            algorithm that trains one (Ditto), so evaluation reports both; None where `predict`
+            already is the global model or where there is none.
     """
 
     init: Callable[[jax.Array], ServerState]
     round: Callable[[ServerState, ClientBatch], ServerState]
     predict: Callable[[ServerState, ClientBatch], jax.Array]
+    predict_global: Callable[[ServerState, ClientBatch], jax.Array] | None = None
 
 
 def experiment_key(seed: int) -> jax.Array:

@@ -85,5 +85,6 @@ def femnist_cnn(feature_shape, num_classes: int) -> Model:
     """LEAF's FEMNIST CNN: two 5x5 convolutions (32, 64) with pooling, dense 2048."""
     shape = image_shape(feature_shape)
     if shape[0] % 4 or shape[1] % 4:
-        raise ValueError(f"the CNN pools twice by 2; image shape {shape[:2]} must be divisible by 4")
+        raise ValueError(f"the CNN pools twice by 2; image shape {shape[:2]} must be "
+                         "divisible by 4")
     return from_flax(FemnistCNN(num_classes, shape), feature_shape, num_classes)
