@@ -25,6 +25,7 @@ from fedjax_lab import checkpoint
 
 from fedjax_lab.core.types import Algorithm, experiment_key, init_key
 from fedjax_lab.data.sampling import check_cohort_size, cohort_batch, sample_cohort
+from fedjax_lab.data.stream import HostCohortStream, scan_rounds
 from fedjax_lab.evaluation import make_evaluator
 
 METRICS_FILE = "metrics.jsonl"
@@ -32,6 +33,8 @@ EVALUATIONS_FILE = "evaluations.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+# Populations up to this size (padded) live on the device; larger ones are fed from the host.
+DEVICE_POPULATION_BYTES = 2**30
 
 
 @dataclasses.dataclass
@@ -70,6 +73,12 @@ def prepare_output_dir(output_dir: str) -> None:
     elif os.path.exists(output_dir):
         raise NotADirectoryError(f"output folder {output_dir!r} exists and is not a folder")
     os.makedirs(output_dir, exist_ok=True)
+
+
+def padded_bytes(clients) -> int:
+    """Bytes of a population once padded to its largest client (inputs, labels and mask)."""
+    per_example = np.prod(clients.feature_shape, dtype=np.int64) * 4 + 4 + 1
+    return int(clients.num_clients * int(clients.num_examples.max(initial=1)) * per_example)
 
 
 def make_round_block(algorithm: Algorithm, key: jax.Array, num_clients: int, cohort_size: int):
@@ -161,7 +170,8 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
                    seed: int = 0, eval_every: int = 10, eval_train: bool = False,
                    output_dir: str | None = None, config: dict | None = None,
                    progress: bool = True, checkpoint_every: int | None = None,
-                   resume: bool = False, allow_divergence: bool = False) -> ExperimentResult:
+                   resume: bool = False, allow_divergence: bool = False,
+                   population_on_device: bool | None = None) -> ExperimentResult:
     """Trains `algorithm` on `dataset` for `num_rounds` rounds.
 
     Args:
@@ -185,6 +195,11 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
             interrupted.
         allow_divergence: keep going when a metric or parameter becomes non-finite, instead of
             stopping with `DivergenceError` (for those who study divergence).
+        population_on_device: place the padded training population on the device so sampling
+            and gathering run inside the scan (True), or keep it on the host and feed each
+            block of rounds from it (False); both draw the same cohorts and keys, so the run is
+            the same. None chooses the device when the padded population takes at most
+            DEVICE_POPULATION_BYTES.
     """
     for name, value in (("num_rounds", num_rounds), ("eval_every", eval_every),
                         ("checkpoint_every", 1 if checkpoint_every is None else checkpoint_every)):
@@ -204,11 +219,19 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
             write_json_atomic(os.path.join(output_dir, CONFIG_FILE), config)
 
     key = experiment_key(seed)
-    population = jax.device_put(dataset.train.pad())
+    if population_on_device is None:
+        population_on_device = padded_bytes(dataset.train) <= DEVICE_POPULATION_BYTES
+    if population_on_device:
+        population = jax.device_put(dataset.train.pad())
+        device_block = make_round_block(algorithm, key, dataset.train.num_clients, cohort_size)
+        run_block = lambda state, first, length: device_block(state, population, length)
+    else:
+        stream = HostCohortStream(dataset.train, key, cohort_size)
+        host_block = scan_rounds(algorithm)
+        run_block = lambda state, first, length: host_block(state, stream.block(first, length))
     evaluators = {"test": make_evaluator(algorithm, dataset.test.pad(), key)}
     if eval_train:
         evaluators["train"] = make_evaluator(algorithm, dataset.train.pad(), key)
-    run_block = make_round_block(algorithm, key, dataset.train.num_clients, cohort_size)
     checkpoint_dir = None if output_dir is None else os.path.join(output_dir, CHECKPOINT_DIR)
 
     start = time.perf_counter()
@@ -230,7 +253,7 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
         raise ValueError(f"num_rounds={num_rounds} is below the checkpoint's round {done}")
     while done < num_rounds:
         stop = _next_stop(done, num_rounds, eval_every, checkpoint_every)
-        state, metrics = run_block(state, population, stop - done)
+        state, metrics = run_block(state, done, stop - done)
         rows = [{"round": done + i + 1, **_to_python(jax.tree.map(lambda m: m[i], metrics))}
                 for i in range(stop - done)]
         done = stop

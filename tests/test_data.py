@@ -370,5 +370,5 @@ def test_digits_determinism_and_errors(digits_iid):
     assert not np.array_equal(digits(20, seed=1).train.y[0], digits_iid.train.y[0])
     many = digits(300, partition="dirichlet", alpha=0.05, test_fraction=0.5)
     assert many.train.num_examples.min() >= 1 and many.train.names[0] == "client_000"
-    with pytest.raises(ValueError, match=r"partition='shards'; expected one of \('iid', 'dirichl"):
-        digits(partition="shards")
+    with pytest.raises(ValueError, match=r"partition='pathological'; expected one of \('iid', "):
+        digits(partition="pathological")

@@ -116,3 +116,13 @@ def test_every_registered_choice_validates():
     for algorithm in ("fedavg", "fedprox"):
         for dataset in ("digits", "synthetic", "synthetic_iid"):
             dataclasses.replace(config, algorithm=algorithm, dataset=dataset).validate()
+
+
+def test_host_fed_population_gives_the_same_run_as_the_device_population():
+    dataset = digits(7, partition="dirichlet", seed=2)
+    algorithm = fedavg(logistic_regression(dataset.feature_shape, 10), optax.sgd(0.1))
+    runs = [run_experiment(algorithm, dataset, num_rounds=5, cohort_size=3, eval_every=2,
+                           progress=False, population_on_device=on_device)
+            for on_device in (True, False)]
+    assert_trees_equal(runs[0].state.params, runs[1].state.params)
+    assert runs[0].history == runs[1].history

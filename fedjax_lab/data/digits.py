@@ -4,11 +4,11 @@ Source: the UCI "Optical Recognition of Handwritten Digits" test set as packaged
 scikit-learn (`sklearn.datasets.load_digits`, no download): 1797 images, 8x8 pixels with values
 0-16, 10 classes. Pixels are scaled to [0, 1] and flattened to 64 features.
 
-Partitions (`fedjax_lab.data.partition`): "iid" (uniform split, sizes differ by at most 1) or
-"dirichlet" (label skew q_c ~ Dir(alpha * 1_N) per class; Hsu et al. 2019, arXiv 1909.06335).
-Each client is then split into train and test with `train_test_split_per_client`; the test split
-of a client follows that client's own label distribution, which is what a personalised
-algorithm is evaluated on.
+Partitions (`fedjax_lab.data.partitioned.PARTITIONS`): "iid" (uniform split, sizes differ by at
+most 1), "dirichlet" (label skew q_c ~ Dir(alpha * 1_N) per class; Hsu et al. 2019, arXiv
+1909.06335), and the pathological and quantity-skew partitions. Each client is then split into
+train and test with `train_test_split_per_client`; the test split of a client follows that
+client's own label distribution, which is what a personalised algorithm is evaluated on.
 
 Pitfall: with few examples per client the per-client test split is tiny; every client keeps at
 least one train example (so it can take part in training) and the Dirichlet partition gives each
@@ -19,50 +19,48 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedjax_lab.data.federated import FederatedDataset, train_test_split_per_client
-from fedjax_lab.data.partition import dirichlet_partition, iid_partition
-
-PARTITIONS = ("iid", "dirichlet")
+from fedjax_lab.data.federated import FederatedDataset
+from fedjax_lab.data.partitioned import PARTITIONS, partitioned_dataset
 
 
 def digits(num_clients: int = 20, *, partition: str = "iid", alpha: float = 0.5,
-           test_fraction: float = 0.2, seed: int = 0) -> FederatedDataset:
+           test_fraction: float = 0.2, seed: int = 0, **partition_options) -> FederatedDataset:
     """The 1797 sklearn digits split across `num_clients` clients.
 
     Args:
       num_clients: number of clients, in [1, 1797] ("iid") or [1, 898] ("dirichlet", which
         guarantees two examples per client).
-      partition: "iid" or "dirichlet".
+      partition: a key of `fedjax_lab.data.partitioned.PARTITIONS` ("iid", "dirichlet",
+        "shards", "classes", "ways_shots", "quantity").
       alpha: Dirichlet concentration (used only by "dirichlet"); smaller is more skewed.
       test_fraction: per-client held-out fraction in [0, 1); each client keeps
         max(1, int((1 - test_fraction) * n_i)) train examples.
       seed: seeds one `np.random.Generator` for the partition and the splits.
+      **partition_options: further options of the partitioner (e.g. shards_per_client=2,
+        classes_per_client=2, ways=3, shots=20, stdev=1, sigma=1.0).
 
     Returns:
-      A `FederatedDataset` named "digits_iid" or f"digits_dirichlet_{alpha:g}", clients named
-      "client_000", ...; x float32 [n, 64] in [0, 1], y int32 in [0, 10).
+      A `FederatedDataset` named "digits_iid", f"digits_dirichlet_{alpha:g}" or
+      f"digits_{partition}", clients named "client_000", ...; x float32 [n, 64] in [0, 1],
+      y int32 in [0, 10).
     """
     if partition not in PARTITIONS:
-        raise ValueError(f"partition={partition!r}; expected one of {PARTITIONS}")
+        raise ValueError(f"partition={partition!r}; expected one of {tuple(PARTITIONS)}")
     from sklearn.datasets import load_digits  # lazy: sklearn is slow to import
 
     bunch = load_digits()
     x = (bunch.data / 16.0).astype(np.float32)
     y = bunch.target.astype(np.int32)
-    rng = np.random.default_rng(seed)
-    if partition == "iid":
-        parts = iid_partition(len(y), num_clients, rng)
-        name = "digits_iid"
-    else:
-        parts = dirichlet_partition(y, num_clients, alpha, rng, min_examples_per_client=2)
+    if partition == "dirichlet":
+        partition_options = {"alpha": alpha, "min_examples_per_client": 2, **partition_options}
         name = f"digits_dirichlet_{alpha:g}"
-    names = tuple(f"client_{i:0{max(3, len(str(num_clients - 1)))}d}" for i in range(num_clients))
-    train, test = train_test_split_per_client([x[p] for p in parts], [y[p] for p in parts],
-                                              names, test_fraction, rng)
+    else:
+        name = f"digits_{partition}"
     metadata = {
-        "partition": partition, "alpha": alpha if partition == "dirichlet" else None,
-        "num_clients": num_clients, "test_fraction": test_fraction, "seed": seed,
+        "alpha": alpha if partition == "dirichlet" else None,
         "source": "sklearn.datasets.load_digits (UCI optical digits, 1797 images, 8x8, 0-16)",
         "deviations": [],
     }
-    return FederatedDataset(name, train, test, 10, metadata)
+    return partitioned_dataset(name, x, y, 10, num_clients, partition=partition, seed=seed,
+                               test_fraction=test_fraction, metadata=metadata,
+                               **partition_options)

@@ -201,3 +201,45 @@ def train_test_split_per_client(x_list, y_list, names, test_fraction: float,
         y_test.append(y_i[test])
     return (ClientData(tuple(x_train), tuple(y_train), tuple(names)),
             ClientData(tuple(x_test), tuple(y_test), tuple(names)))
+
+
+def split_clients(dataset: FederatedDataset, held_out_fraction: float,
+                  seed) -> tuple[FederatedDataset, FederatedDataset]:
+    """Splits the clients into training clients and held-out (unseen) clients.
+
+    The held-out clients never take part in training; a personalised or meta-learning algorithm
+    is then scored on how well it adapts to them (e.g. fine-tune on a held-out client's train
+    split, evaluate on its test split), which is the LEAF "-t user" protocol (Caldas et al.,
+    arXiv 1812.01097) applied to any data set. Each client keeps its own train/test split; the
+    two returned data sets share no client, and each keeps the original client order.
+
+    Args:
+      dataset: the data set to split.
+      held_out_fraction: in (0, 1); round(fraction * N) clients are held out, at least 1 and at
+        most N - 1.
+      seed: int seed or `np.random.Generator` choosing the held-out clients uniformly.
+
+    Returns:
+      (training_clients, held_out_clients), named f"{name}/training_clients" and
+      f"{name}/held_out_clients"; each metadata adds "held_out_clients" (the held-out names).
+    """
+    if not 0.0 < held_out_fraction < 1.0:
+        raise ValueError(f"held_out_fraction={held_out_fraction!r}; expected a value in (0, 1)")
+    if dataset.num_clients < 2:
+        raise ValueError(f"FederatedDataset {dataset.name!r} has {dataset.num_clients} client; "
+                         "holding clients out needs at least 2")
+    num_held_out = min(max(round(held_out_fraction * dataset.num_clients), 1),
+                       dataset.num_clients - 1)
+    chosen = np.random.default_rng(seed).choice(dataset.num_clients, num_held_out, replace=False)
+    held_out = np.zeros(dataset.num_clients, bool)
+    held_out[chosen] = True
+    names = [dataset.train.names[i] for i in np.flatnonzero(held_out)]
+    metadata = {**dataset.metadata, "held_out_clients": names,
+                "held_out_fraction": held_out_fraction}
+
+    def subset(keep: np.ndarray, suffix: str) -> FederatedDataset:
+        ids = np.flatnonzero(keep)
+        return FederatedDataset(f"{dataset.name}/{suffix}", dataset.train.select(ids),
+                                dataset.test.select(ids), dataset.num_classes, metadata)
+
+    return subset(~held_out, "training_clients"), subset(held_out, "held_out_clients")

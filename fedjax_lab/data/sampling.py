@@ -2,11 +2,28 @@
 
 Every algorithm run with the same seed therefore trains on the same clients in the same rounds,
 and because the functions are pure JAX the whole sampling-and-gathering step runs inside the
-compiled scan over rounds when the population lives on the device.
+compiled scan over rounds when the population lives on the device. `cohort_schedule` evaluates
+the same function for many rounds at once, which is how the host-fed stream (`stream.py`) gets
+exactly the cohorts the in-scan path would draw.
+
+Uniform cohorts are a uniformly random K-subset drawn with Floyd's algorithm (Bentley & Floyd,
+"Programming Pearls: A Sample of Brilliance", CACM 30(9), 1987): K draws and O(K^2) comparisons,
+independent of the population size N. Size-weighted cohorts are successive draws without
+replacement with probability proportional to the weights (Gumbel top-k inside
+`jax.random.choice`), O(N) per round. Both are returned sorted, so a cohort is a set in a
+canonical order.
+
+Pitfall avoided: `jax.random.choice(..., replace=False)` without weights permutes the whole
+population every round; measured on 2 (shared) CPU cores, vmapped over 100 rounds, that cost
+0.44 ms per round at N = 100, 62 ms at N = 100 000 and about 0.5 s at N = 1 000 000, against
+0.01-0.02 ms for Floyd's algorithm at any of those N (0.7 ms for K = 1 000).
 """
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_lab.core.types import ClientBatch, client_keys, cohort_key
 
@@ -19,22 +36,104 @@ def check_cohort_size(cohort_size: int, num_clients: int) -> None:
                          f"1..{num_clients} (the number of clients)")
 
 
+def check_probabilities(probabilities, num_clients: int, cohort_size: int) -> None:
+    """Raises a ValueError unless `probabilities` can weight a draw of `cohort_size` clients.
+
+    Weights must be `[num_clients]`, finite, >= 0, and at least `cohort_size` of them positive:
+    a weighted draw without replacement would otherwise have to pick zero-weight clients.
+    Traced values cannot be inspected and are accepted as they are.
+    """
+    if probabilities is None or isinstance(probabilities, jax.core.Tracer):
+        return
+    weights = np.asarray(probabilities)
+    if weights.shape != (num_clients,):
+        raise ValueError(f"probabilities has shape {weights.shape}; expected ({num_clients},), "
+                         "one weight per client")
+    if not np.all(np.isfinite(weights)) or (weights < 0).any():
+        raise ValueError("probabilities must be finite and >= 0")
+    positive = int((weights > 0).sum())
+    if positive < cohort_size:
+        raise ValueError(f"probabilities has {positive} positive weights; a cohort of "
+                         f"cohort_size={cohort_size} distinct clients needs at least that many")
+
+
+def size_weighted_probabilities(num_examples) -> np.ndarray:
+    """Sampling weights n_i / sum_j n_j (float32), for `sample_cohort(..., probabilities=)`.
+
+    Clients without examples get weight 0 and are never sampled.
+    """
+    sizes = np.asarray(num_examples, np.float64)
+    if sizes.ndim != 1 or sizes.size == 0 or (sizes < 0).any() or sizes.sum() == 0:
+        raise ValueError(f"num_examples has shape {sizes.shape}; expected a non-empty 1-D array "
+                         "of counts >= 0 with a positive total")
+    return (sizes / sizes.sum()).astype(np.float32)
+
+
+def _uniform_subset(key: jax.Array, num_clients: int, cohort_size: int) -> jax.Array:
+    """Floyd's algorithm: step j draws t in [0, m_j], m_j = N - K + j, and keeps t, or m_j if
+    t was already chosen (m_j never was, since earlier picks are all < m_j)."""
+    upper = num_clients - cohort_size + jnp.arange(cohort_size, dtype=jnp.int32)
+    draws = jax.random.randint(key, (cohort_size,), 0, upper + 1, dtype=jnp.int32)
+
+    def pick(chosen, j):
+        t = draws[j]
+        return chosen.at[j].set(jnp.where(jnp.any(chosen == t), upper[j], t)), None
+
+    chosen, _ = jax.lax.scan(pick, jnp.full((cohort_size,), -1, jnp.int32),
+                             jnp.arange(cohort_size))
+    return chosen
+
+
 def sample_cohort(key: jax.Array, round_index, num_clients: int, cohort_size: int,
                   probabilities: jax.Array | None = None) -> jax.Array:
-    """The `[cohort_size]` int32 client ids of round `round_index`, without replacement.
+    """The sorted `[cohort_size]` int32 client ids of round `round_index`, without replacement.
 
     Args:
         key: the experiment key.
         round_index: the round (may be traced).
         num_clients: the population size.
         cohort_size: clients per round, K.
-        probabilities: optional `[num_clients]` sampling weights (e.g. proportional to size);
-            uniform when None.
+        probabilities: optional `[num_clients]` sampling weights (e.g.
+            `size_weighted_probabilities(num_examples)`); uniform when None.
     """
     check_cohort_size(cohort_size, num_clients)
-    ids = jax.random.choice(cohort_key(key, round_index), num_clients, (cohort_size,),
-                            replace=False, p=probabilities)
-    return ids.astype(jnp.int32)
+    check_probabilities(probabilities, num_clients, cohort_size)
+    round_key = cohort_key(key, round_index)
+    if probabilities is None:
+        ids = _uniform_subset(round_key, num_clients, cohort_size)
+    else:
+        ids = jax.random.choice(round_key, num_clients, (cohort_size,), replace=False,
+                                p=jnp.asarray(probabilities))
+    return jnp.sort(ids.astype(jnp.int32))
+
+
+# A weighted draw holds [rounds_at_once, num_clients] Gumbel keys; about 2^22 floats (16 MiB) at
+# a time bounds that. Vmapping all rounds at once measured 16 GiB for 1,000 rounds at N = 10^6.
+_WEIGHTED_ELEMENTS_AT_ONCE = 2 ** 22
+
+
+@partial(jax.jit, static_argnums=(2, 3, 5))
+def _schedule(key, rounds, num_clients, cohort_size, probabilities, rounds_at_once):
+    draw = lambda round_index: sample_cohort(key, round_index, num_clients, cohort_size,
+                                             probabilities)
+    return jax.lax.map(draw, rounds, batch_size=rounds_at_once)
+
+
+def cohort_schedule(key: jax.Array, num_rounds: int, num_clients: int, cohort_size: int, *,
+                    start_round: int = 0, probabilities=None) -> np.ndarray:
+    """`[num_rounds, cohort_size]` cohorts of rounds start_round.. (a pre-sampled client stream).
+
+    Row r equals `sample_cohort(key, start_round + r, ...)`: the same cohorts the in-scan path
+    draws, computed in one compiled call (weighted draws a bounded number of rounds at a time,
+    so memory stays near 2^22 floats whatever the population).
+    """
+    check_cohort_size(cohort_size, num_clients)
+    check_probabilities(probabilities, num_clients, cohort_size)
+    rounds = jnp.arange(start_round, start_round + num_rounds, dtype=jnp.int32)
+    weights = None if probabilities is None else jnp.asarray(probabilities)
+    rounds_at_once = num_rounds if weights is None else min(
+        num_rounds, max(1, _WEIGHTED_ELEMENTS_AT_ONCE // num_clients))
+    return np.asarray(_schedule(key, rounds, num_clients, cohort_size, weights, rounds_at_once))
 
 
 def cohort_batch(population, client_ids: jax.Array, key: jax.Array, round_index) -> ClientBatch:

@@ -108,3 +108,82 @@ def fedprox_synthetic(alpha: float = 1.0, beta: float = 1.0, *, iid: bool = Fals
     }
     name = "synthetic_iid" if iid else f"synthetic_{alpha:g}_{beta:g}"
     return FederatedDataset(name, train, test, num_classes, metadata)
+
+
+def leaf_synthetic(num_clients: int = 1000, num_classes: int = 5, dim: int = 60, *,
+                   prob_clusters=(1.0,), test_fraction: float = 0.1,
+                   seed: int = 931231) -> FederatedDataset:
+    """LEAF's synthetic data set (TalwalkarLab/leaf `data/synthetic`), draw for draw.
+
+    Reference: Caldas et al., "LEAF: A Benchmark for Federated Settings", arXiv 1812.01097;
+    ALGORITHMS.md section 0.2. With s = len(prob_clusters) model clusters:
+      Q ~ N(0, 1)^{(d+1) x C x s};  cluster means mu ~ N(loc, 1)^s with loc ~ N(0, 1)
+      task k: n_k = min(floor(LogNormal(3, 2)) + 5, 1000); cluster ~ prob_clusters;
+              B ~ N(0, 1), m ~ N(B, 1)^d, x ~ N(m, diag((i + 1)^-1.2)) with a bias 1 prepended;
+              z ~ N(mu_cluster, 0.1^2)^s, w = Q z, y = label of (x w + N(0, 0.1^2) noise).
+    The draws use `np.random.RandomState(seed)` in the reference's order (sizes from one
+    RandomState, then the generator reseeded with the same seed), so the examples equal the
+    reference's `data/all_data/data.json` for the same seed, before its train/test split.
+
+    Pitfall reproduced, not fixed: the reference's softmax is `exp(v) / sum(exp(v))` with
+    Python's `sum`, which sums over the *samples* of a task, so its label is
+    argmax_c (v_ic - log sum_j exp v_jc), not argmax_c v_ic. The data set is defined by that
+    code, so its labels are kept (computed stably in log space).
+
+    Args:
+      num_clients: number of tasks (LEAF's suggested call: 1000).
+      num_classes: C (suggested: 5).
+      dim: d (suggested: 60).
+      prob_clusters: cluster probabilities (LEAF's main.py: one cluster).
+      test_fraction: per-client held-out fraction (LEAF's split keeps 90 % for training).
+      seed: the reference's seed (default 931231); also seeds the train/test split.
+
+    Returns:
+      A `FederatedDataset` named "leaf_synthetic", users "0", "1", ... as in LEAF.
+    """
+    _check("num_clients", num_clients, _is_int(num_clients) and num_clients >= 1,
+           "an integer >= 1")
+    _check("num_classes", num_classes, _is_int(num_classes) and num_classes >= 2,
+           "an integer >= 2")
+    _check("dim", dim, _is_int(dim) and dim >= 1, "an integer >= 1")
+    prob_clusters = np.asarray(prob_clusters, np.float64)
+    _check("prob_clusters", tuple(prob_clusters), prob_clusters.ndim == 1 and prob_clusters.size
+           and (prob_clusters >= 0).all() and np.isclose(prob_clusters.sum(), 1.0),
+           "non-negative probabilities summing to 1")
+    sizes_rng = np.random.RandomState(seed)
+    sizes = np.minimum(sizes_rng.lognormal(3, 2, num_clients).astype(int) + 5, 1000)
+    rng = np.random.RandomState(seed)
+    num_clusters = len(prob_clusters)
+    q = rng.normal(0.0, 1.0, (dim + 1, num_classes, num_clusters))
+    covariance = np.diag(np.arange(1, dim + 1, dtype=np.float64) ** -1.2)
+    # RandomState.multivariate_normal draws z ~ N(0, I) and returns z @ (sqrt(s) v) + mean from
+    # an SVD of the covariance; factoring once gives the same numbers without an SVD per task.
+    _, singular_values, v = np.linalg.svd(covariance)
+    input_factor = np.sqrt(singular_values)[:, None] * v
+    cluster_means = []
+    for _ in range(num_clusters):
+        loc = rng.normal(0, 1.0)
+        cluster_means.append(rng.normal(loc, 1.0, num_clusters))
+
+    xs, ys = [], []
+    for n in sizes:
+        cluster = rng.choice(range(num_clusters), size=None, replace=True, p=prob_clusters)
+        input_mean = rng.normal(rng.normal(0.0, 1.0), 1.0, dim)
+        x = np.ones((n, dim + 1))
+        x[:, 1:] = rng.standard_normal((n, dim)) @ input_factor + input_mean
+        task_info = rng.normal(cluster_means[cluster], 0.1, num_clusters)
+        logits = x @ (q @ task_info) + rng.normal(0.0, 0.1, (n, num_classes))
+        column_log_sums = np.logaddexp.reduce(logits, axis=0)
+        xs.append(x[:, 1:].astype(np.float32))
+        ys.append(np.argmax(logits - column_log_sums, axis=1).astype(np.int32))
+
+    names = tuple(str(k) for k in range(num_clients))
+    train, test = train_test_split_per_client(xs, ys, names, test_fraction,
+                                              np.random.default_rng(seed))
+    metadata = {"num_clients": num_clients, "num_classes": num_classes, "dim": dim,
+                "prob_clusters": prob_clusters.tolist(), "seed": seed,
+                "test_fraction": test_fraction,
+                "source": "Caldas et al., arXiv 1812.01097; TalwalkarLab/leaf data/synthetic",
+                "deviations": ["train/test split by train_test_split_per_client, not LEAF's "
+                               "split_data.py (same rule: max(1, int(0.9 n)) train examples)"]}
+    return FederatedDataset("leaf_synthetic", train, test, num_classes, metadata)
