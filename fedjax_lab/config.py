@@ -17,6 +17,8 @@ from fedjax_lab.algorithms import fedavg, fedprox
 from fedjax_lab.core.aggregation import WEIGHTINGS
 from fedjax_lab.core.client_execution import STRATEGIES, ClientExecution
 from fedjax_lab.data import digits, fedprox_synthetic
+from fedjax_lab.data.mnist1d import mnist1d
+from fedjax_lab.data.partitioned import PARTITIONS
 from fedjax_lab.experiment import CONFIG_FILE, ExperimentResult, run_experiment
 from fedjax_lab.models import MODELS, get_model
 
@@ -29,11 +31,12 @@ DATASETS = {
                  "capped at 1000",
     "synthetic_iid": "FedProx Synthetic-IID, --num-clients devices (default 30), sizes capped at "
                      "1000",
+    "mnist1d": "MNIST-1D generated locally (needs pip install 'fedjax_lab[data]') over "
+               "--num-clients clients (default 50; --partition, --alpha)",
 }
-DEFAULT_NUM_CLIENTS = {"digits": 50, "synthetic": 30, "synthetic_iid": 30}
+DEFAULT_NUM_CLIENTS = {"digits": 50, "synthetic": 30, "synthetic_iid": 30, "mnist1d": 50}
 SERVER_OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
     "sgd": optax.sgd, "adam": optax.adam, "yogi": optax.yogi, "adagrad": optax.adagrad}
-PARTITIONS = ("iid", "dirichlet")
 
 
 class ConfigError(ValueError):
@@ -148,9 +151,11 @@ def _non_negative_float(option: str, value) -> None:
 
 
 def build_dataset(config: RunConfig):
-    if config.dataset == "digits":
-        return digits(config.population_size(), partition=config.partition, alpha=config.alpha,
-                      seed=config.seed)
+    if config.dataset in ("digits", "mnist1d"):
+        options = {"alpha": config.alpha} if config.partition == "dirichlet" else {}
+        build = digits if config.dataset == "digits" else mnist1d
+        return build(config.population_size(), partition=config.partition, seed=config.seed,
+                     **options)
     return fedprox_synthetic(config.alpha, config.beta, iid=config.dataset == "synthetic_iid",
                              num_clients=config.population_size(), seed=config.seed)
 
