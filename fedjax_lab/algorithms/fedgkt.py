@@ -1,0 +1,253 @@
+"""FedGKT: group knowledge transfer between small client models and one large server model.
+
+References:
+    He, Annavaram, Avestimehr. "Group Knowledge Transfer: Federated Learning of Large CNNs at
+    the Edge." NeurIPS 2020, arXiv 2007.14513.
+
+Update (round t; client k holds a small extractor E_k and head h_k, the server a model S on
+features): client k trains E_k, h_k for E_c epochs on CE(h_k(E_k(x)), y) + alpha * KD_T(h_k(E_k(x))
+<- z_s[id]), z_s the server's logits for the *same samples* from k's previous round (no KD term
+before k has any), and uploads H = E_k(x), z_c = h_k(H) and y. The server trains S for E_s epochs
+over the cohort's features on CE(S(H), y) + beta * KD_T(S(H) <- z_c) and sends each client
+z_s = S(H) for its samples. Features and logits move; parameters are never exchanged or averaged.
+Prediction for client k is S(E_k(x)) ("server") or its own h_k(E_k(x)) ("client").
+
+Pitfalls avoided (ALGORITHMS.md §5f): the reference stores server logits by *batch index* while
+its loader reshuffles, so from the second round on a client distils toward other samples' logits;
+here they are stored by the example's position in the client's padded data (its id), and the loss
+closure looks them up by the ids of the batch `local_train` draws. The server loss is CE + beta *
+KD (§5a), not the reference's KD + alpha * CE; KD_T adds no epsilon (core/distillation.py).
+Choices recorded: the server trains on the current cohort's uploads (the reference's caches
+are the same thing under full participation); z_s is computed after the server's epochs; client
+and server optimiser states restart each round, as `local_train` gives (plain SGD has none).
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
+                             cross_entropy, gather_clients, local_train, scatter_clients)
+from fedjax_lab.core.distillation import kd_loss
+from fedjax_lab.models import Model
+from fedjax_lab.models.split import SplitModel
+
+PyTree = Any
+PREDICTIONS = ("server", "client")
+# Sub-streams of the init key: client models, server model, server-side randomness per round.
+_CLIENT_INIT_STREAM = 0
+_SERVER_INIT_STREAM = 1
+_SERVER_ROUND_STREAM = 2
+_BYTES_METRICS = ("bytes_up", "bytes_down", "bytes_features", "bytes_logits", "bytes_parameters")
+
+
+class FedGKTClientState(NamedTuple):
+    """One client's persistent state (stacked over the population in `FedGKTState`).
+
+    Attributes:
+        params: `{"extractor", "head"}` of the small client model.
+        server_logits: `[N, classes]` the server's logits z_s per training example, row i for the
+            example at position i of the client's padded data.
+        has_server_logits: bool, False until the client has received z_s once.
+    """
+
+    params: PyTree
+    server_logits: jax.Array
+    has_server_logits: jax.Array
+
+
+class FedGKTState(NamedTuple):
+    """Attributes: params (server model S), round, key, metrics, client_states `[num_clients]`."""
+
+    params: PyTree
+    round: jax.Array
+    key: jax.Array
+    metrics: dict[str, jax.Array]
+    client_states: FedGKTClientState
+
+
+def fedgkt(client_model: SplitModel, server_model: Model,
+           client_optimizer: optax.GradientTransformation,
+           server_optimizer: optax.GradientTransformation, *, num_clients: int,
+           max_examples: int, alpha: float = 1.0, beta: float = 1.0, temperature: float = 3.0,
+           client_epochs: int = 1, server_epochs: int = 1, batch_size: int | None = 32,
+           server_batch_size: int | None = None, prediction: str = "server",
+           execution: ClientExecution = ClientExecution(), unroll: int = 1) -> Algorithm:
+    """Builds FedGKT.
+
+    Args:
+        client_model: the small extractor + head every client trains (its own copy).
+        server_model: the large model from features `[latent_dim]` to logits.
+        client_optimizer: optax optimiser of the clients' local training.
+        server_optimizer: optax optimiser of the server's training on features.
+        num_clients: population size (the client states are stacked over it).
+        max_examples: the padded length N of the training clients (`max n_i`); z_s is cached
+            per example position.
+        alpha: weight of the clients' KD toward the server's logits (reference 1.0).
+        beta: weight of the server's KD toward the clients' logits; 0 is the original scripts'
+            default (server distillation off).
+        temperature: KD temperature T (reference 3.0).
+        client_epochs: client epochs E_c per round.
+        server_epochs: server epochs E_s per round over the cohort's features.
+        batch_size: client batch; None is the full batch.
+        server_batch_size: server batch; None uses `batch_size`.
+        prediction: "server" (S(E_k(x)), the paper's) or "client" (h_k(E_k(x))).
+        execution: how clients run.
+        unroll: unroll factor of the local step loops.
+
+    Returns:
+        An `Algorithm` whose state is `FedGKTState`.
+    """
+    for name, value in (("num_clients", num_clients), ("max_examples", max_examples),
+                        ("client_epochs", client_epochs), ("server_epochs", server_epochs)):
+        _check_positive_int(name, value)
+    for name, value in (("batch_size", batch_size), ("server_batch_size", server_batch_size)):
+        if value is not None:
+            _check_positive_int(name, value)
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if not value >= 0:
+            raise ValueError(f"{name}={value!r} is invalid; expected {name} >= 0")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} is invalid; expected temperature > 0")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction {prediction!r} is unknown; allowed: {', '.join(PREDICTIONS)}")
+    if tuple(server_model.feature_shape) != (client_model.latent_dim,) or \
+            server_model.num_classes != client_model.num_classes:
+        raise ValueError(f"server_model maps {server_model.feature_shape} to "
+                         f"{server_model.num_classes} logits; expected "
+                         f"({client_model.latent_dim},) (the client features) to "
+                         f"{client_model.num_classes}")
+    server_batch_size = batch_size if server_batch_size is None else server_batch_size
+    example_ids = jnp.arange(max_examples, dtype=jnp.int32)
+
+    def init(key: jax.Array) -> FedGKTState:
+        client_params = client_model.init(jax.random.fold_in(key, _CLIENT_INIT_STREAM))
+        server_params = server_model.init(jax.random.fold_in(key, _SERVER_INIT_STREAM))
+        dtype = jax.tree.leaves(server_params)[0].dtype
+        population = FedGKTClientState(
+            params=jax.tree.map(lambda p: jnp.repeat(p[None], num_clients, axis=0), client_params),
+            server_logits=jnp.zeros((num_clients, max_examples, client_model.num_classes), dtype),
+            has_server_logits=jnp.zeros((num_clients,), bool))
+        zeros = jnp.zeros(0)
+        return FedGKTState(server_params, jnp.zeros((), jnp.int32),
+                           jax.random.fold_in(key, _SERVER_ROUND_STREAM),
+                           _round_metrics(zeros, zeros, jnp.zeros(0, jnp.int32), 0.0, 0,
+                                          dict.fromkeys(_BYTES_METRICS, 0.0)),
+                           population)
+
+    def round_fn(state: FedGKTState, batch: ClientBatch) -> FedGKTState:
+        num_cohort, padded_length = batch.y.shape
+        if padded_length != max_examples:
+            raise ValueError(f"the batch's clients are padded to {padded_length} examples; "
+                             f"expected max_examples={max_examples} given to fedgkt")
+        cohort = gather_clients(state.client_states, batch.client_ids)
+
+        def client_update(client):
+            own, x, y, mask, rng = client
+            loss_fn = _client_loss(client_model, x, own, alpha, temperature)
+            result = local_train(loss_fn, client_optimizer, own.params, example_ids, y, mask, rng,
+                                 num_epochs=client_epochs, batch_size=batch_size, unroll=unroll)
+            features = client_model.extract(result.params, x)
+            logits = client_model.head.apply(result.params["head"], features)
+            return result.params, features, logits, result.mean_loss, result.num_steps
+
+        params, features, client_logits, losses, steps = execution.map(
+            client_update, (cohort, batch.x, batch.y, batch.mask, batch.rng))
+
+        flat_features = features.reshape(num_cohort * padded_length, -1)
+        flat_client_logits = client_logits.reshape(num_cohort * padded_length, -1)
+
+        def server_loss(server_params, ids, y, mask, rng):
+            del rng
+            logits = server_model.apply(server_params, flat_features[ids])
+            loss = cross_entropy(logits, y, mask)
+            if beta > 0:
+                loss = loss + beta * kd_loss(logits, flat_client_logits[ids], mask, temperature)
+            return loss
+
+        server = local_train(server_loss, server_optimizer, state.params,
+                             jnp.arange(num_cohort * padded_length, dtype=jnp.int32),
+                             batch.y.reshape(-1), batch.mask.reshape(-1),
+                             jax.random.fold_in(state.key, state.round),
+                             num_epochs=server_epochs, batch_size=server_batch_size,
+                             unroll=unroll)
+        server_logits = server_model.apply(server.params, flat_features).reshape(
+            num_cohort, padded_length, -1)
+
+        valid = batch.num_examples > 0
+        updated = FedGKTClientState(params, server_logits.astype(cohort.server_logits.dtype),
+                                    jnp.ones_like(cohort.has_server_logits))
+        client_states = scatter_clients(state.client_states, batch.client_ids, updated, valid)
+        weights = client_weights(batch.num_examples)
+        return FedGKTState(server.params, state.round + 1, state.key,
+                           _round_metrics(weights, losses, steps, server.mean_loss,
+                                          server.num_steps,
+                                          _bytes_moved(features, client_logits, batch)),
+                           client_states)
+
+    def predict(state: FedGKTState, batch: ClientBatch) -> jax.Array:
+        client_params = gather_clients(state.client_states.params, batch.client_ids)
+
+        def client_logits(client):
+            params, x = client
+            features = client_model.extract(params, x)
+            if prediction == "server":
+                return server_model.apply(state.params, features)
+            return client_model.head.apply(params["head"], features)
+
+        return execution.map(client_logits, (client_params, batch.x))
+
+    return Algorithm(init=init, round=round_fn, predict=predict)
+
+
+def _client_loss(client_model: SplitModel, x: jax.Array, own: FedGKTClientState, alpha: float,
+                 temperature: float):
+    """The client's loss on a batch given by example ids (so z_s is looked up per sample)."""
+
+    def loss(params, ids, y, mask, rng):
+        del rng
+        logits = client_model.apply(params, x[ids])
+        loss = cross_entropy(logits, y, mask)
+        if alpha > 0:
+            distill = kd_loss(logits, own.server_logits[ids], mask, temperature)
+            loss = loss + alpha * jnp.where(own.has_server_logits, distill, 0)
+        return loss
+
+    return loss
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid; expected a positive integer")
+
+
+def _bytes_moved(features: jax.Array, client_logits: jax.Array,
+                 batch: ClientBatch) -> dict[str, jax.Array]:
+    """Bytes of the round's real examples: features, logits and labels; never a parameter.
+
+    Up, per example: its features H, logits z_c and label y; down: the server's logits z_s.
+    """
+    dtype = jnp.result_type(float)
+    examples = jnp.sum(jnp.maximum(batch.num_examples, 0)).astype(dtype)
+    logit_bytes = examples * client_logits.shape[-1] * client_logits.dtype.itemsize
+    feature_bytes = examples * features.shape[-1] * features.dtype.itemsize
+    label_bytes = examples * batch.y.dtype.itemsize
+    return {"bytes_up": feature_bytes + logit_bytes + label_bytes, "bytes_down": logit_bytes,
+            "bytes_features": feature_bytes, "bytes_logits": 2 * logit_bytes,
+            "bytes_parameters": jnp.zeros((), dtype)}
+
+
+def _round_metrics(weights, losses, steps, server_loss, server_steps,
+                   bytes_moved) -> dict[str, jax.Array]:
+    """The round's scalars; `init` calls it on an empty cohort so the structure never changes."""
+    dtype = jnp.result_type(float)
+    return {
+        "train_loss": jnp.sum(weights * losses).astype(dtype),
+        "server_loss": jnp.asarray(server_loss, dtype),
+        "participants": jnp.sum(weights > 0).astype(jnp.int32),
+        "local_steps": jnp.sum(jnp.where(weights > 0, steps, 0)).astype(jnp.int32),
+        "server_steps": jnp.asarray(server_steps, jnp.int32),
+        **{name: jnp.asarray(value, dtype) for name, value in bytes_moved.items()},
+    }
