@@ -1,20 +1,53 @@
-"""Evaluation of an algorithm's `predict` on every client: pooled and per-client metrics.
+"""Evaluation of an algorithm on every client: pooled and per-client metrics, personalised views.
 
 Pooled accuracy counts every example once (sum of correct / sum of examples); the per-client
-distribution (mean, std, min, 10th percentile of client accuracies) is what personalised FL papers
-report and what a pooled number hides. Clients without examples are left out of the distribution.
+distribution (mean, std, min, 10th percentile, deciles, and the mean of the worst 10% of
+clients) is what personalised FL papers report and what a pooled number hides. Clients without
+examples are left out of the distribution.
+
+One evaluation reports up to three views of the same clients' test data:
+- the top-level keys score `algorithm.predict`: each client's own model for a personalised
+  algorithm (Ditto, FedAMP), the global model for a global one (FedAvg);
+- "global" scores `algorithm.predict_global`, the shared model of a personalised algorithm that
+  trains one (Ditto's w, which equals FedAvg's);
+- "fine_tuned" (with `fine_tuning` and the clients' training data) first fine-tunes the state's
+  global `params` on each client's own training examples, then predicts: "after local
+  fine-tuning", the FedAvg+FT baseline a personalised algorithm should beat.
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_lab.core.client_execution import ClientExecution
+from fedjax_lab.core.local_training import local_train
+from fedjax_lab.core.losses import model_loss
 from fedjax_lab.core.types import Algorithm, ClientBatch, client_keys
 
 PyTree = Any
+# Sub-stream of the evaluation client keys for fine-tuning shuffles.
+_FINE_TUNING_STREAM = 7
+
+
+class FineTuning(NamedTuple):
+    """Local fine-tuning of the global model before it predicts (plain local SGD from w).
+
+    Attributes:
+        model: the `(init, apply)` model the state's `params` belong to.
+        optimizer: optax optimiser of fine-tuning, e.g. the client optimiser of training.
+        num_epochs: epochs over the client's training examples.
+        batch_size: examples per step; None is the full batch.
+        execution: how clients run.
+    """
+
+    model: Any
+    optimizer: optax.GradientTransformation
+    num_epochs: int = 1
+    batch_size: int | None = 10
+    execution: ClientExecution = ClientExecution()
 
 
 def client_scores(logits: jax.Array, labels: jax.Array, mask: jax.Array):
@@ -26,14 +59,19 @@ def client_scores(logits: jax.Array, labels: jax.Array, mask: jax.Array):
     return correct, losses, jnp.sum(weight, axis=1)
 
 
-def summarize(correct: np.ndarray, loss_sums: np.ndarray, counts: np.ndarray) -> dict[str, float]:
-    """Pooled accuracy and loss, and the distribution of per-client accuracy."""
+def summarize(correct: np.ndarray, loss_sums: np.ndarray, counts: np.ndarray) -> dict:
+    """Pooled accuracy and loss, and the distribution of per-client accuracy.
+
+    `client_accuracy_deciles` lists the 10th, 20th, ..., 90th percentiles; `client_accuracy_worst10`
+    is the mean accuracy of the worst ceil(10%) of clients (q-FFL's and Ditto's fairness metric).
+    """
     correct, loss_sums, counts = (np.asarray(a, np.float64) for a in (correct, loss_sums, counts))
     total = counts.sum()
     if total == 0:
         raise ValueError("evaluation data holds no examples")
     has_data = counts > 0
     accuracy = correct[has_data] / counts[has_data]
+    worst = np.sort(accuracy)[:int(np.ceil(0.1 * accuracy.size))]
     return {
         "accuracy": float(correct.sum() / total),
         "loss": float(loss_sums.sum() / total),
@@ -41,39 +79,97 @@ def summarize(correct: np.ndarray, loss_sums: np.ndarray, counts: np.ndarray) ->
         "client_accuracy_std": float(accuracy.std()),
         "client_accuracy_min": float(accuracy.min()),
         "client_accuracy_p10": float(np.percentile(accuracy, 10)),
+        "client_accuracy_deciles": [float(q) for q in np.percentile(accuracy, range(10, 100, 10))],
+        "client_accuracy_worst10": float(worst.mean()),
         "num_clients": int(has_data.sum()),
         "num_examples": int(total),
     }
 
 
-def make_evaluator(algorithm: Algorithm, clients, key: jax.Array, *, chunk_size: int = 256):
-    """Returns `evaluate(state) -> dict` scoring `algorithm.predict` on all of `clients`.
+def fine_tuned_predict(fine_tuning: FineTuning, params: PyTree, train: ClientBatch,
+                       test: ClientBatch) -> jax.Array:
+    """Logits `[C, N, classes]` on `test` after each client fine-tunes `params` on `train`.
+
+    Row i of `train` and of `test` must be the same client; fine-tuning draws its shuffles from
+    `train.rng`.
+    """
+    loss = model_loss(fine_tuning.model.apply)
+
+    def client_fn(client):
+        x, y, mask, rng, x_test = client
+        tuned = local_train(loss, fine_tuning.optimizer, params, x, y, mask, rng,
+                            num_epochs=fine_tuning.num_epochs,
+                            batch_size=fine_tuning.batch_size).params
+        return fine_tuning.model.apply(tuned, x_test)
+
+    return fine_tuning.execution.map(client_fn, (train.x, train.y, train.mask, train.rng, test.x))
+
+
+def make_evaluator(algorithm: Algorithm, clients, key: jax.Array, *, chunk_size: int = 256,
+                   client_ids=None, train_clients=None, fine_tuning: FineTuning | None = None):
+    """Returns `evaluate(state) -> dict` scoring `algorithm` on all of `clients`.
 
     Args:
-        algorithm: the algorithm whose `predict` is scored.
-        clients: a `PaddedClients` stacked over the clients to evaluate (population order).
+        algorithm: the algorithm; `predict` gives the top-level keys, `predict_global` (if set)
+            the "global" entry.
+        clients: a `PaddedClients` stacked over the clients to evaluate.
         key: the experiment key (personalised predictors may draw from client keys).
         chunk_size: clients per compiled call, which bounds evaluation memory.
+        client_ids: the population index of each row of `clients` (default 0, 1, ...); pass it to
+            evaluate a subset, e.g. the benign clients only.
+        train_clients: the same clients' training data, row for row; needed by `fine_tuning`.
+        fine_tuning: adds the "fine_tuned" entry: the state's `params` fine-tuned on each
+            client's training data, then scored on its test data.
     """
     num_clients = clients.y.shape[0]
     chunk_size = min(chunk_size, num_clients)
+    ids = np.arange(num_clients) if client_ids is None else np.asarray(client_ids)
+    if ids.shape != (num_clients,):
+        raise ValueError(f"client_ids has shape {ids.shape}; expected ({num_clients},), one id "
+                         "per row of clients")
+    if fine_tuning is not None:
+        if train_clients is None:
+            raise ValueError("fine_tuning needs train_clients (each client's training data)")
+        if train_clients.y.shape[0] != num_clients:
+            raise ValueError(f"train_clients has {train_clients.y.shape[0]} clients and clients "
+                             f"{num_clients}; expected the same clients, row for row")
+    sources = (clients,) if fine_tuning is None else (clients, train_clients)
+
+    def as_batch(rows, chunk_ids, rng):
+        return ClientBatch(x=rows[0], y=rows[1], mask=rows[2], num_examples=rows[3],
+                           client_ids=chunk_ids, rng=rng)
 
     @jax.jit
-    def score_chunk(state, x, y, mask, num_examples, ids):
-        batch = ClientBatch(x=x, y=y, mask=mask, num_examples=num_examples, client_ids=ids,
-                            rng=client_keys(key, state.round, ids))
-        return client_scores(algorithm.predict(state, batch), y, mask)
+    def score_chunk(state, rows, chunk_ids):
+        rng = client_keys(key, state.round, chunk_ids)
+        test = as_batch(rows[0], chunk_ids, rng)
+        scores = {"personal": client_scores(algorithm.predict(state, test), test.y, test.mask)}
+        if algorithm.predict_global is not None:
+            scores["global"] = client_scores(algorithm.predict_global(state, test), test.y,
+                                             test.mask)
+        if fine_tuning is not None:
+            tuning_rng = jax.vmap(lambda k: jax.random.fold_in(k, _FINE_TUNING_STREAM))(rng)
+            train = as_batch(rows[1], chunk_ids, tuning_rng)
+            logits = fine_tuned_predict(fine_tuning, state.params, train, test)
+            scores["fine_tuned"] = client_scores(logits, test.y, test.mask)
+        return scores
 
-    def evaluate(state: PyTree) -> dict[str, float]:
+    def evaluate(state: PyTree) -> dict:
+        if fine_tuning is not None and not hasattr(state, "params"):
+            raise ValueError(f"fine_tuning needs a global model, but {type(state).__name__} "
+                             "has no params")
         parts = []
         for start in range(0, num_clients, chunk_size):
-            ids = np.arange(start, start + chunk_size)
-            ids = np.minimum(ids, num_clients - 1)  # the last chunk repeats a client, dropped below
-            take = lambda a: jnp.asarray(a[ids])
-            scores = score_chunk(state, take(clients.x), take(clients.y), take(clients.mask),
-                                 take(clients.num_examples), jnp.asarray(ids, jnp.int32))
+            # The last chunk repeats its final row to keep one compiled shape; dropped below.
+            rows_index = np.minimum(np.arange(start, start + chunk_size), num_clients - 1)
+            rows = tuple(tuple(jnp.asarray(field[rows_index]) for field in source)
+                         for source in sources)
+            scores = score_chunk(state, rows, jnp.asarray(ids[rows_index], jnp.int32))
             keep = min(chunk_size, num_clients - start)
-            parts.append([np.asarray(s)[:keep] for s in scores])
-        return summarize(*(np.concatenate(column) for column in zip(*parts)))
+            parts.append(jax.tree.map(lambda s: np.asarray(s)[:keep], scores))
+        joined = jax.tree.map(lambda *chunks: np.concatenate(chunks), *parts)
+        result = summarize(*joined.pop("personal"))
+        result.update({view: summarize(*scores) for view, scores in joined.items()})
+        return result
 
     return evaluate
