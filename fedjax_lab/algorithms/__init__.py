@@ -1,6 +1,14 @@
 """One module per algorithm, each a factory returning an `Algorithm`."""
 
+from fedjax_lab.algorithms.ditto import DittoClientState, DittoState, ditto
+from fedjax_lab.algorithms.fedamp import FedAMPState, fedamp
 from fedjax_lab.algorithms.fedavg import FedAvgState, fedavg
+from fedjax_lab.algorithms.fedgen import FedGenState, fedgen
+from fedjax_lab.algorithms.fedgkt import FedGKTClientState, FedGKTState, fedgkt
 from fedjax_lab.algorithms.fedprox import fedprox, proximal_term
 
-__all__ = ["FedAvgState", "fedavg", "fedprox", "proximal_term"]
+__all__ = [
+    "DittoClientState", "DittoState", "FedAMPState", "FedAvgState", "FedGKTClientState",
+    "FedGKTState", "FedGenState", "ditto", "fedamp", "fedavg", "fedgen", "fedgkt", "fedprox",
+    "proximal_term",
+]
