@@ -1,0 +1,173 @@
+"""FedMeta: federated meta-learning with MAML, first-order MAML and Meta-SGD.
+
+References:
+    Chen, Luo, Dong, Li, He. "Federated Meta-Learning with Fast Convergence and Efficient
+    Communication." arXiv 1802.07876.
+    Finn, Abbeel, Levine. "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks."
+    ICML 2017, arXiv 1703.03400. Li, Zhou, Chen, Li. "Meta-SGD." arXiv 1707.09835.
+
+Update: each sampled client splits its examples into a support set S and a query set Q, adapts
+theta' = theta - alpha (*) grad L_S(theta) (K steps) and returns g_i = d L_Q(theta') / d theta
+(and d / d alpha for Meta-SGD); the server steps (theta, alpha) with its optax optimiser (Adam in
+the Flower reproduction) on the mean of the g_i. A client is evaluated by adapting on its support
+set with the same inner rule and predicting its query set.
+
+Variants: "maml" differentiates through the inner steps (exact second order, `jax.grad` of the
+composed function); "fomaml" is the same function with the inner gradients stop-gradiented;
+"meta_sgd" learns a per-parameter alpha, initialised to `inner_lr`. `remat=True` recomputes the
+inner steps in the meta-backward pass instead of storing their activations, and a chunked
+`execution` bounds how many clients' meta-gradients are in memory at once (benchmarks/
+META_MEMORY.md: MAML with 5 inner steps, 8 clients, 74.8 MiB of XLA scratch with vmap, 36.1 MiB
+rematerialised, 11.4 MiB rematerialised in chunks of 2 clients; FOMAML 13.6 MiB).
+
+Pitfalls avoided (ALGORITHMS.md section 10f): silently first-order MAML; the same batch for
+support and query (one permutation cut in two); evaluating on clients seen in meta-training
+(`core.meta.split_clients` holds clients out); no BatchNorm statistics in the inner loop (the
+models here have none).
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_lab.algorithms.fedavg import fedavg, predict_with
+from fedjax_lab.core import ClientBatch, ClientExecution, client_weights, server_update
+from fedjax_lab.core import weighted_mean
+from fedjax_lab.core.meta import (MetaAlgorithm, adaptation_predictors, check_fraction,
+                                  inner_adapt, meta_gradient, model_data_loss,
+                                  split_support_query, with_adaptation)
+from fedjax_lab.models import Model
+
+PyTree = Any
+VARIANTS = ("maml", "fomaml", "meta_sgd")
+
+
+class FedMetaState(NamedTuple):
+    """Attributes: params (theta), inner_lrs (Meta-SGD's alpha like params; None otherwise),
+    opt_state (server optimiser over theta, or over (theta, alpha)), round, metrics."""
+
+    params: PyTree
+    inner_lrs: PyTree
+    opt_state: PyTree
+    round: jax.Array
+    metrics: dict[str, jax.Array]
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid; expected a positive integer")
+
+
+def fedmeta(model: Model, server_optimizer: optax.GradientTransformation, *,
+            variant: str = "maml", inner_lr: float = 0.01, num_inner_steps: int = 1,
+            support_fraction: float = 0.2, weighting: str = "uniform", remat: bool = False,
+            execution: ClientExecution = ClientExecution()) -> MetaAlgorithm:
+    """Builds FedMeta.
+
+    Args:
+        model: the `(init, apply)` model trained with softmax cross-entropy.
+        server_optimizer: optax optimiser of the meta-parameters, stepped on the mean
+            meta-gradient, e.g. `optax.adam(1e-3)` (outer learning rate beta).
+        variant: "maml", "fomaml" or "meta_sgd".
+        inner_lr: alpha of the inner steps (Meta-SGD: the initial value of every alpha).
+        num_inner_steps: inner steps K, in training and in evaluation.
+        support_fraction: share of each client's examples in its support set (the Flower
+            reproduction uses 0.2); the split is redrawn every round from the client's key.
+        weighting: "uniform" (the mean of the clients' meta-gradients) or "num_examples".
+        remat: rematerialise the inner loop (`jax.checkpoint` per inner step).
+        execution: how clients run; "chunked" bounds the clients in memory at once.
+
+    Returns:
+        A `MetaAlgorithm` whose state is `FedMetaState`; `predict` and `adapted_predict` adapt
+        with the inner rule first (see `MetaAlgorithm`), `predict_global` uses theta as it is.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r} is unknown; allowed: {', '.join(VARIANTS)}")
+    if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) or not inner_lr >= 0:
+        raise ValueError(f"inner_lr={inner_lr!r} is invalid; expected a number >= 0")
+    _check_positive_int("num_inner_steps", num_inner_steps)
+    check_fraction("support_fraction", support_fraction)
+    client_weights(jnp.ones(1), weighting=weighting)
+    learn_inner_lrs = variant == "meta_sgd"
+    loss_fn = model_data_loss(model.apply)
+    inner_options = dict(num_steps=num_inner_steps, first_order=variant == "fomaml", remat=remat)
+
+    def meta_params(state: FedMetaState) -> PyTree:
+        return (state.params, state.inner_lrs) if learn_inner_lrs else state.params
+
+    def inner_lrs_of(state: FedMetaState):
+        return state.inner_lrs if learn_inner_lrs else inner_lr
+
+    def init(key: jax.Array) -> FedMetaState:
+        params = model.init(key)
+        inner_lrs = (jax.tree.map(lambda p: jnp.full_like(p, inner_lr), params)
+                     if learn_inner_lrs else None)
+        state = FedMetaState(params, inner_lrs, None, jnp.zeros((), jnp.int32), {})
+        zeros = optax.tree.zeros_like(meta_params(state))
+        return state._replace(opt_state=server_optimizer.init(meta_params(state)),
+                              metrics=_round_metrics(jnp.zeros(0), jnp.zeros(0), zeros))
+
+    def round_fn(state: FedMetaState, batch: ClientBatch) -> FedMetaState:
+        inner_lrs = inner_lrs_of(state)
+
+        def client_update(client):
+            x, y, mask, rng = client
+            split = split_support_query(rng, mask, support_fraction)
+            query_loss, grads = meta_gradient(
+                loss_fn, state.params, inner_lrs, split.support(x, y), split.query(x, y),
+                learn_inner_lrs=learn_inner_lrs, **inner_options)
+            return grads, query_loss, split.num_query > 0
+
+        grads, query_losses, has_query = execution.map(
+            client_update, (batch.x, batch.y, batch.mask, batch.rng))
+        weights = client_weights(batch.num_examples, weighting=weighting, participating=has_query)
+        mean_grad = weighted_mean(grads, weights)
+        new_meta, opt_state = server_update(meta_params(state), state.opt_state, mean_grad,
+                                            server_optimizer)
+        params, new_inner_lrs = new_meta if learn_inner_lrs else (new_meta, None)
+        return FedMetaState(params, new_inner_lrs, opt_state, state.round + 1,
+                            _round_metrics(weights, query_losses, mean_grad))
+
+    def adapt_client(state: FedMetaState, support: tuple) -> PyTree:
+        return inner_adapt(loss_fn, state.params, inner_lrs_of(state), support,
+                           num_steps=num_inner_steps)
+
+    def predict_global(state: FedMetaState, batch: ClientBatch) -> jax.Array:
+        return predict_with(model, state.params, batch.x)
+
+    predict, adapted_predict = adaptation_predictors(adapt_client, model.apply, support_fraction,
+                                                     execution)
+    return MetaAlgorithm(init=init, round=round_fn, predict=predict,
+                         adapted_predict=adapted_predict, predict_global=predict_global)
+
+
+def fedavg_meta(model: Model, client_optimizer: optax.GradientTransformation, *,
+                inner_lr: float = 0.01, num_inner_steps: int = 1, support_fraction: float = 0.2,
+                execution: ClientExecution = ClientExecution(), **fedavg_options) -> MetaAlgorithm:
+    """FedMeta's "FedAvg(Meta)" baseline: FedAvg training, then FedMeta's local adaptation.
+
+    Args:
+        model, client_optimizer, execution, **fedavg_options: as in `fedavg`.
+        inner_lr, num_inner_steps, support_fraction: the evaluation-time adaptation, as in
+            `fedmeta` (plain SGD steps on the support set from the FedAvg model).
+
+    Returns:
+        A `MetaAlgorithm` whose state is `FedAvgState`.
+    """
+    _check_positive_int("num_inner_steps", num_inner_steps)
+    check_fraction("support_fraction", support_fraction)
+    return with_adaptation(fedavg(model, client_optimizer, execution=execution, **fedavg_options),
+                           model, inner_lr=inner_lr, num_inner_steps=num_inner_steps,
+                           support_fraction=support_fraction, execution=execution)
+
+
+def _round_metrics(weights, query_losses, mean_grad) -> dict[str, jax.Array]:
+    """The round's scalars; `init` calls it on an empty cohort so the structure never changes."""
+    dtype = jnp.result_type(float)
+    return {
+        "train_loss": jnp.sum(weights * query_losses).astype(dtype),
+        "participants": jnp.sum(weights > 0).astype(jnp.int32),
+        "meta_gradient_norm": optax.tree.norm(mean_grad).astype(dtype),
+    }
