@@ -2,6 +2,7 @@
 
 from fedjax_lab.models.model import Model, from_flax
 from fedjax_lab.models.networks import femnist_cnn, logistic_regression, mlp
+from fedjax_lab.models.split import SplitModel, split_mlp, split_model
 
 MODELS = {
     "logistic": logistic_regression,
@@ -17,5 +18,5 @@ def get_model(name: str, feature_shape, num_classes: int, **options) -> Model:
     return MODELS[name](feature_shape, num_classes, **options)
 
 
-__all__ = ["MODELS", "Model", "femnist_cnn", "from_flax", "get_model", "logistic_regression",
-           "mlp"]
+__all__ = ["MODELS", "Model", "SplitModel", "femnist_cnn", "from_flax", "get_model",
+           "logistic_regression", "mlp", "split_mlp", "split_model"]

@@ -1,0 +1,344 @@
+"""FedProto and pFedHN at small scale: personalised models against FedAvg and Local.
+
+References:
+    Tan et al. "FedProto: Federated Prototype Learning across Heterogeneous Clients." AAAI 2022,
+    arXiv 2105.00243 (ALGORITHMS.md section 4e).
+    Shamsian, Navon, Fetaya, Chechik. "Personalized Federated Learning using Hypernetworks."
+    ICML 2021, arXiv 2103.04628 (ALGORITHMS.md section 9e).
+
+FedProto: digits, 20 clients, FedProto's ways/shots split (n_i in 2..4 classes, 14..16 examples
+of each, a third of every client held out for its test set), MLP 64-32 with the 32-wide
+embedding and a linear head, every client every round, 1 local epoch of batch 4, SGD momentum
+0.5. Methods: Local (FedProto with lam = 0, which the tests show is independent local training),
+FedAvg's global model, FedProto (lam = 1) scored with its heads, with the nearest global
+prototype and with the nearest prototype among the client's own classes, and FedProto with half
+the clients on a second architecture (MLP 128-64-32, the same embedding size).
+
+pFedHN: digits, 20 clients with 2 classes each (each class split evenly among its holders), the
+same target MLP, 5 clients per round, 2 local epochs of batch 16 (about 10 inner steps), SGD
+momentum 0.9 with weight decay 5e-5 and clipping at 50 (the reference's inner optimiser).
+Methods: Local (as above), FedAvg, pFedHN and pFedHN-PC (hypernetwork: embedding 6, hidden 64, 3
+hidden layers, the reference's server optimiser).
+
+Reported: mean and worst-10% (mean of the worst ceil(10%) clients) client test accuracy, final
+round, and the bytes each method moves per round.
+
+    python -m experiments.fedproto_pfedhn [--rounds 100] [--pfedhn-rounds 100] [--seeds 0 1 2]
+                                          [--output DIR]
+"""
+
+import argparse
+import os
+import time
+
+import numpy as np
+import optax
+
+from fedjax_lab.algorithms.fedavg import fedavg
+from fedjax_lab.algorithms.fedproto import fedproto
+from fedjax_lab.algorithms.pfedhn import pfedhn
+from fedjax_lab.core import experiment_key
+from fedjax_lab.data import digits
+from fedjax_lab.evaluation import make_evaluator
+from fedjax_lab.experiment import run_experiment, write_json_atomic
+from fedjax_lab.models.split import split_mlp
+
+FEDPROTO = dict(num_clients=20, ways=3, shots=15, stdev=1, test_fraction=1 / 3, lam=1.0,
+                hidden=(64, 32), second_hidden=(128, 64, 32), learning_rate=0.05,
+                momentum=0.5, num_epochs=1, batch_size=4)
+FEDPROTO_METHODS = ("local", "fedavg", "fedproto_head", "fedproto_prototype",
+                    "fedproto_local_prototype", "fedproto_mixed_head",
+                    "fedproto_mixed_prototype", "fedproto_mixed_local_prototype")
+PFEDHN = dict(num_clients=20, classes_per_client=2, test_fraction=0.2, hidden=(64, 32),
+              cohort_size=5, learning_rate=0.02, momentum=0.9, weight_decay=5e-5, clip=50.0,
+              num_epochs=2, batch_size=16, embedding_dim=6, hn_hidden=64, hn_num_hidden=3)
+PFEDHN_METHODS = ("local", "fedavg", "pfedhn", "pfedhn_pc")
+SCORE_KEYS = ("mean", "worst10", "std", "pooled")
+
+
+def _scores(evaluation: dict) -> dict:
+    return {"mean": evaluation["client_accuracy_mean"],
+            "worst10": evaluation["client_accuracy_worst10"],
+            "std": evaluation["client_accuracy_std"], "pooled": evaluation["accuracy"]}
+
+
+def _communication(history: list[dict]) -> dict:
+    """Bytes of the final round (every round of a method moves the same amount here)."""
+    return {"bytes_up": history[-1]["bytes_up"], "bytes_down": history[-1]["bytes_down"]}
+
+
+def _no_traffic_if_local(method: str, scores: dict) -> dict:
+    """Local training sends nothing; its FedProto (lam = 0) run still counts prototypes."""
+    return {**scores, "bytes_up": 0.0, "bytes_down": 0.0} if method == "local" else scores
+
+
+def _train_and_score(builders: dict, dataset, seed: int, rounds: int, cohort_size: int,
+                     eval_every: int) -> dict:
+    """Runs each builder's training algorithm and scores its final state with each predictor.
+
+    `builders[name]` is `(algorithm, {score_name: algorithm_for_predict})`. Returns
+    {score_name: {mean, worst10, std, pooled, curve, bytes_up, bytes_down}}; `curve` is the
+    mean client accuracy of the training algorithm's own predictor every `eval_every` rounds.
+    """
+    key, test = experiment_key(seed), dataset.test.pad()
+    scores = {}
+    for algorithm, predictors in builders.values():
+        result = run_experiment(algorithm, dataset, num_rounds=rounds, cohort_size=cohort_size,
+                                seed=seed, eval_every=eval_every, progress=False)
+        curve = [[e["round"], e["test"]["client_accuracy_mean"]] for e in result.evaluations]
+        for score_name, predictor in predictors.items():
+            evaluation = (result.summary["final"]["test"] if predictor is algorithm
+                          else make_evaluator(predictor, test, key)(result.state))
+            scores[score_name] = {**_scores(evaluation), "curve": curve,
+                                  **_communication(result.history)}
+    return scores
+
+
+def run_fedproto(seed: int, rounds: int, methods=FEDPROTO_METHODS, eval_every: int = 10) -> dict:
+    """FedProto vs Local and FedAvg on ways/shots digits.
+
+    Returns {"scores": {method: scores}, "train_examples": [...], "test_examples": [...]}.
+    """
+    settings = FEDPROTO
+    dataset = digits(settings["num_clients"], partition="ways_shots", ways=settings["ways"],
+                     shots=settings["shots"], stdev=settings["stdev"],
+                     test_fraction=settings["test_fraction"], seed=seed)
+    model = split_mlp(dataset.feature_shape, dataset.num_classes, hidden=settings["hidden"])
+    second = split_mlp(dataset.feature_shape, dataset.num_classes,
+                       hidden=settings["second_hidden"])
+    optimizer = optax.sgd(settings["learning_rate"], momentum=settings["momentum"])
+    local = dict(num_epochs=settings["num_epochs"], batch_size=settings["batch_size"])
+    num_clients = dataset.num_clients
+
+    def prototype_family(name, models, architecture_of):
+        """One FedProto training run scored with each inference the methods ask for."""
+        def build(inference="head"):
+            return fedproto(models, optimizer, num_clients=num_clients,
+                            architecture_of=architecture_of, lam=settings["lam"],
+                            inference=inference, **local)
+
+        algorithm = build()
+        wanted = {f"{name}_{inference}": algorithm if inference == "head" else build(inference)
+                  for inference in ("head", "prototype", "local_prototype")
+                  if f"{name}_{inference}" in methods}
+        return (algorithm, wanted) if wanted else None
+
+    local_training = fedproto(model, optimizer, num_clients=num_clients, lam=0.0, **local)
+    federated_averaging = fedavg(model, optimizer, **local)
+    builders = {
+        "local": (local_training, {"local": local_training}) if "local" in methods else None,
+        "fedavg": ((federated_averaging, {"fedavg": federated_averaging})
+                   if "fedavg" in methods else None),
+        "fedproto": prototype_family("fedproto", model, None),
+        "fedproto_mixed": prototype_family("fedproto_mixed", (model, second),
+                                           np.arange(num_clients) % 2),
+    }
+    builders = {name: entry for name, entry in builders.items() if entry is not None}
+    scores = _train_and_score(builders, dataset, seed, rounds, num_clients, eval_every)
+    return {"scores": {method: _no_traffic_if_local(method, scores[method])
+                       for method in methods},
+            "train_examples": dataset.train.num_examples.tolist(),
+            "test_examples": dataset.test.num_examples.tolist()}
+
+
+def run_pfedhn(seed: int, rounds: int, methods=PFEDHN_METHODS, eval_every: int = 10) -> dict:
+    """pFedHN and pFedHN-PC vs Local and FedAvg with two classes per client.
+
+    Returns {"scores": {method: scores}, "train_examples": [...], "test_examples": [...]}.
+    """
+    settings = PFEDHN
+    dataset = digits(settings["num_clients"], partition="classes",
+                     classes_per_client=settings["classes_per_client"],
+                     test_fraction=settings["test_fraction"], seed=seed)
+    model = split_mlp(dataset.feature_shape, dataset.num_classes, hidden=settings["hidden"])
+    optimizer = optax.chain(optax.clip_by_global_norm(settings["clip"]),
+                            optax.add_decayed_weights(settings["weight_decay"]),
+                            optax.sgd(settings["learning_rate"], momentum=settings["momentum"]))
+    local = dict(num_epochs=settings["num_epochs"], batch_size=settings["batch_size"])
+    hypernetwork = dict(num_clients=dataset.num_clients, embedding_dim=settings["embedding_dim"],
+                        hidden=settings["hn_hidden"], num_hidden=settings["hn_num_hidden"])
+    constructors = {
+        "local": lambda: fedproto(model, optimizer, num_clients=dataset.num_clients, lam=0.0,
+                                  **local),
+        "fedavg": lambda: fedavg(model, optimizer, **local),
+        "pfedhn": lambda: pfedhn(model, optimizer, **hypernetwork, **local),
+        "pfedhn_pc": lambda: pfedhn(model, optimizer, personal_head=True, **hypernetwork,
+                                    **local),
+    }
+    builders = {}
+    for name in methods:
+        algorithm = constructors[name]()
+        builders[name] = (algorithm, {name: algorithm})
+    scores = _train_and_score(builders, dataset, seed, rounds, settings["cohort_size"],
+                              eval_every)
+    return {"scores": {method: _no_traffic_if_local(method, score)
+                       for method, score in scores.items()},
+            "train_examples": dataset.train.num_examples.tolist(),
+            "test_examples": dataset.test.num_examples.tolist()}
+
+
+def _mean_std(values) -> dict:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)),
+            "min": float(np.min(values)), "max": float(np.max(values))}
+
+
+def summarize_runs(runs: dict) -> dict:
+    """Mean, std, min and max over seeds (the keys of `runs`) of each method's scores."""
+    methods = next(iter(runs.values()))["scores"]
+    return {method: {key: _mean_std([run["scores"][method][key] for run in runs.values()])
+                     for key in SCORE_KEYS + ("bytes_up", "bytes_down")} for method in methods}
+
+
+def _check_methods(name: str, methods, allowed) -> tuple:
+    methods = tuple(methods)
+    unknown = [m for m in methods if m not in allowed]
+    if unknown or not methods:
+        raise ValueError(f"{name}={methods!r} is invalid; expected a non-empty subset of "
+                         f"{', '.join(allowed)}")
+    return methods
+
+
+def run(rounds: int = 100, seeds=(0,), output: str = "results/fedproto_pfedhn", *,
+        pfedhn_rounds: int = 100, eval_every: int = 10, fedproto_methods=FEDPROTO_METHODS,
+        pfedhn_methods=PFEDHN_METHODS) -> dict:
+    """Runs both experiments for every seed; writes results.json, fedproto.png and pfedhn.png.
+
+    Args:
+        rounds: FedProto rounds (every client every round).
+        seeds: run seeds; each also seeds the data partition.
+        output: folder for the results (created if needed).
+        pfedhn_rounds: rounds of the pFedHN comparison (5 clients per round).
+        eval_every: rounds between the evaluations of the learning curves.
+        fedproto_methods, pfedhn_methods: subsets of FEDPROTO_METHODS and PFEDHN_METHODS.
+
+    Returns:
+        The results dict written to results.json.
+    """
+    fedproto_methods = _check_methods("fedproto_methods", fedproto_methods, FEDPROTO_METHODS)
+    pfedhn_methods = _check_methods("pfedhn_methods", pfedhn_methods, PFEDHN_METHODS)
+    for name, value in (("rounds", rounds), ("pfedhn_rounds", pfedhn_rounds),
+                        ("eval_every", eval_every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} is invalid; expected a positive integer")
+    os.makedirs(output, exist_ok=True)
+    seeds = [int(seed) for seed in seeds]
+    start = time.perf_counter()
+    fedproto_runs = {str(seed): run_fedproto(seed, rounds, fedproto_methods, eval_every)
+                     for seed in seeds}
+    pfedhn_runs = {str(seed): run_pfedhn(seed, pfedhn_rounds, pfedhn_methods, eval_every)
+                   for seed in seeds}
+    results = {
+        "settings": {
+            "rounds": rounds, "pfedhn_rounds": pfedhn_rounds, "seeds": seeds,
+            "eval_every": eval_every, "fedproto": FEDPROTO, "pfedhn": PFEDHN,
+            "seeds_vary": "the data partition, the model init, cohorts and shuffles",
+            "worst10": "mean test accuracy of the worst ceil(10%) of clients",
+            "accuracy": "final round, never best-of-run",
+            "local": "FedProto with lam = 0 (independent local training; no communication)",
+            "deviations": [
+                "digits (8x8) instead of MNIST/CIFAR-10; MLP targets instead of CNNs",
+                "FedProto: 14-16 shots per class split 2:1 into train and test (reference: "
+                "100 train shots, 15 test shots per class); SGD lr 0.05 (reference 0.01, chosen "
+                "on seed 0 for all methods alike)",
+                "pFedHN: 5 clients per round (reference: 1 per step), 2 local epochs of batch 16 "
+                "instead of 50 steps of batch 64; inner lr 0.02 (reference 5e-3); classes split "
+                "evenly among holders (reference: proportions ~U(0.4, 0.6))",
+            ],
+        },
+        "fedproto": {"runs": fedproto_runs, "summary": summarize_runs(fedproto_runs)},
+        "pfedhn": {"runs": pfedhn_runs, "summary": summarize_runs(pfedhn_runs)},
+    }
+    results["settings"]["wall_seconds"] = time.perf_counter() - start
+    write_json_atomic(os.path.join(output, "results.json"), results)
+    plot(results, "fedproto", os.path.join(output, "fedproto.png"))
+    plot(results, "pfedhn", os.path.join(output, "pfedhn.png"))
+    return results
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError("plotting needs matplotlib: pip install 'fedjax_lab[plot]'") from error
+    matplotlib.use("Agg")  # headless: the figures only go to files
+    import matplotlib.pyplot as plt
+    return plt
+
+
+TITLES = {
+    "fedproto": "FedProto: digits ways/shots (2-4 classes per client), 20 clients, all per round",
+    "pfedhn": "pFedHN: digits, 2 classes per client, 20 clients, 5 per round",
+}
+
+
+def plot(results: dict, experiment: str, path: str) -> None:
+    """Learning curves (mean client accuracy, first seed) and final mean / worst-10% bars."""
+    plt = _pyplot()
+    summary = results[experiment]["summary"]
+    seed = str(results["settings"]["seeds"][0])
+    runs = results[experiment]["runs"][seed]["scores"]
+    # The results file stores keys sorted; show the methods in their declared order.
+    methods = [m for m in {"fedproto": FEDPROTO_METHODS, "pfedhn": PFEDHN_METHODS}[experiment]
+               if m in summary]
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(14, 4.8),
+                                       gridspec_kw={"width_ratios": [1, 1.4]})
+    drawn = set()
+    for method in methods:
+        curve = np.asarray(runs[method]["curve"])
+        if curve.tobytes() in drawn:  # predictors of one training run share its curve
+            continue
+        drawn.add(curve.tobytes())
+        curves.plot(curve[:, 0], curve[:, 1], marker=".", label=method)
+    curves.set(title=f"mean client test accuracy (seed {seed})", xlabel="round",
+               ylabel="accuracy")
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize=8)
+    width, positions = 0.38, np.arange(len(methods))
+    for offset, key, label in ((-width / 2, "mean", "mean"), (width / 2, "worst10", "worst 10%")):
+        bars.bar(positions + offset, [summary[m][key]["mean"] for m in methods], width,
+                 yerr=[summary[m][key]["std"] for m in methods], capsize=3, label=label)
+    bars.set_xticks(positions, methods, rotation=25, ha="right", fontsize=8)
+    lowest = min(summary[m]["worst10"]["mean"] for m in methods)
+    # Headroom above 1 keeps the legend off the bars.
+    bars.set(title="final client test accuracy (bars: mean ± std over seeds)",
+             ylim=(max(0.0, lowest - 0.1), 1.04))
+    bars.grid(axis="y", alpha=0.3)
+    bars.legend(loc="upper right", ncol=2, fontsize=8)
+    fig.suptitle(f"{TITLES[experiment]}; seeds {results['settings']['seeds']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_table(results: dict) -> None:
+    seeds = results["settings"]["seeds"]
+    for experiment, rounds in (("fedproto", results["settings"]["rounds"]),
+                               ("pfedhn", results["settings"]["pfedhn_rounds"])):
+        print(f"{TITLES[experiment]}; {rounds} rounds, seeds {seeds}: client test accuracy, "
+              "mean ± std over seeds")
+        print(f"{'method':<31} {'mean':>17} {'worst 10%':>17} {'bytes up/round':>15}")
+        for method, score in results[experiment]["summary"].items():
+            mean, worst = score["mean"], score["worst10"]
+            print(f"{method:<31} {mean['mean']:>8.4f} ± {mean['std']:<6.4f} "
+                  f"{worst['mean']:>8.4f} ± {worst['std']:<6.4f} "
+                  f"{score['bytes_up']['mean']:>15.0f}")
+        print()
+    print(f"wall time {results['settings']['wall_seconds']:.1f} s")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=100, help="FedProto rounds")
+    parser.add_argument("--pfedhn-rounds", type=int, default=100)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--output", default="results/fedproto_pfedhn")
+    args = parser.parse_args(argv)
+    for name in ("rounds", "pfedhn_rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid; "
+                         "expected a positive integer")
+    print_table(run(args.rounds, args.seeds, args.output, pfedhn_rounds=args.pfedhn_rounds))
+
+
+if __name__ == "__main__":
+    main()
