@@ -155,3 +155,28 @@ def test_state_type_and_round_counter():
 def test_bad_hyperparameters_are_named(options, message):
     with pytest.raises(ValueError, match=message):
         fedavg(small_model(), optax.sgd(0.1), **options)
+
+
+def test_robust_aggregation_and_attacks_plug_into_fedavg():
+    from fedjax_lab.core.attacks import Attack
+    from fedjax_lab.core.robust import coordinate_median, trimmed_mean
+
+    with jax.enable_x64(True):
+        xs, ys = make_clients(SIZES + [7, 11], dtype=np.float64)
+        batch = stack_clients(xs, ys)
+        model = small_model()
+        state = state_from(fedavg(model, optax.sgd(0.1)), float64_params(model))
+        plain = jax.jit(fedavg(model, optax.sgd(0.1)).round)(state, batch)
+        no_attack = fedavg(model, optax.sgd(0.1), attack=Attack(), aggregator=weighted_mean)
+        assert_trees_equal(jax.jit(no_attack.round)(state, batch).params, plain.params)
+        untrimmed = fedavg(model, optax.sgd(0.1), aggregator=trimmed_mean(0.0))
+        assert_trees_close(jax.jit(untrimmed.round)(state, batch).params, plain.params,
+                           rtol=1e-14, atol=1e-14)
+
+        attack = Attack("scaled", fraction=0.34, num_clients=len(SIZES) + 2, boost=1e6, seed=1)
+        distance = {}
+        for name, aggregator in (("mean", weighted_mean), ("median", coordinate_median)):
+            attacked = fedavg(model, optax.sgd(0.1), aggregator=aggregator, attack=attack)
+            new = jax.jit(attacked.round)(state, batch).params
+            distance[name] = float(optax.tree.norm(optax.tree.sub(new, state.params)))
+        assert distance["median"] < 1.0 < 1e3 < distance["mean"]

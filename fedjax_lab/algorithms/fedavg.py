@@ -27,6 +27,8 @@ import optax
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              local_train, model_loss, sample_stragglers, server_update,
                              tree_bytes, weighted_mean)
+from fedjax_lab.core.attacks import Attack
+from fedjax_lab.core.robust import Aggregator
 from fedjax_lab.models import Model
 
 PyTree = Any
@@ -54,6 +56,7 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
            num_epochs: int = 1, batch_size: int | None = 10,
            weighting: str = "num_examples", straggler_fraction: float = 0.0,
            straggler_policy: str = "drop", local_regularizer: LocalRegularizer | None = None,
+           aggregator: Aggregator = weighted_mean, attack: Attack | None = None,
            execution: ClientExecution = ClientExecution(), unroll: int = 1) -> Algorithm:
     """Builds FedAvg.
 
@@ -69,6 +72,10 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
         straggler_policy: "drop" aggregates only full-work clients (FedAvg in FedProx's
             experiments); "keep" aggregates stragglers' partial work too.
         local_regularizer: optional term added to each local minibatch loss.
+        aggregator: `aggregate(stacked_deltas, weights) -> delta`; the weighted mean, or a robust
+            aggregator of `fedjax_lab.core.robust` (coordinate median, trimmed or clipped mean).
+        attack: optional simulated malicious clients (`fedjax_lab.core.attacks.Attack`) that
+            poison their labels and/or corrupt the updates they send.
         execution: how clients run (vmap, chunked, sequential, unrolled).
         unroll: unroll factor of the local step loop.
 
@@ -99,6 +106,8 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
 
     def round_fn(state: FedAvgState, batch: ClientBatch) -> FedAvgState:
         global_params = state.params
+        if attack is not None:
+            batch = attack.poison_batch(batch)
         if local_regularizer is None:
             loss_fn = base_loss
         else:
@@ -117,10 +126,12 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
 
         deltas, losses, steps = execution.map(
             client_update, (batch.x, batch.y, batch.mask, batch.rng, stragglers.epochs))
+        if attack is not None:
+            deltas = attack.corrupt_updates(deltas, batch)
         participating = ~stragglers.is_straggler if straggler_policy == "drop" else None
         weights = client_weights(batch.num_examples, weighting=weighting,
                                  participating=participating)
-        mean_delta = weighted_mean(deltas, weights)
+        mean_delta = aggregator(deltas, weights)
         params, opt_state = server_update(global_params, state.opt_state, mean_delta,
                                           server_optimizer)
         return FedAvgState(params, opt_state, state.round + 1,

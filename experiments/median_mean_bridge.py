@@ -1,0 +1,303 @@
+"""Bridging median and mean with noise: the 1-D example and one-class-per-client digits.
+
+Reference: Chen, Chen, Sun, Wu, Hong. "Distributed Training with Heterogeneous Data: Bridging
+Median- and Mean-Based Algorithms." NeurIPS 2020, arXiv 1906.01736 (ALGORITHMS.md §3e).
+
+Part 1 (exact and Monte Carlo): f_i(x) = (x - a_i)^2 / 2 with a = (0, 0, 3), M = 3 nodes, so the
+mean of the gradients vanishes at x = 1 and their median at x = 0. For each noise scale b the
+fixed point x*(b) of the *expected* update of noisy signSGD (majority vote of 3 noisy signs) and
+noisy medianSGD (median of 3 noisy gradients) is found by bisection, with Gaussian noise, and
+compared with the time average of the library's `sign_sgd` / `median_sgd` run for many steps
+with a small step (Monte Carlo: 16 independent chains per seed, standard error across chains; it
+grows with b). x*(0) = 0 and x*(b) -> 1 as b grows.
+
+Part 2 (data): the 1797 scikit-learn digits, 10 nodes each holding one class, softmax regression,
+every node in every round, full local gradients. signSGD and medianSGD with b in {0, 0.3, 1, 3}
+times the median |g| of the first round, against plain (mean) gradient descent; final pooled
+test accuracy after a fixed number of rounds.
+
+    python -m experiments.median_mean_bridge [--rounds 300] [--seeds 0 1 2] [--output DIR]
+"""
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.scipy.stats import norm
+
+from fedjax_lab.algorithms.fedavg import fedavg
+from fedjax_lab.algorithms.median_mean import median_sgd, sign_sgd
+from fedjax_lab.core import ClientBatch, client_keys, experiment_key
+from fedjax_lab.data import digits
+from fedjax_lab.experiment import run_experiment, write_json_atomic
+from fedjax_lab.models import Model, logistic_regression
+
+TARGETS = (0.0, 0.0, 3.0)
+NOISE_SCALES_1D = (0.0, 0.3, 1.0, 3.0, 10.0, 30.0)
+RELATIVE_NOISE_SCALES = (0.0, 0.3, 1.0, 3.0)
+LEARNING_RATES = {"mean": 0.5, "sign": 0.03, "median": 0.5}
+
+
+# ---- Part 1: the 1-D example --------------------------------------------------------------------
+
+def _count_distribution(probabilities: jax.Array) -> jax.Array:
+    """P(K = j), j = 0..M, for K a sum of independent Bernoulli(p_i) (last axis: the nodes)."""
+    counts = jnp.zeros(probabilities.shape[:-1] + (probabilities.shape[-1] + 1,))
+    counts = counts.at[..., 0].set(1.0)
+    for i in range(probabilities.shape[-1]):
+        p = probabilities[..., i:i + 1]
+        shifted = jnp.concatenate([jnp.zeros_like(p), counts[..., :-1]], axis=-1)
+        counts = counts * (1 - p) + shifted * p
+    return counts
+
+
+def expected_vote(x, targets, b):
+    """E[sign(sum_i sign(x - a_i + b xi_i))] with xi_i ~ N(0, 1), b > 0."""
+    positive = norm.cdf((x - jnp.asarray(targets)) / b)
+    counts = _count_distribution(positive)
+    num = len(targets)
+    votes = jnp.sign(2 * jnp.arange(num + 1) - num)
+    return jnp.sum(counts * votes, axis=-1)
+
+
+def expected_median(x, targets, b, num_points: int = 40_001):
+    """E[median_i(x - a_i + b xi_i)] for an odd number of nodes, by quadrature of the CDF."""
+    targets = jnp.asarray(targets)
+    num = len(targets)
+    half_width = jnp.max(jnp.abs(x - targets)) + 12.0 * b
+    t = jnp.linspace(-half_width, half_width, num_points)
+    below = norm.cdf((t[:, None] - (x - targets)[None, :]) / b)
+    median_cdf = jnp.sum(_count_distribution(below)[:, (num + 1) // 2:], axis=-1)
+    # E[m] = L - int_{-L}^{L} F(t) dt for m in [-L, L]; this integrand has no jump at 0, which
+    # the split form int (1 - F) - int F has and which costs the trapezoid rule ~1e-2.
+    return half_width - jnp.trapezoid(median_cdf, t)
+
+
+def fixed_point(expected_update, b, targets=TARGETS, low=-1.0, high=2.0, steps=40) -> float:
+    """The root in [low, high] of x -> expected_update(x, targets, b), increasing in x."""
+    update = jax.jit(lambda x: expected_update(x, targets, b))
+    for _ in range(steps):
+        middle = 0.5 * (low + high)
+        if float(update(middle)) > 0:
+            high = middle
+        else:
+            low = middle
+    return 0.5 * (low + high)
+
+
+def scalar_model() -> Model:
+    """A 'model' that is one scalar x, so the algorithms run the 1-D problem unchanged."""
+    return Model(init=lambda key: {"x": jnp.zeros((), jnp.result_type(float))},
+                 apply=lambda params, x: jnp.zeros((x.shape[0], 2)), feature_shape=(1,),
+                 num_classes=2)
+
+
+def quadratic_loss(params, x, y, mask, rng):
+    """f_i(x) = (x - a_i)^2 / 2, where the node's one example holds a_i."""
+    del y, mask, rng
+    return 0.5 * (params["x"] - x[0, 0]) ** 2
+
+
+def one_dimensional_batch(round_index, targets=TARGETS, seed: int = 0) -> ClientBatch:
+    """The M nodes of the 1-D example, each holding its a_i as its single example."""
+    num = len(targets)
+    ids = jnp.arange(num, dtype=jnp.int32)
+    return ClientBatch(x=jnp.asarray(targets, jnp.result_type(float)).reshape(num, 1, 1),
+                       y=jnp.zeros((num, 1), jnp.int32), mask=jnp.ones((num, 1), bool),
+                       num_examples=jnp.ones(num, jnp.int32), client_ids=ids,
+                       rng=client_keys(experiment_key(seed), round_index, ids))
+
+
+def monte_carlo_fixed_point(rule: str, b: float, *, learning_rate: float = 1e-3,
+                            num_steps: int = 200_000, seed: int = 0,
+                            num_chains: int = 16) -> tuple[float, float]:
+    """Mean over `num_chains` independent runs of the library's algorithm on the 1-D example of
+    the average of each run's last half of iterates, and its standard error across the runs
+    (iterates within a run are autocorrelated over ~1 / (delta * slope) steps, so errors are
+    taken across independent runs, not within one)."""
+    make = sign_sgd if rule == "sign" else median_sgd
+    algorithm = make(scalar_model(), learning_rate=learning_rate, noise_scale=b,
+                     loss=quadratic_loss)
+
+    @jax.jit
+    def chain_average(chain_seed):
+        def step(state, t):
+            state = algorithm.round(state, one_dimensional_batch(t, seed=chain_seed))
+            return state, state.params["x"]
+        trajectory = jax.lax.scan(step, algorithm.init(jax.random.key(0)),
+                                  jnp.arange(num_steps))[1]
+        return jnp.mean(trajectory[num_steps // 2:])
+
+    chain_seeds = jnp.arange(num_chains) + num_chains * seed
+    averages = np.asarray(jax.jit(jax.vmap(chain_average))(chain_seeds))
+    return float(averages.mean()), float(averages.std(ddof=1) / np.sqrt(num_chains))
+
+
+def run_one_dimensional(noise_scales=NOISE_SCALES_1D, num_steps: int = 200_000,
+                        seeds=(0,)) -> dict:
+    rows = {}
+    for b in noise_scales:
+        row = {}
+        for rule, expected in (("sign", expected_vote), ("median", expected_median)):
+            row[f"{rule}_exact"] = 0.0 if b == 0 else fixed_point(expected, b)
+            runs = [monte_carlo_fixed_point(rule, b, num_steps=num_steps, seed=s) for s in seeds]
+            means, errors = zip(*runs)
+            row[f"{rule}_monte_carlo"] = dict(
+                _mean_std(means), per_seed=list(means),
+                standard_error=float(np.sqrt(np.sum(np.square(errors))) / len(errors)))
+        rows[f"{b:g}"] = row
+    return rows
+
+
+# ---- Part 2: one class per node on digits ------------------------------------------------------
+
+def data_methods(learning_rates: dict) -> dict:
+    """Name -> factory(model) of the compared algorithms (b relative to the first median |g|)."""
+    methods = {"mean_gd": lambda model: fedavg(model, optax.sgd(learning_rates["mean"]),
+                                               num_epochs=1, batch_size=None,
+                                               weighting="uniform")}
+    for rule, make in (("sign", sign_sgd), ("median", median_sgd)):
+        for b in RELATIVE_NOISE_SCALES:
+            methods[f"{rule}_b{b:g}"] = (
+                lambda model, make=make, b=b, lr=learning_rates[rule]: make(
+                    model, learning_rate=lr, noise_scale=b, noise_reference="median_gradient"))
+    return methods
+
+
+def run_data(rounds: int, seeds, learning_rates: dict, method_names=None) -> dict:
+    """Every method on the one-class-per-node digits; final pooled test accuracy per seed."""
+    dataset = digits(10, partition="classes", classes_per_client=1)
+    model = logistic_regression(dataset.feature_shape, dataset.num_classes)
+    results = {}
+    methods = data_methods(learning_rates)
+    for name in methods if method_names is None else method_names:
+        make = methods[name]
+        accuracies, curves = [], []
+        for seed in seeds:
+            result = run_experiment(make(model), dataset, num_rounds=rounds, cohort_size=10,
+                                    seed=seed, eval_every=max(rounds // 30, 1), progress=False)
+            accuracies.append(result.evaluations[-1]["test"]["accuracy"])
+            curves.append([e["test"]["accuracy"] for e in result.evaluations])
+        results[name] = {"final_test_accuracy": _mean_std(accuracies), "accuracies": accuracies,
+                         "eval_rounds": [e["round"] for e in result.evaluations],
+                         "curves": curves,
+                         "bytes_up_per_round": result.history[-1]["bytes_up"],
+                         "noise_scale_absolute": result.history[-1].get("noise_scale", 0.0)}
+    return results
+
+
+def _mean_std(values) -> dict:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+
+
+def run(rounds: int = 300, seeds=(0,), output: str = "results/median_mean_bridge", *,
+        monte_carlo_steps: int = 200_000, noise_scales=NOISE_SCALES_1D,
+        learning_rates=None, curve_points: int = 13, method_names=None) -> dict:
+    """Both parts; writes results.json and median_mean_bridge.png into `output`."""
+    os.makedirs(output, exist_ok=True)
+    seeds = [int(seed) for seed in seeds]
+    learning_rates = dict(LEARNING_RATES, **(learning_rates or {}))
+    start = time.perf_counter()
+    with jax.enable_x64(True):
+        one_dimensional = run_one_dimensional(noise_scales, monte_carlo_steps, seeds)
+        curve_b = np.geomspace(0.1, 30.0, curve_points)
+        curve = {rule: [fixed_point(expected, b) for b in curve_b]
+                 for rule, expected in (("sign", expected_vote), ("median", expected_median))}
+    results = {
+        "settings": {"paper": "Chen et al., NeurIPS 2020, arXiv 1906.01736", "rounds": rounds,
+                     "seeds": seeds, "targets": list(TARGETS), "noise": "gaussian",
+                     "monte_carlo": {"learning_rate": 1e-3, "steps": monte_carlo_steps,
+                                     "chains_per_seed": 16,
+                                     "average": "last half of the iterates"},
+                     "data": "sklearn digits, node c holds class c, softmax regression, every "
+                             "node every round, full local gradients",
+                     "relative_noise_scales": list(RELATIVE_NOISE_SCALES),
+                     "learning_rates": learning_rates},
+        "one_dimensional": one_dimensional,
+        "fixed_point_curve": {"b": curve_b.tolist(), **curve},
+        "data": run_data(rounds, seeds, learning_rates, method_names),
+    }
+    results["settings"]["wall_seconds"] = time.perf_counter() - start
+    write_json_atomic(os.path.join(output, "results.json"), results)
+    plot(results, os.path.join(output, "median_mean_bridge.png"))
+    return results
+
+
+def plot(results: dict, path: str) -> None:
+    """Fixed point against b (exact curve, Monte Carlo points) and digits accuracy per round."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError("plotting needs matplotlib: pip install 'fedjax_lab[plot]'") from error
+    matplotlib.use("Agg")  # headless: the figure only goes to a file
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    curve = results["fixed_point_curve"]
+    for rule, marker in (("sign", "o"), ("median", "s")):
+        line, = axes[0].plot(curve["b"], curve[rule], label=f"{rule}: root of expected update")
+        points = [(float(b), row[f"{rule}_monte_carlo"]["mean"])
+                  for b, row in results["one_dimensional"].items() if float(b) > 0]
+        axes[0].plot(*zip(*points), marker, color=line.get_color(), fillstyle="none",
+                     label=f"{rule}: Monte Carlo")
+    axes[0].axhline(1.0, color="grey", linestyle="--", linewidth=1, label="mean (x = 1)")
+    axes[0].axhline(0.0, color="grey", linestyle=":", linewidth=1, label="median (x = 0)")
+    axes[0].set(xscale="log", xlabel="noise scale b", ylabel="fixed point x*(b)",
+                title="a = (0, 0, 3): the fixed point moves from median to mean")
+    for ax, rule in ((axes[1], "sign"), (axes[2], "median")):
+        for name, method in results["data"].items():
+            if not (name.startswith(rule) or name == "mean_gd"):
+                continue
+            curves = np.asarray(method["curves"])
+            line, = ax.plot(method["eval_rounds"], curves.mean(0), label=name)
+            if len(curves) > 1:
+                ax.fill_between(method["eval_rounds"], curves.min(0), curves.max(0),
+                                color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1),
+               title=f"one class per node: {rule}SGD, b x first median |g|")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_table(results: dict) -> None:
+    print("1-D example a = (0, 0, 3): fixed point x*(b)")
+    print(f"{'b':>6} {'sign exact':>11} {'sign MC (± s.e.)':>19} {'median exact':>13} "
+          f"{'median MC (± s.e.)':>19}")
+    for b, row in results["one_dimensional"].items():
+        sign, median = row["sign_monte_carlo"], row["median_monte_carlo"]
+        print(f"{b:>6} {row['sign_exact']:>11.4f} {sign['mean']:>10.4f} ± "
+              f"{sign['standard_error']:<6.4f} {row['median_exact']:>13.4f} "
+              f"{median['mean']:>10.4f} ± {median['standard_error']:.4f}")
+    print("digits, one class per node: final test accuracy")
+    for name, method in results["data"].items():
+        acc = method["final_test_accuracy"]
+        print(f"{name:<12} {acc['mean']:.4f} ± {acc['std']:.4f}   "
+              f"up {method['bytes_up_per_round']:.0f} B/round")
+    print(f"wall time {results['settings']['wall_seconds']:.1f} s")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--output", default="results/median_mean_bridge")
+    parser.add_argument("--monte-carlo-steps", type=int, default=200_000)
+    args = parser.parse_args(argv)
+    for name in ("rounds", "monte_carlo_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid; "
+                         "expected a positive integer")
+    print_table(run(args.rounds, args.seeds, args.output,
+                    monte_carlo_steps=args.monte_carlo_steps))
+
+
+if __name__ == "__main__":
+    main()
