@@ -29,6 +29,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
                              tree_bytes, weighted_mean)
 from fedjax_lab.core.attacks import Attack
 from fedjax_lab.core.robust import Aggregator
+from fedjax_lab.core.validation import check_positive_int
 from fedjax_lab.models import Model
 
 PyTree = Any
@@ -44,11 +45,6 @@ class FedAvgState(NamedTuple):
     opt_state: PyTree
     round: jax.Array
     metrics: dict[str, jax.Array]
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is invalid; expected a positive integer")
 
 
 def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
@@ -82,9 +78,9 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
     Returns:
         An `Algorithm` whose state is `FedAvgState`.
     """
-    _check_positive_int("num_epochs", num_epochs)
+    check_positive_int("num_epochs", num_epochs)
     if batch_size is not None:
-        _check_positive_int("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size)
     if straggler_policy not in STRAGGLER_POLICIES:
         raise ValueError(f"straggler_policy {straggler_policy!r} is unknown; "
                          f"allowed: {', '.join(STRAGGLER_POLICIES)}")

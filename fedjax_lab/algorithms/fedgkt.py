@@ -31,6 +31,7 @@ import optax
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              cross_entropy, gather_clients, local_train, scatter_clients)
 from fedjax_lab.core.distillation import kd_loss
+from fedjax_lab.core.validation import check_positive_int
 from fedjax_lab.models import Model
 from fedjax_lab.models.split import SplitModel
 
@@ -102,10 +103,10 @@ def fedgkt(client_model: SplitModel, server_model: Model,
     """
     for name, value in (("num_clients", num_clients), ("max_examples", max_examples),
                         ("client_epochs", client_epochs), ("server_epochs", server_epochs)):
-        _check_positive_int(name, value)
+        check_positive_int(name, value)
     for name, value in (("batch_size", batch_size), ("server_batch_size", server_batch_size)):
         if value is not None:
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
     for name, value in (("alpha", alpha), ("beta", beta)):
         if not value >= 0:
             raise ValueError(f"{name}={value!r} is invalid; expected {name} >= 0")
@@ -216,11 +217,6 @@ def _client_loss(client_model: SplitModel, x: jax.Array, own: FedGKTClientState,
         return loss
 
     return loss
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is invalid; expected a positive integer")
 
 
 def _bytes_moved(features: jax.Array, client_logits: jax.Array,

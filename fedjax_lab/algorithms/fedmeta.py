@@ -38,6 +38,7 @@ from fedjax_lab.core import weighted_mean
 from fedjax_lab.core.meta import (MetaAlgorithm, adaptation_predictors, check_fraction,
                                   inner_adapt, meta_gradient, model_data_loss,
                                   split_support_query, with_adaptation)
+from fedjax_lab.core.validation import check_positive_int
 from fedjax_lab.models import Model
 
 PyTree = Any
@@ -53,11 +54,6 @@ class FedMetaState(NamedTuple):
     opt_state: PyTree
     round: jax.Array
     metrics: dict[str, jax.Array]
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is invalid; expected a positive integer")
 
 
 def fedmeta(model: Model, server_optimizer: optax.GradientTransformation, *,
@@ -87,7 +83,7 @@ def fedmeta(model: Model, server_optimizer: optax.GradientTransformation, *,
         raise ValueError(f"variant {variant!r} is unknown; allowed: {', '.join(VARIANTS)}")
     if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) or not inner_lr >= 0:
         raise ValueError(f"inner_lr={inner_lr!r} is invalid; expected a number >= 0")
-    _check_positive_int("num_inner_steps", num_inner_steps)
+    check_positive_int("num_inner_steps", num_inner_steps)
     check_fraction("support_fraction", support_fraction)
     client_weights(jnp.ones(1), weighting=weighting)
     learn_inner_lrs = variant == "meta_sgd"
@@ -156,7 +152,7 @@ def fedavg_meta(model: Model, client_optimizer: optax.GradientTransformation, *,
     Returns:
         A `MetaAlgorithm` whose state is `FedAvgState`.
     """
-    _check_positive_int("num_inner_steps", num_inner_steps)
+    check_positive_int("num_inner_steps", num_inner_steps)
     check_fraction("support_fraction", support_fraction)
     return with_adaptation(fedavg(model, client_optimizer, execution=execution, **fedavg_options),
                            model, inner_lr=inner_lr, num_inner_steps=num_inner_steps,

@@ -34,6 +34,7 @@ import optax
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              cross_entropy, gather_clients, local_train, masked_mean,
                              scatter_clients, tree_bytes, weighted_mean)
+from fedjax_lab.core.validation import check_positive_int
 from fedjax_lab.models.split import SplitModel
 
 PyTree = Any
@@ -91,9 +92,9 @@ def fedproto(models: SplitModel | Sequence[SplitModel],
     """
     models = (models,) if isinstance(models, SplitModel) else tuple(models)
     architecture = _check_architectures(models, num_clients, architecture_of)
-    _check_positive_int("num_epochs", num_epochs)
+    check_positive_int("num_epochs", num_epochs)
     if batch_size is not None:
-        _check_positive_int("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size)
     if not lam >= 0:
         raise ValueError(f"lam={lam!r} is invalid; expected lam >= 0")
     if inference not in INFERENCES:
@@ -243,7 +244,7 @@ def _regularised_loss(model: SplitModel, lam: float, prototypes: jax.Array,
 def _check_architectures(models, num_clients, architecture_of) -> np.ndarray:
     if not models or not all(isinstance(m, SplitModel) for m in models):
         raise ValueError("models must be one SplitModel or a non-empty sequence of them")
-    _check_positive_int("num_clients", num_clients)
+    check_positive_int("num_clients", num_clients)
     shapes = {(m.latent_dim, m.num_classes) for m in models}
     if len(shapes) > 1:
         raise ValueError(f"models have (latent_dim, num_classes) {sorted(shapes)}; FedProto needs "
@@ -258,11 +259,6 @@ def _check_architectures(models, num_clients, architecture_of) -> np.ndarray:
         raise ValueError(f"architecture_of must use each index in 0..{len(models) - 1} and no "
                          f"other; unused {unused}, values {sorted(set(architecture.tolist()))}")
     return architecture
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is invalid; expected a positive integer")
 
 
 def _round_metrics(weights, losses, steps, cohort_size, download, upload,

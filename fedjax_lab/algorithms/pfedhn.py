@@ -37,6 +37,7 @@ import optax
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              gather_clients, local_train, model_loss, scatter_clients,
                              server_update, tree_bytes)
+from fedjax_lab.core.validation import check_positive_int
 from fedjax_lab.models import Model
 from fedjax_lab.models.split import SplitModel
 
@@ -119,12 +120,12 @@ def pfedhn(target: Model | SplitModel, client_optimizer: optax.GradientTransform
     """
     for name, value in (("num_clients", num_clients), ("hidden", hidden),
                         ("num_epochs", num_epochs)):
-        _check_positive_int(name, value)
+        check_positive_int(name, value)
     if embedding_dim is None:
         embedding_dim = 1 + num_clients // 4
-    _check_positive_int("embedding_dim", embedding_dim)
+    check_positive_int("embedding_dim", embedding_dim)
     if batch_size is not None:
-        _check_positive_int("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size)
     if isinstance(num_hidden, bool) or not isinstance(num_hidden, int) or num_hidden < 0:
         raise ValueError(f"num_hidden={num_hidden!r} is invalid; expected an integer >= 0")
     if personal_head and not isinstance(target, SplitModel):
@@ -250,11 +251,6 @@ def _one_client(stacked: PyTree) -> PyTree:
 def _per_client(weights: jax.Array, leaf: jax.Array) -> jax.Array:
     """`weights [K]` shaped to broadcast against a stacked leaf `[K, ...]`."""
     return weights.reshape((-1,) + (1,) * (leaf.ndim - 1)).astype(leaf.dtype)
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is invalid; expected a positive integer")
 
 
 def _round_metrics(weights, losses, steps, cohort_size, generated,

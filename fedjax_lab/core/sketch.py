@@ -24,17 +24,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedjax_lab.core.validation import check_positive_int
+
 
 class SketchHashes(NamedTuple):
     """Attributes: buckets `[r, d]` int32 in [0, c); signs `[r, d]` int8 in {-1, +1}."""
 
     buckets: jax.Array
     signs: jax.Array
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is invalid; expected a positive integer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +52,7 @@ class CountSketch:
 
     def __post_init__(self):
         for name in ("dim", "num_rows", "num_columns"):
-            _check_positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} is invalid; expected an integer")
 
@@ -107,7 +104,7 @@ class CountSketch:
 
 def top_k(vector: jax.Array, k: int) -> jax.Array:
     """The `[d]` vector keeping the k entries of largest magnitude (lowest index wins ties)."""
-    _check_positive_int("k", k)
+    check_positive_int("k", k)
     if k > vector.shape[0]:
         raise ValueError(f"k={k} is invalid; expected k <= {vector.shape[0]} (the dimension)")
     _, indices = jax.lax.top_k(jnp.abs(vector), k)

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedjax_lab.core.validation import check_positive_int
+
 
 def check_num_clients(num_clients: int, num_examples: int, per_client: int = 1) -> None:
     if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) \
@@ -54,11 +56,6 @@ def class_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     present = np.bincount(labels - low, minlength=high - low + 1) > 0
     lookup = np.cumsum(present) - 1
     return np.flatnonzero(present) + low, lookup[labels - low]
-
-
-def check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}={value!r}; expected an integer >= 1")
 
 
 def sort_randomly_within(keys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
