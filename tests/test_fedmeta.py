@@ -292,3 +292,20 @@ def test_bad_hyperparameters_are_named(options, message):
         fedmeta(small_mlp(), optax.adam(0.01), **options)
     with pytest.raises(ValueError, match="test_fraction=0 is invalid"):
         split_clients(10, 0, seed=0)
+
+
+
+def test_rounds_report_the_model_down_and_the_same_size_up():
+    from common import small_model
+    from fedjax_lab.algorithms.perfedavg import perfedavg
+    from fedjax_lab.core.communication import tree_bytes
+
+    xs, ys = make_clients([12, 9, 15])
+    batch = stack_clients(xs, ys)
+    model = small_model()
+    for algorithm in (fedmeta(model, optax.sgd(0.1), inner_lr=0.1),
+                      perfedavg(model, alpha=0.01, beta=0.01, batch_size=2)):
+        state = algorithm.init(jax.random.key(0))
+        metrics = jax.jit(algorithm.round)(state, batch).metrics
+        size = tree_bytes(state.params)
+        assert float(metrics["bytes_down"]) == float(metrics["bytes_up"]) == 3 * size

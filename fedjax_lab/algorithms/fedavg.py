@@ -26,8 +26,9 @@ import optax
 
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              local_train, model_loss, sample_stragglers, server_update,
-                             tree_bytes, weighted_mean)
+                             weighted_mean)
 from fedjax_lab.core.attacks import Attack
+from fedjax_lab.core.communication import model_exchange_bytes
 from fedjax_lab.core.robust import Aggregator
 from fedjax_lab.core.validation import check_positive_int
 from fedjax_lab.models import Model
@@ -153,10 +154,8 @@ def _round_metrics(weights, losses, steps, mean_delta) -> dict[str, jax.Array]:
     (a dropped straggler's work never arrives).
     """
     dtype = jnp.result_type(float)
-    model_bytes = tree_bytes(mean_delta)
     return {
-        "bytes_down": jnp.asarray(weights.shape[0] * model_bytes, dtype),
-        "bytes_up": (jnp.sum(weights > 0) * model_bytes).astype(dtype),
+        **model_exchange_bytes(weights, mean_delta),
         "train_loss": jnp.sum(weights * losses).astype(dtype),
         "participants": jnp.sum(weights > 0).astype(jnp.int32),
         "local_steps": jnp.sum(jnp.where(weights > 0, steps, 0)).astype(jnp.int32),

@@ -35,6 +35,7 @@ import optax
 from fedjax_lab.algorithms.fedavg import fedavg, predict_with
 from fedjax_lab.core import ClientBatch, ClientExecution, client_weights, server_update
 from fedjax_lab.core import weighted_mean
+from fedjax_lab.core.communication import model_exchange_bytes
 from fedjax_lab.core.meta import (MetaAlgorithm, adaptation_predictors, check_fraction,
                                   inner_adapt, meta_gradient, model_data_loss,
                                   split_support_query, with_adaptation)
@@ -163,6 +164,7 @@ def _round_metrics(weights, query_losses, mean_grad) -> dict[str, jax.Array]:
     """The round's scalars; `init` calls it on an empty cohort so the structure never changes."""
     dtype = jnp.result_type(float)
     return {
+        **model_exchange_bytes(weights, mean_grad),
         "train_loss": jnp.sum(weights * query_losses).astype(dtype),
         "participants": jnp.sum(weights > 0).astype(jnp.int32),
         "meta_gradient_norm": optax.tree.norm(mean_grad).astype(dtype),

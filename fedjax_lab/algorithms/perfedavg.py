@@ -29,6 +29,7 @@ import optax
 from fedjax_lab.algorithms.fedavg import predict_with
 from fedjax_lab.core import ClientBatch, ClientExecution, client_weights, server_update
 from fedjax_lab.core import weighted_mean
+from fedjax_lab.core.communication import model_exchange_bytes
 from fedjax_lab.core.local_training import epoch_permutation
 from fedjax_lab.core.meta import (DataLoss, MetaAlgorithm, MetaStream, adaptation_predictors,
                                   check_fraction, inner_adapt, model_data_loss, sgd_step)
@@ -172,6 +173,7 @@ def _round_metrics(weights, losses, mean_delta) -> dict[str, jax.Array]:
     """The round's scalars; `init` calls it on an empty cohort so the structure never changes."""
     dtype = jnp.result_type(float)
     return {
+        **model_exchange_bytes(weights, mean_delta),
         "train_loss": jnp.sum(weights * losses).astype(dtype),
         "participants": jnp.sum(weights > 0).astype(jnp.int32),
         "update_norm": optax.tree.norm(mean_delta).astype(dtype),
