@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.plotting import pyplot
 from fedjax_lab.algorithms.ditto import REFERENCE_LAMBDA_GRID, ditto
 from fedjax_lab.algorithms.fedamp import attention_weights, fedamp, heuristic_attention_weights
 from fedjax_lab.algorithms.fedavg import fedavg
@@ -280,19 +281,10 @@ def run(rounds: int = 100, seeds=(0,), output: str = "results/ditto_fedamp", *,
     return results
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise ImportError("plotting needs matplotlib: pip install 'fedjax_lab[plot]'") from error
-    matplotlib.use("Agg")  # headless: the figures only go to files
-    import matplotlib.pyplot as plt
-    return plt
-
 
 def plot_ditto(results: dict, path: str) -> None:
     """Bars of mean and worst-10% benign-client accuracy per method, clean and under attack A1."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     width = 0.38
     for ax, (setting, title) in zip(axes, (("clean", "Dirichlet(0.1)"),
@@ -324,7 +316,7 @@ def plot_attention(results: dict, path: str) -> None:
     The diagonal (the self-weights, given in the title) is left blank so that the weights on
     other clients, which carry the group structure, use the whole colour range.
     """
-    plt = _pyplot()
+    plt = pyplot()
     seed = str(results["settings"]["seeds"][0])
     run = results["fedamp"]["runs"][seed]
     groups = np.asarray(run["groups"])

@@ -34,6 +34,7 @@ import time
 import numpy as np
 import optax
 
+from experiments.plotting import pyplot
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.algorithms.fedproto import fedproto
 from fedjax_lab.algorithms.pfedhn import pfedhn
@@ -255,15 +256,6 @@ def run(rounds: int = 100, seeds=(0,), output: str = "results/fedproto_pfedhn", 
     return results
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise ImportError("plotting needs matplotlib: pip install 'fedjax_lab[plot]'") from error
-    matplotlib.use("Agg")  # headless: the figures only go to files
-    import matplotlib.pyplot as plt
-    return plt
-
 
 TITLES = {
     "fedproto": "FedProto: digits ways/shots (2-4 classes per client), 20 clients, all per round",
@@ -273,7 +265,7 @@ TITLES = {
 
 def plot(results: dict, experiment: str, path: str) -> None:
     """Learning curves (mean client accuracy, first seed) and final mean / worst-10% bars."""
-    plt = _pyplot()
+    plt = pyplot()
     summary = results[experiment]["summary"]
     seed = str(results["settings"]["seeds"][0])
     runs = results[experiment]["runs"][seed]["scores"]

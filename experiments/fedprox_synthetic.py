@@ -20,6 +20,7 @@ from functools import partial
 import numpy as np
 import optax
 
+from experiments.plotting import pyplot
 from fedjax_lab.algorithms import fedavg, fedprox
 from fedjax_lab.data.synthetic import fedprox_synthetic
 from fedjax_lab.experiment import run_experiment, write_json_atomic
@@ -108,12 +109,7 @@ def run(rounds: int = 100, seeds=(0,), output: str = "results/fedprox_synthetic"
 
 def plot(results: dict, path: str) -> None:
     """2x2 grid: rows are data sets, columns training loss and test accuracy per round."""
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise ImportError("plotting needs matplotlib: pip install fedjax_lab[plot]") from error
-    matplotlib.use("Agg")  # headless: the figure only goes to a file
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     datasets = results["datasets"]
     fig, axes = plt.subplots(len(datasets), 2, figsize=(11, 4 * len(datasets)), squeeze=False)

@@ -31,6 +31,7 @@ import time
 import jax
 import numpy as np
 
+from experiments.plotting import pyplot
 from fedjax_lab.algorithms.fetchsgd import fetchsgd, local_topk, momentum_sgd, true_topk
 from fedjax_lab.data import digits
 from fedjax_lab.experiment import run_experiment, write_json_atomic
@@ -135,12 +136,7 @@ def _summarize(results: dict) -> None:
 
 def plot(results: dict, path: str) -> None:
     """Test accuracy per round (mean over seeds, min-max band) and accuracy vs total bytes."""
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise ImportError("plotting needs matplotlib: pip install 'fedjax_lab[plot]'") from error
-    matplotlib.use("Agg")  # headless: the figure only goes to a file
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(13, 4.8))
     rounds_total = results["settings"]["rounds"]

@@ -33,6 +33,7 @@ import time
 import numpy as np
 import optax
 
+from experiments.plotting import pyplot
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.algorithms.fedgen import fedgen
 from fedjax_lab.algorithms.fedgkt import PREDICTIONS, fedgkt
@@ -236,12 +237,7 @@ def _band(ax, curves: list, rounds, label: str) -> None:
 
 def plot(results: dict, output: str) -> None:
     """fedgkt.png: server-model accuracy per round and final bars; fedgen.png: alpha x sharing."""
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise ImportError("plotting needs matplotlib: pip install 'fedjax_lab[plot]'") from error
-    matplotlib.use("Agg")  # headless: the figures only go to files
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     settings = results["settings"]
     eval_rounds = lambda n: np.minimum(np.arange(1, n + 1) * settings["eval_every"],

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from jax.scipy.stats import norm
 
+from experiments.plotting import pyplot
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.algorithms.median_mean import median_sgd, sign_sgd
 from fedjax_lab.core import ClientBatch, client_keys, experiment_key
@@ -229,12 +230,7 @@ def run(rounds: int = 300, seeds=(0,), output: str = "results/median_mean_bridge
 
 def plot(results: dict, path: str) -> None:
     """Fixed point against b (exact curve, Monte Carlo points) and digits accuracy per round."""
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise ImportError("plotting needs matplotlib: pip install 'fedjax_lab[plot]'") from error
-    matplotlib.use("Agg")  # headless: the figure only goes to a file
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     curve = results["fixed_point_curve"]

@@ -40,6 +40,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+from experiments.plotting import pyplot
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.algorithms.fedmeta import fedavg_meta, fedmeta
 from fedjax_lab.algorithms.perfedavg import perfedavg
@@ -280,12 +281,7 @@ def _perfedavg_data(seed: int):
 
 def plot(name: str, experiment: dict, path: str) -> None:
     """Accuracy on the scored clients per round (mean over seeds, min-max band)."""
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise ImportError("plotting needs matplotlib: pip install 'fedjax_lab[plot]'") from error
-    matplotlib.use("Agg")  # headless: the figure only goes to a file
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, result in experiment["methods"].items():

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.plotting import pyplot
 from fedjax_lab.core import (Algorithm, ClientExecution, client_weights, local_train,
                              model_loss, server_update)
 from fedjax_lab.core.attacks import Attack
@@ -131,12 +132,7 @@ def run(rounds: int = 50, seeds=(0,), output: str = "results/robust_aggregation"
 
 def plot(results: dict, path: str) -> None:
     """Grouped bars: final test accuracy per attack (groups) and aggregator (bars)."""
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise ImportError("plotting needs matplotlib: pip install 'fedjax_lab[plot]'") from error
-    matplotlib.use("Agg")  # headless: the figure only goes to a file
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     table = results["final_test_accuracy"]
     attacks, aggregators = _ordered(table)
