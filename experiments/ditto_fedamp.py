@@ -29,7 +29,6 @@ separated (the stalling reported in PFLlib#36).
                                        [--output DIR]
 """
 
-import argparse
 import os
 import time
 from functools import partial
@@ -39,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.plotting import pyplot
+from experiments.common import experiment_parser, parse_args, pyplot
 from fedjax_lab.algorithms.ditto import REFERENCE_LAMBDA_GRID, ditto
 from fedjax_lab.algorithms.fedamp import attention_weights, fedamp, heuristic_attention_weights
 from fedjax_lab.algorithms.fedavg import fedavg
@@ -373,16 +372,9 @@ def print_table(results: dict) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=100, help="Ditto rounds")
+    parser = experiment_parser(__doc__, rounds=100, seeds=[0], output="results/ditto_fedamp")
     parser.add_argument("--fedamp-rounds", type=int, default=40)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--output", default="results/ditto_fedamp")
-    args = parser.parse_args(argv)
-    for name in ("rounds", "fedamp_rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid; "
-                         "expected a positive integer")
+    args = parse_args(parser, argv, counts=("rounds", "fedamp_rounds"))
     print_table(run(args.rounds, args.seeds, args.output, fedamp_rounds=args.fedamp_rounds))
 
 

@@ -27,14 +27,13 @@ round, and the bytes each method moves per round.
                                           [--output DIR]
 """
 
-import argparse
 import os
 import time
 
 import numpy as np
 import optax
 
-from experiments.plotting import pyplot
+from experiments.common import experiment_parser, parse_args, pyplot
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.algorithms.fedproto import fedproto
 from fedjax_lab.algorithms.pfedhn import pfedhn
@@ -319,16 +318,9 @@ def print_table(results: dict) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=100, help="FedProto rounds")
+    parser = experiment_parser(__doc__, rounds=100, seeds=[0], output="results/fedproto_pfedhn")
     parser.add_argument("--pfedhn-rounds", type=int, default=100)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--output", default="results/fedproto_pfedhn")
-    args = parser.parse_args(argv)
-    for name in ("rounds", "pfedhn_rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid; "
-                         "expected a positive integer")
+    args = parse_args(parser, argv, counts=("rounds", "pfedhn_rounds"))
     print_table(run(args.rounds, args.seeds, args.output, pfedhn_rounds=args.pfedhn_rounds))
 
 

@@ -12,7 +12,6 @@ results.json): device sizes capped at 1000 examples, 100 rounds instead of 200 b
     python -m experiments.fedprox_synthetic [--rounds 100] [--seeds 0 1 2] [--output DIR]
 """
 
-import argparse
 import os
 import time
 from functools import partial
@@ -20,7 +19,7 @@ from functools import partial
 import numpy as np
 import optax
 
-from experiments.plotting import pyplot
+from experiments.common import experiment_parser, parse_args, pyplot
 from fedjax_lab.algorithms import fedavg, fedprox
 from fedjax_lab.data.synthetic import fedprox_synthetic
 from fedjax_lab.experiment import run_experiment, write_json_atomic
@@ -153,13 +152,9 @@ def print_table(results: dict) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=100)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--output", default="results/fedprox_synthetic")
-    args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error(f"--rounds {args.rounds} is invalid; expected a positive integer")
+    parser = experiment_parser(__doc__, rounds=100, seeds=[0],
+                               output="results/fedprox_synthetic")
+    args = parse_args(parser, argv)
     print_table(run(args.rounds, args.seeds, args.output))
 
 

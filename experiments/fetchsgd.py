@@ -24,14 +24,13 @@ compression ratios are uncompressed momentum SGD's total bytes over each method'
     python -m experiments.fetchsgd [--rounds 300] [--seeds 0 1 2] [--output DIR]
 """
 
-import argparse
 import os
 import time
 
 import jax
 import numpy as np
 
-from experiments.plotting import pyplot
+from experiments.common import experiment_parser, parse_args, pyplot
 from fedjax_lab.algorithms.fetchsgd import fetchsgd, local_topk, momentum_sgd, true_topk
 from fedjax_lab.data import digits
 from fedjax_lab.experiment import run_experiment, write_json_atomic
@@ -183,14 +182,9 @@ def print_table(results: dict) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=300)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--output", default="results/fetchsgd")
+    parser = experiment_parser(__doc__, rounds=300, seeds=[0], output="results/fetchsgd")
     parser.add_argument("--learning-rate", type=float, default=0.1)
-    args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error(f"--rounds {args.rounds} is invalid; expected a positive integer")
+    args = parse_args(parser, argv)
     print_table(run(args.rounds, args.seeds, args.output, learning_rate=args.learning_rate))
 
 

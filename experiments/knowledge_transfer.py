@@ -26,14 +26,13 @@ never the best round; seeds vary the partition and the training.
     python -m experiments.knowledge_transfer [--rounds 60] [--seeds 0 1 2] [--output DIR]
 """
 
-import argparse
 import os
 import time
 
 import numpy as np
 import optax
 
-from experiments.plotting import pyplot
+from experiments.common import experiment_parser, parse_args, pyplot
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.algorithms.fedgen import fedgen
 from fedjax_lab.algorithms.fedgkt import PREDICTIONS, fedgkt
@@ -327,13 +326,9 @@ def print_table(results: dict) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=60)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--output", default="results/knowledge_transfer")
-    args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error(f"--rounds {args.rounds} is invalid; expected a positive integer")
+    parser = experiment_parser(__doc__, rounds=60, seeds=[0, 1, 2],
+                               output="results/knowledge_transfer")
+    args = parse_args(parser, argv)
     print_table(run(args.rounds, args.seeds, args.output))
 
 

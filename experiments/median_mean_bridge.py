@@ -19,7 +19,6 @@ test accuracy after a fixed number of rounds.
     python -m experiments.median_mean_bridge [--rounds 300] [--seeds 0 1 2] [--output DIR]
 """
 
-import argparse
 import os
 import time
 
@@ -29,7 +28,7 @@ import numpy as np
 import optax
 from jax.scipy.stats import norm
 
-from experiments.plotting import pyplot
+from experiments.common import experiment_parser, parse_args, pyplot
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.algorithms.median_mean import median_sgd, sign_sgd
 from fedjax_lab.core import ClientBatch, client_keys, experiment_key
@@ -281,16 +280,10 @@ def print_table(results: dict) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=300)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--output", default="results/median_mean_bridge")
+    parser = experiment_parser(__doc__, rounds=300, seeds=[0],
+                               output="results/median_mean_bridge")
     parser.add_argument("--monte-carlo-steps", type=int, default=200_000)
-    args = parser.parse_args(argv)
-    for name in ("rounds", "monte_carlo_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid; "
-                         "expected a positive integer")
+    args = parse_args(parser, argv, counts=("rounds", "monte_carlo_steps"))
     print_table(run(args.rounds, args.seeds, args.output,
                     monte_carlo_steps=args.monte_carlo_steps))
 

@@ -29,7 +29,6 @@ classes, held-out clients, initial model and cohorts. Reported numbers are final
     python -m experiments.meta_learning [--rounds 1000] [--seeds 0 1 2 3 4] [--output DIR]
 """
 
-import argparse
 import os
 import time
 from functools import partial
@@ -40,7 +39,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from experiments.plotting import pyplot
+from experiments.common import experiment_parser, parse_args, pyplot
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.algorithms.fedmeta import fedavg_meta, fedmeta
 from fedjax_lab.algorithms.perfedavg import perfedavg
@@ -319,15 +318,11 @@ def print_table(results: dict) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=1000)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--output", default="results/meta_learning")
+    parser = experiment_parser(__doc__, rounds=1000, seeds=[0, 1, 2, 3, 4],
+                               output="results/meta_learning")
     parser.add_argument("--experiments", nargs="+", default=["fedmeta", "perfedavg"],
                         choices=["fedmeta", "perfedavg"])
-    args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error(f"--rounds {args.rounds} is invalid; expected a positive integer")
+    args = parse_args(parser, argv)
     print_table(run(args.rounds, args.seeds, args.output, args.experiments))
 
 

@@ -21,7 +21,6 @@ options it is `fedavg(model, optax.sgd(0.1), aggregator=..., attack=...)`.
     python -m experiments.robust_aggregation [--rounds 50] [--seeds 0 1 2] [--output DIR]
 """
 
-import argparse
 import os
 import time
 from typing import NamedTuple
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.plotting import pyplot
+from experiments.common import experiment_parser, parse_args, pyplot
 from fedjax_lab.core import (Algorithm, ClientExecution, client_weights, local_train,
                              model_loss, server_update)
 from fedjax_lab.core.attacks import Attack
@@ -175,13 +174,8 @@ def print_table(results: dict) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=50)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--output", default="results/robust_aggregation")
-    args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error(f"--rounds {args.rounds} is invalid; expected a positive integer")
+    parser = experiment_parser(__doc__, rounds=50, seeds=[0], output="results/robust_aggregation")
+    args = parse_args(parser, argv)
     print_table(run(args.rounds, args.seeds, args.output))
 
 
