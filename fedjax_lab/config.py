@@ -72,7 +72,7 @@ class RunConfig:
     mu: float = 0.0
     stragglers: float = 0.0
     weighting: str = "num_examples"
-    execution: str = "vmap"
+    execution: str = "auto"
     chunk_size: int | None = None
     seed: int = 0
     eval_every: int = 20

@@ -34,30 +34,74 @@ def test_weighted_mean_of_identical_models_is_that_model():
         assert_trees_close(mean, params, rtol=1e-15, atol=1e-15)
 
 
-@pytest.mark.parametrize("execution", [ClientExecution("chunked", 2), ClientExecution("chunked", 3),
-                                       ClientExecution("sequential"), ClientExecution("unrolled")])
+STRATEGIES = [ClientExecution("chunked", 2), ClientExecution("chunked", 3),
+              ClientExecution("chunked", 2, chunk_strategy="unrolled"),
+              ClientExecution("sequential"), ClientExecution("unrolled"), ClientExecution("auto"),
+              ClientExecution("auto", memory_budget=1)]
+
+
+def _training_clients(model, params):
+    xs, ys = make_clients([7, 3, 12, 5, 1], dtype=np.float64)
+    batch = stack_clients(xs, ys)
+
+    def client_fn(client):
+        x, y, mask, rng = client
+        return local_train(model_loss(model.apply), optax.sgd(0.2), params, x, y, mask, rng,
+                           num_epochs=2, batch_size=3)
+
+    return client_fn, (batch.x, batch.y, batch.mask, batch.rng), batch.num_examples
+
+
+@pytest.mark.parametrize("execution", STRATEGIES)
 def test_every_strategy_equals_vmap(execution):
     with jax.enable_x64(True):
-        xs, ys = make_clients([7, 3, 12, 5, 1], dtype=np.float64)
-        batch = stack_clients(xs, ys)
         model = small_model()
-        params = float64_params(model)
-
-        def client_fn(client):
-            x, y, mask, rng = client
-            return local_train(model_loss(model.apply), optax.sgd(0.2), params, x, y, mask, rng,
-                               num_epochs=2, batch_size=3)
-
-        per_client = (batch.x, batch.y, batch.mask, batch.rng)
+        client_fn, per_client, _ = _training_clients(model, float64_params(model))
         assert_trees_close(execution.map(client_fn, per_client),
                            ClientExecution("vmap").map(client_fn, per_client))
 
 
+@pytest.mark.parametrize("execution", STRATEGIES + [ClientExecution("vmap")])
+@pytest.mark.parametrize("jit", [False, True])
+def test_map_reduce_is_the_weighted_mean_of_map(execution, jit):
+    with jax.enable_x64(True):
+        model = small_model()
+        params = float64_params(model)
+        client_fn, per_client, num_examples = _training_clients(model, params)
+        weights = client_weights(num_examples)
+        pair_fn = lambda client: (client_fn(client).params, client_fn(client).num_steps)
+        reduce = lambda p, w: execution.map_reduce(pair_fn, p, w)
+        total, steps = (jax.jit(reduce) if jit else reduce)(per_client, weights)
+        stacked = ClientExecution("vmap").map(client_fn, per_client)
+        assert_trees_close(total, weighted_mean(stacked.params, weights), rtol=1e-13, atol=1e-13)
+        np.testing.assert_array_equal(steps, stacked.num_steps)
+
+
+def test_auto_picks_by_backend_program_and_memory():
+    model = small_model()
+    client_fn, per_client, _ = _training_clients(model, model.init(jax.random.key(0)))
+    assert ClientExecution().resolve(client_fn, per_client).strategy == "vmap"
+    tight = ClientExecution(memory_budget=1).resolve(client_fn, per_client)
+    assert (tight.strategy, tight.chunk_size) == ("chunked", 1)
+
+    def conv_fn(client):
+        image = client[0][:4, :4].reshape(1, 4, 4, 1)
+        return jax.lax.conv_general_dilated(image, jnp.ones((1, 1, 1, 1)), (1, 1), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    conv = ClientExecution().resolve(conv_fn, per_client)
+    assert conv.strategy == ("unrolled" if jax.default_backend() == "cpu" else "vmap")
+
+
 def test_execution_rejects_unknown_strategy_and_bad_chunks():
-    with pytest.raises(ValueError, match="strategy 'pmap' is unknown; allowed: vmap, chunked"):
+    with pytest.raises(ValueError, match="strategy 'pmap' is unknown; allowed: auto, vmap"):
         ClientExecution("pmap")
     with pytest.raises(ValueError, match="chunk_size=0 is invalid"):
         ClientExecution("chunked", 0)
+    with pytest.raises(ValueError, match="chunk_strategy 'scan' is unknown"):
+        ClientExecution("chunked", 2, chunk_strategy="scan")
+    with pytest.raises(ValueError, match="memory_budget=0 is invalid"):
+        ClientExecution(memory_budget=0)
 
 
 def test_stragglers_count_epochs_and_determinism():

@@ -113,22 +113,28 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
 
         stragglers = sample_stragglers(batch.rng, num_epochs=num_epochs,
                                        fraction=straggler_fraction)
+        participating = ~stragglers.is_straggler if straggler_policy == "drop" else None
+        weights = client_weights(batch.num_examples, weighting=weighting,
+                                 participating=participating)
 
         def client_update(client):
             x, y, mask, rng, epochs = client
             result = local_train(loss_fn, client_optimizer, global_params, x, y, mask, rng,
                                  num_epochs=num_epochs, batch_size=batch_size,
                                  active_epochs=epochs, unroll=unroll)
-            return optax.tree.sub(global_params, result.params), result.mean_loss, result.num_steps
+            delta = optax.tree.sub(global_params, result.params)
+            return delta, (result.mean_loss, result.num_steps)
 
-        deltas, losses, steps = execution.map(
-            client_update, (batch.x, batch.y, batch.mask, batch.rng, stragglers.epochs))
-        if attack is not None:
-            deltas = attack.corrupt_updates(deltas, batch)
-        participating = ~stragglers.is_straggler if straggler_policy == "drop" else None
-        weights = client_weights(batch.num_examples, weighting=weighting,
-                                 participating=participating)
-        mean_delta = aggregator(deltas, weights)
+        per_client = (batch.x, batch.y, batch.mask, batch.rng, stragglers.epochs)
+        if aggregator is weighted_mean and attack is None:
+            # The mean is accumulated as clients finish, so chunked cohorts never stack deltas.
+            mean_delta, (losses, steps) = execution.map_reduce(client_update, per_client,
+                                                               weights)
+        else:
+            deltas, (losses, steps) = execution.map(client_update, per_client)
+            if attack is not None:
+                deltas = attack.corrupt_updates(deltas, batch)
+            mean_delta = aggregator(deltas, weights)
         params, opt_state = server_update(global_params, state.opt_state, mean_delta,
                                           server_optimizer)
         return FedAvgState(params, opt_state, state.round + 1,

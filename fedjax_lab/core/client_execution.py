@@ -1,15 +1,23 @@
 """How the clients of a round are run: one client program, several execution strategies.
 
 Following fedjax's split between the client program and its back end, an algorithm writes what
-one client does and hands it to `ClientExecution.map`; the strategy is chosen separately and never
-hard-coded by an algorithm. Strategies:
+one client does and hands it to `ClientExecution.map` (outputs stacked over clients) or
+`ClientExecution.map_reduce` (a weighted sum of one output plus stacked small outputs); the
+strategy is chosen separately and never hard-coded by an algorithm. Strategies:
 
+- "auto" (the default): picked when the round is traced, from the backend, the client program and
+  the cohort; `resolve` shows the choice. On CPU a program containing convolutions runs its
+  clients "unrolled" (in chunks of `UNROLLED_CHUNK` when the cohort is larger), because XLA:CPU
+  turns per-client convolution weights under vmap into grouped convolutions that run 10-50x
+  slower (shared/XLA_CPU.md). Otherwise "vmap", or "chunked" when the cohort's working set
+  (about `WORKING_SET_FACTOR` times the per-client inputs and outputs) exceeds `memory_budget`.
 - "vmap": all clients as one batched program (fastest for small models).
-- "chunked": `lax.map` over chunks of `chunk_size` vmapped clients; peak memory is bounded by the
-  chunk, not the cohort.
-- "sequential": `lax.map` one client at a time inside the same compiled round.
+- "chunked": a loop over chunks of `chunk_size` clients, vmapped (or unrolled, with
+  `chunk_strategy="unrolled"`) within each chunk. With `map_reduce` the loop carries a running
+  weighted sum, so peak memory is set by the chunk, not the cohort.
+- "sequential": a loop over single clients inside the same compiled round.
 - "unrolled": a Python loop over clients traced into one program; XLA:CPU runs convolution
-  backward passes fastest outside loops (see DESIGN.md), at the cost of compile time.
+  backward passes fastest outside loops, at the cost of compile time that grows with the cohort.
 """
 
 import dataclasses
@@ -18,8 +26,17 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from fedjax_lab.core.communication import tree_bytes
+
 PyTree = Any
-STRATEGIES = ("vmap", "chunked", "sequential", "unrolled")
+STRATEGIES = ("auto", "vmap", "chunked", "sequential", "unrolled")
+CHUNK_STRATEGIES = ("vmap", "unrolled")
+# Clients traced side by side per chunk when "auto" unrolls a conv program: bounds compile time.
+UNROLLED_CHUNK = 10
+# Live copies of a client's inputs and outputs during local training (params, gradients,
+# optimiser state, the update): the multiplier behind "auto"'s working-set estimate.
+WORKING_SET_FACTOR = 4
+_CONVOLUTIONS = ("conv_general_dilated",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +46,14 @@ class ClientExecution:
     Attributes:
         strategy: one of STRATEGIES.
         chunk_size: clients per chunk, required by (and only meaningful for) "chunked".
+        chunk_strategy: how the clients within a chunk run, "vmap" or "unrolled".
+        memory_budget: bytes "auto" lets the clients of one chunk occupy.
     """
 
-    strategy: str = "vmap"
+    strategy: str = "auto"
     chunk_size: int | None = None
+    chunk_strategy: str = "vmap"
+    memory_budget: int = 2**29
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -42,6 +63,31 @@ class ClientExecution:
             if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
                 raise ValueError(f"chunk_size={self.chunk_size!r} is invalid for the chunked "
                                  "strategy; expected a positive integer")
+        if self.chunk_strategy not in CHUNK_STRATEGIES:
+            raise ValueError(f"chunk_strategy {self.chunk_strategy!r} is unknown; "
+                             f"allowed: {', '.join(CHUNK_STRATEGIES)}")
+        if not isinstance(self.memory_budget, int) or self.memory_budget < 1:
+            raise ValueError(f"memory_budget={self.memory_budget!r} is invalid; expected a "
+                             "positive number of bytes")
+
+    def resolve(self, client_fn: Callable[[PyTree], PyTree],
+                per_client: PyTree) -> "ClientExecution":
+        """The concrete strategy "auto" picks for this client program and cohort."""
+        if self.strategy != "auto":
+            return self
+        num_clients = _num_clients(per_client)
+        one_client = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype),
+                                  per_client)
+        if jax.default_backend() == "cpu" and _has_convolution(client_fn, one_client):
+            if num_clients <= UNROLLED_CHUNK:
+                return ClientExecution("unrolled")
+            return ClientExecution("chunked", UNROLLED_CHUNK, chunk_strategy="unrolled")
+        outputs = jax.eval_shape(client_fn, one_client)
+        per_client_bytes = WORKING_SET_FACTOR * (tree_bytes(one_client) + tree_bytes(outputs))
+        fitting = max(1, self.memory_budget // max(per_client_bytes, 1))
+        if num_clients <= fitting:
+            return ClientExecution("vmap")
+        return ClientExecution("chunked", int(fitting))
 
     def map(self, client_fn: Callable[[PyTree], PyTree], per_client: PyTree) -> PyTree:
         """Applies `client_fn` to each client's slice of `per_client` (leaves `[C, ...]`).
@@ -49,13 +95,99 @@ class ClientExecution:
         Values shared by all clients (the global model) are closed over by `client_fn`.
         Returns `client_fn`'s outputs stacked along a leading client axis.
         """
-        if self.strategy == "vmap":
+        concrete = self.resolve(client_fn, per_client)
+        if concrete.strategy == "vmap":
             return jax.vmap(client_fn)(per_client)
-        if self.strategy == "chunked":
-            return jax.lax.map(client_fn, per_client, batch_size=self.chunk_size)
-        if self.strategy == "sequential":
-            return jax.lax.map(client_fn, per_client)
-        num_clients = jax.tree.leaves(per_client)[0].shape[0]
-        outputs = [client_fn(jax.tree.map(lambda leaf: leaf[i], per_client))
-                   for i in range(num_clients)]
-        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)
+        if concrete.strategy == "unrolled":
+            return _unrolled(client_fn, per_client)
+        chunk_size = 1 if concrete.strategy == "sequential" else concrete.chunk_size
+        if concrete.chunk_strategy == "vmap":
+            return jax.lax.map(client_fn, per_client, batch_size=chunk_size)
+        _, stacked = _chunked_reduce(lambda client: (None, client_fn(client)), per_client,
+                                     None, chunk_size, "unrolled")
+        return stacked
+
+    def map_reduce(self, client_fn: Callable[[PyTree], tuple[PyTree, PyTree]],
+                   per_client: PyTree, weights: jax.Array) -> tuple[PyTree, PyTree]:
+        """Runs `client_fn(client) -> (summand, other)` on every client.
+
+        Returns `(sum_i weights[i] * summand_i, others stacked over clients)`. Under "chunked"
+        and "sequential" the sum is carried through the client loop, so the per-client summands
+        (typically model updates) are never all in memory at once.
+        """
+        concrete = self.resolve(client_fn, per_client)
+        if concrete.strategy in ("vmap", "unrolled"):
+            summands, others = (jax.vmap(client_fn)(per_client) if concrete.strategy == "vmap"
+                                else _unrolled(client_fn, per_client))
+            return _weighted_sum(summands, weights), others
+        chunk_size = 1 if concrete.strategy == "sequential" else concrete.chunk_size
+        return _chunked_reduce(client_fn, per_client, weights, chunk_size,
+                               concrete.chunk_strategy)
+
+
+def _num_clients(per_client: PyTree) -> int:
+    return jax.tree.leaves(per_client)[0].shape[0]
+
+
+def _weighted_sum(stacked: PyTree, weights: jax.Array) -> PyTree:
+    return jax.tree.map(lambda leaf: jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1),
+                        stacked)
+
+
+def _unrolled(client_fn, per_client: PyTree) -> PyTree:
+    outputs = [client_fn(jax.tree.map(lambda leaf: leaf[i], per_client))
+               for i in range(_num_clients(per_client))]
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)
+
+
+def _chunked_reduce(client_fn, per_client: PyTree, weights: jax.Array | None, chunk_size: int,
+                    chunk_strategy: str) -> tuple[PyTree, PyTree]:
+    """A `lax.scan` over chunks carrying the weighted sum of the summands (None: no sum)."""
+    num_clients = _num_clients(per_client)
+    chunk_size = min(chunk_size, num_clients)
+    num_chunks = -(-num_clients // chunk_size)
+    padding = num_chunks * chunk_size - num_clients
+    # Padded slots repeat the last client with weight 0: a real program on real data, unused.
+    chunks = jax.tree.map(
+        lambda leaf: jnp.concatenate([leaf, jnp.repeat(leaf[-1:], padding, axis=0)]).reshape(
+            (num_chunks, chunk_size) + leaf.shape[1:]), per_client)
+    run_chunk = jax.vmap(client_fn) if chunk_strategy == "vmap" else (
+        lambda chunk: _unrolled(client_fn, chunk))
+    one_client = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[2:], leaf.dtype),
+                              chunks)
+    summand_shape, _ = jax.eval_shape(client_fn, one_client)
+    if weights is None:
+        chunk_weights = jnp.zeros((num_chunks, chunk_size))
+    else:
+        chunk_weights = jnp.pad(weights, (0, padding)).reshape(num_chunks, chunk_size)
+
+    def body(total, chunk_and_weights):
+        chunk, chunk_weight = chunk_and_weights
+        summands, others = run_chunk(chunk)
+        if summands is not None:
+            total = jax.tree.map(jnp.add, total, _weighted_sum(summands, chunk_weight))
+        return total, others
+
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), summand_shape)
+    total, others = jax.lax.scan(body, zero, (chunks, chunk_weights))
+    others = jax.tree.map(
+        lambda leaf: leaf.reshape((num_chunks * chunk_size,) + leaf.shape[2:])[:num_clients],
+        others)
+    return total, others
+
+
+def _has_convolution(client_fn, one_client: PyTree) -> bool:
+    jaxpr = jax.make_jaxpr(client_fn)(one_client)
+    return _jaxpr_has(jaxpr.jaxpr, _CONVOLUTIONS)
+
+
+def _jaxpr_has(jaxpr, primitive_names) -> bool:
+    for equation in jaxpr.eqns:
+        if equation.primitive.name in primitive_names:
+            return True
+        for value in equation.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns") and _jaxpr_has(inner, primitive_names):
+                    return True
+    return False

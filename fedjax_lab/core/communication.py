@@ -16,7 +16,7 @@ PyTree = Any
 
 def tree_bytes(tree: PyTree) -> int:
     """Bytes of a pytree of arrays (or shape-dtype structs) as sent uncompressed."""
-    return sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    return sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize
                for leaf in jax.tree.leaves(tree))
 
 
