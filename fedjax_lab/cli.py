@@ -3,7 +3,8 @@
 With no options, `fedjax-lab run` trains FedAvg on the embedded digits data set and prints the
 final test accuracy. `fedjax-lab run --resume DIR` continues an interrupted run from its newest
 checkpoint; options given with it must agree with the saved configuration. Every option is
-validated before anything is compiled or written.
+validated before anything is compiled or written. `fedjax-lab plot RUN_DIR [RUN_DIR ...]` draws
+the saved runs' loss and accuracy curves and per-client accuracy as PNG files.
 """
 
 import argparse
@@ -44,6 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedjax-lab", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="list algorithms, data sets and models")
+    plot_parser = commands.add_parser(
+        "plot", help="draw saved runs' curves and per-client accuracy as PNG files",
+        description="Training loss per round and test accuracy per evaluation of one or several "
+                    "runs on one figure, and the per-client test accuracy of their last "
+                    "evaluation on another.")
+    plot_parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                             help="a folder written by `fedjax-lab run --output`")
+    plot_parser.add_argument("--output", metavar="FILE_OR_DIR",
+                             help="a folder for curves.png and client_accuracy.png, or a .png "
+                                  "file for the curves (the clients figure goes beside it as "
+                                  "NAME_clients.png); default: the run's folder for one run, "
+                                  "the current folder for several")
     run_parser = commands.add_parser("run", help="train an algorithm",
                                      argument_default=argparse.SUPPRESS)
     run_parser.add_argument("--resume", metavar="DIR",
@@ -71,11 +84,26 @@ def _list() -> None:
             print(f"  {name:14s} {description.strip().splitlines()[0] if description else ''}")
 
 
+def _plot(run_dirs: list[str], output: str | None) -> int:
+    from fedjax_lab.plotting import RunFolderError, plot_runs
+
+    try:
+        paths = plot_runs(run_dirs, output)
+    except (RunFolderError, ImportError, OSError) as error:
+        print(f"fedjax-lab: error: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(paths))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
-    if args.pop("command") == "list":
+    command = args.pop("command")
+    if command == "list":
         _list()
         return 0
+    if command == "plot":
+        return _plot(args["run_dirs"], args["output"])
     resume_dir = args.pop("resume", None)
     try:
         if resume_dir is None:

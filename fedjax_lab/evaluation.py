@@ -59,11 +59,14 @@ def client_scores(logits: jax.Array, labels: jax.Array, mask: jax.Array):
     return correct, losses, jnp.sum(weight, axis=1)
 
 
-def summarize(correct: np.ndarray, loss_sums: np.ndarray, counts: np.ndarray) -> dict:
+def summarize(correct: np.ndarray, loss_sums: np.ndarray, counts: np.ndarray, *,
+              per_client: bool = False) -> dict:
     """Pooled accuracy and loss, and the distribution of per-client accuracy.
 
     `client_accuracy_deciles` lists the 10th, 20th, ..., 90th percentiles; `client_accuracy_worst10`
     is the mean accuracy of the worst ceil(10%) of clients (q-FFL's and Ditto's fairness metric).
+    With `per_client`, `client_accuracies` also lists every client's accuracy in row order (None
+    for a client without examples), which is what `fedjax-lab plot` draws.
     """
     correct, loss_sums, counts = (np.asarray(a, np.float64) for a in (correct, loss_sums, counts))
     total = counts.sum()
@@ -72,7 +75,7 @@ def summarize(correct: np.ndarray, loss_sums: np.ndarray, counts: np.ndarray) ->
     has_data = counts > 0
     accuracy = correct[has_data] / counts[has_data]
     worst = np.sort(accuracy)[:int(np.ceil(0.1 * accuracy.size))]
-    return {
+    result = {
         "accuracy": float(correct.sum() / total),
         "loss": float(loss_sums.sum() / total),
         "client_accuracy_mean": float(accuracy.mean()),
@@ -84,6 +87,10 @@ def summarize(correct: np.ndarray, loss_sums: np.ndarray, counts: np.ndarray) ->
         "num_clients": int(has_data.sum()),
         "num_examples": int(total),
     }
+    if per_client:
+        result["client_accuracies"] = [float(c / n) if n > 0 else None
+                                       for c, n in zip(correct, counts)]
+    return result
 
 
 def fine_tuned_predict(fine_tuning: FineTuning, params: PyTree, train: ClientBatch,
@@ -107,7 +114,9 @@ def fine_tuned_predict(fine_tuning: FineTuning, params: PyTree, train: ClientBat
 
 def make_evaluator(algorithm: Algorithm, clients, key: jax.Array, *, chunk_size: int = 256,
                    client_ids=None, train_clients=None, fine_tuning: FineTuning | None = None):
-    """Returns `evaluate(state) -> dict` scoring `algorithm` on all of `clients`.
+    """Returns `evaluate(state, per_client=False) -> dict` scoring `algorithm` on all of `clients`.
+
+    `per_client=True` adds each view's `client_accuracies` (one entry per row of `clients`).
 
     Args:
         algorithm: the algorithm; `predict` gives the top-level keys, `predict_global` (if set)
@@ -154,7 +163,7 @@ def make_evaluator(algorithm: Algorithm, clients, key: jax.Array, *, chunk_size:
             scores["fine_tuned"] = client_scores(logits, test.y, test.mask)
         return scores
 
-    def evaluate(state: PyTree) -> dict:
+    def evaluate(state: PyTree, *, per_client: bool = False) -> dict:
         if fine_tuning is not None and not hasattr(state, "params"):
             raise ValueError(f"fine_tuning needs a global model, but {type(state).__name__} "
                              "has no params")
@@ -168,8 +177,9 @@ def make_evaluator(algorithm: Algorithm, clients, key: jax.Array, *, chunk_size:
             keep = min(chunk_size, num_clients - start)
             parts.append(jax.tree.map(lambda s: np.asarray(s)[:keep], scores))
         joined = jax.tree.map(lambda *chunks: np.concatenate(chunks), *parts)
-        result = summarize(*joined.pop("personal"))
-        result.update({view: summarize(*scores) for view, scores in joined.items()})
+        result = summarize(*joined.pop("personal"), per_client=per_client)
+        result.update({view: summarize(*scores, per_client=per_client)
+                       for view, scores in joined.items()})
         return result
 
     return evaluate

@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lab import checkpoint
+from fedjax_lab import checkpoint, distributed
 
+from fedjax_lab.core import sharding
 from fedjax_lab.core.types import Algorithm, experiment_key, init_key
 from fedjax_lab.data.sampling import check_cohort_size, cohort_batch, sample_cohort
 from fedjax_lab.data.stream import HostCohortStream, scan_rounds
@@ -171,7 +172,8 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
                    output_dir: str | None = None, config: dict | None = None,
                    progress: bool = True, checkpoint_every: int | None = None,
                    resume: bool = False, allow_divergence: bool = False,
-                   population_on_device: bool | None = None) -> ExperimentResult:
+                   population_on_device: bool | None = None,
+                   mesh: jax.sharding.Mesh | None = None) -> ExperimentResult:
     """Trains `algorithm` on `dataset` for `num_rounds` rounds.
 
     Args:
@@ -185,6 +187,7 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
         eval_train: also evaluate on the training data (the training loss FedProx plots).
         output_dir: optional folder for metrics.jsonl, evaluations.jsonl, summary.json,
             config.json and checkpoints/; refused if it already holds results, unless resuming.
+            The last evaluation (and so summary["final"]) also lists `client_accuracies`.
         config: optional description of the run, saved as config.json; on resume it must equal
             the saved one except for RESUMABLE_CHANGES.
         progress: print a progress line to standard error.
@@ -200,6 +203,10 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
             block of rounds from it (False); both draw the same cohorts and keys, so the run is
             the same. None chooses the device when the padded population takes at most
             DEVICE_POPULATION_BYTES.
+        mesh: a device mesh with a `clients` axis (`fedjax_lab.core.sharding.client_mesh`):
+            the population, the per-client state and host-fed cohorts are placed sharded along
+            it (a leading axis that does not divide evenly is replicated). None uses every
+            visible device when there are several, and places nothing on a single device.
     """
     for name, value in (("num_rounds", num_rounds), ("eval_every", eval_every),
                         ("checkpoint_every", 1 if checkpoint_every is None else checkpoint_every)):
@@ -219,14 +226,20 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
             write_json_atomic(os.path.join(output_dir, CONFIG_FILE), config)
 
     key = experiment_key(seed)
+    mesh = sharding.default_mesh() if mesh is None else mesh
+    if mesh is not None:
+        algorithm = sharding.constrain_client_states(algorithm, mesh)
     if population_on_device is None:
         population_on_device = padded_bytes(dataset.train) <= DEVICE_POPULATION_BYTES
     if population_on_device:
-        population = jax.device_put(dataset.train.pad())
+        population = (jax.device_put(dataset.train.pad()) if mesh is None
+                      else sharding.place_population(dataset.train.pad(), mesh))
         device_block = make_round_block(algorithm, key, dataset.train.num_clients, cohort_size)
         run_block = lambda state, first, length: device_block(state, population, length)
     else:
         stream = HostCohortStream(dataset.train, key, cohort_size)
+        if jax.process_count() > 1:
+            stream = distributed.ProcessCohortStream(stream, mesh)
         host_block = scan_rounds(algorithm)
         run_block = lambda state, first, length: host_block(state, stream.block(first, length))
     evaluators = {"test": make_evaluator(algorithm, dataset.test.pad(), key)}
@@ -248,6 +261,8 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
                                            restored.evaluations)
         _write_jsonl_atomic(os.path.join(output_dir, METRICS_FILE), history)
         _write_jsonl_atomic(os.path.join(output_dir, EVALUATIONS_FILE), evaluations)
+    if mesh is not None:
+        state = sharding.place_state(state, mesh)
     done = int(state.round)
     if done > num_rounds:
         raise ValueError(f"num_rounds={num_rounds} is below the checkpoint's round {done}")
@@ -271,7 +286,8 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
                                   f"stopped ({where}); allow_divergence continues past it")
         evaluation = None
         if done % eval_every == 0 or done == num_rounds:
-            evaluation = {"round": done, **{name: evaluate(state)
+            # The last evaluation also keeps every client's accuracy (for `fedjax-lab plot`).
+            evaluation = {"round": done, **{name: evaluate(state, per_client=done == num_rounds)
                                             for name, evaluate in evaluators.items()}}
             evaluations.append(evaluation)
             if output_dir is not None:

@@ -29,6 +29,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
                              weighted_mean)
 from fedjax_lab.core.attacks import Attack
 from fedjax_lab.core.communication import model_exchange_bytes
+from fedjax_lab.core.factored import factored_local_sgd, unsupported_reason
 from fedjax_lab.core.robust import Aggregator
 from fedjax_lab.core.validation import check_positive_int
 from fedjax_lab.models import Model
@@ -37,6 +38,7 @@ PyTree = Any
 # local_regularizer(client_params, global_params) -> scalar added to every local minibatch loss.
 LocalRegularizer = Callable[[PyTree, PyTree], jax.Array]
 STRAGGLER_POLICIES = ("drop", "keep")
+DENSE_UPDATES = ("auto", "factored", "per_client")
 
 
 class FedAvgState(NamedTuple):
@@ -54,7 +56,8 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
            weighting: str = "num_examples", straggler_fraction: float = 0.0,
            straggler_policy: str = "drop", local_regularizer: LocalRegularizer | None = None,
            aggregator: Aggregator = weighted_mean, attack: Attack | None = None,
-           execution: ClientExecution = ClientExecution(), unroll: int = 1) -> Algorithm:
+           execution: ClientExecution = ClientExecution(), unroll: int = 1,
+           dense_update: str = "auto") -> Algorithm:
     """Builds FedAvg.
 
     Args:
@@ -75,6 +78,10 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
             poison their labels and/or corrupt the updates they send.
         execution: how clients run (vmap, chunked, sequential, unrolled).
         unroll: unroll factor of the local step loop.
+        dense_update: "factored" trains a model's large dense layer as low-rank factors
+            (`fedjax_lab.core.factored`: exact for plain SGD clients, `factored.sgd`, the
+            proximal term and the weighted mean; the fast path for the FEMNIST CNN); "per_client"
+            runs `local_train` on each client; "auto" factors wherever that is exact.
 
     Returns:
         An `Algorithm` whose state is `FedAvgState`.
@@ -92,6 +99,8 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
         raise ValueError(f"straggler_fraction > 0 needs num_epochs >= 2 (stragglers run "
                          f"1..E-1 epochs); got num_epochs={num_epochs}")
     client_weights(jnp.ones(1), weighting=weighting)
+    factored = _use_factored(dense_update, model, client_optimizer, local_regularizer,
+                             aggregator, attack)
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
     base_loss = model_loss(model.apply)
 
@@ -126,7 +135,13 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
             return delta, (result.mean_loss, result.num_steps)
 
         per_client = (batch.x, batch.y, batch.mask, batch.rng, stragglers.epochs)
-        if aggregator is weighted_mean and attack is None:
+        if factored:
+            mean_delta, losses, steps = factored_local_sgd(
+                model.dense_split, client_optimizer.learning_rate, global_params, batch.x,
+                batch.y, batch.mask, batch.rng, weights, num_epochs=num_epochs,
+                batch_size=batch_size, active_epochs=stragglers.epochs,
+                mu=getattr(local_regularizer, "mu", 0.0), execution=execution)
+        elif aggregator is weighted_mean and attack is None:
             # The mean is accumulated as clients finish, so chunked cohorts never stack deltas.
             mean_delta, (losses, steps) = execution.map_reduce(client_update, per_client,
                                                                weights)
@@ -144,6 +159,21 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
         return predict_with(model, state.params, batch.x)
 
     return Algorithm(init=init, round=round_fn, predict=predict)
+
+
+def _use_factored(dense_update, model, client_optimizer, local_regularizer, aggregator,
+                  attack) -> bool:
+    if dense_update not in DENSE_UPDATES:
+        raise ValueError(f"dense_update {dense_update!r} is unknown; "
+                         f"allowed: {', '.join(DENSE_UPDATES)}")
+    if dense_update == "per_client":
+        return False
+    reason = unsupported_reason(model, client_optimizer, local_regularizer)
+    if reason is None and (aggregator is not weighted_mean or attack is not None):
+        reason = "the server aggregates with a robust aggregator or under attack"
+    if dense_update == "factored" and reason is not None:
+        raise ValueError(f"dense_update='factored' cannot run exactly here: {reason}")
+    return reason is None
 
 
 def predict_with(model: Model, params: PyTree, x: jax.Array) -> jax.Array:

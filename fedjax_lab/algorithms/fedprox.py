@@ -16,25 +16,17 @@ anchored at the round-start global model, and differentiated (flower PR #1654 ev
 detached tensors, so it had no gradient).
 """
 
-from typing import Any
-
-import jax
 import optax
 
-from fedjax_lab.algorithms.fedavg import LocalRegularizer, fedavg
+from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.core import Algorithm
+from fedjax_lab.core.losses import ProximalTerm
 from fedjax_lab.models import Model
 
-PyTree = Any
 
-
-def proximal_term(mu: float) -> LocalRegularizer:
+def proximal_term(mu: float) -> ProximalTerm:
     """(mu / 2) ||w - w_t||^2, whose gradient in w is mu (w - w_t)."""
-
-    def term(params: PyTree, global_params: PyTree) -> jax.Array:
-        return 0.5 * mu * optax.tree.norm(optax.tree.sub(params, global_params), squared=True)
-
-    return term
+    return ProximalTerm(mu)
 
 
 def fedprox(model: Model, client_optimizer: optax.GradientTransformation, *, mu: float = 1.0,

@@ -18,6 +18,10 @@ strategy is chosen separately and never hard-coded by an algorithm. Strategies:
 - "sequential": a loop over single clients inside the same compiled round.
 - "unrolled": a Python loop over clients traced into one program; XLA:CPU runs convolution
   backward passes fastest outside loops, at the cost of compile time that grows with the cohort.
+- "sharded": the cohort split over the `clients` axis of a device mesh (`mesh`, default every
+  visible device), each device running its share with `shard_strategy` ("auto": resolved on the
+  shard); `map_reduce` sums across devices with one psum (core/sharding.py). "auto" picks it when
+  several devices are visible and the cohort has at least as many clients as devices.
 """
 
 import dataclasses
@@ -26,10 +30,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from fedjax_lab.core import sharding
 from fedjax_lab.core.communication import tree_bytes
 
 PyTree = Any
-STRATEGIES = ("auto", "vmap", "chunked", "sequential", "unrolled")
+STRATEGIES = ("auto", "vmap", "chunked", "sequential", "unrolled", "sharded")
+SHARD_STRATEGIES = ("auto", "vmap", "chunked", "sequential", "unrolled")
 CHUNK_STRATEGIES = ("vmap", "unrolled")
 # Clients traced side by side per chunk when "auto" unrolls a conv program: bounds compile time.
 UNROLLED_CHUNK = 10
@@ -48,21 +54,33 @@ class ClientExecution:
         chunk_size: clients per chunk, required by (and only meaningful for) "chunked".
         chunk_strategy: how the clients within a chunk run, "vmap" or "unrolled".
         memory_budget: bytes "auto" lets the clients of one chunk occupy.
+        mesh: the device mesh of "sharded" (a `clients` axis, `sharding.client_mesh`); None
+            builds one over every visible device when the round is traced.
+        shard_strategy: how each device runs its share under "sharded" (not "sharded").
     """
 
     strategy: str = "auto"
     chunk_size: int | None = None
     chunk_strategy: str = "vmap"
     memory_budget: int = 2**29
+    mesh: Any = None
+    shard_strategy: str = "auto"
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"execution strategy {self.strategy!r} is unknown; "
                              f"allowed: {', '.join(STRATEGIES)}")
-        if self.strategy == "chunked":
+        if self.shard_strategy not in SHARD_STRATEGIES:
+            raise ValueError(f"shard_strategy {self.shard_strategy!r} is unknown; "
+                             f"allowed: {', '.join(SHARD_STRATEGIES)}")
+        if self.strategy == "chunked" or (self.strategy == "sharded"
+                                          and self.shard_strategy == "chunked"):
             if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
                 raise ValueError(f"chunk_size={self.chunk_size!r} is invalid for the chunked "
                                  "strategy; expected a positive integer")
+        if self.mesh is not None and sharding.CLIENTS not in self.mesh.axis_names:
+            raise ValueError(f"mesh axes {self.mesh.axis_names} have no {sharding.CLIENTS!r} "
+                             "axis; build the mesh with fedjax_lab.core.sharding.client_mesh")
         if self.chunk_strategy not in CHUNK_STRATEGIES:
             raise ValueError(f"chunk_strategy {self.chunk_strategy!r} is unknown; "
                              f"allowed: {', '.join(CHUNK_STRATEGIES)}")
@@ -73,6 +91,15 @@ class ClientExecution:
     def resolve(self, client_fn: Callable[[PyTree], PyTree],
                 per_client: PyTree) -> "ClientExecution":
         """The concrete strategy "auto" picks for this client program and cohort."""
+        if self.strategy != "auto":
+            return self
+        devices = jax.device_count() if self.mesh is None else sharding.num_shards(self.mesh)
+        if 1 < devices <= _num_clients(per_client):
+            return dataclasses.replace(self, strategy="sharded")
+        return self._resolve_local(client_fn, per_client)
+
+    def _resolve_local(self, client_fn, per_client: PyTree) -> "ClientExecution":
+        """"auto"'s choice among the single-device strategies."""
         if self.strategy != "auto":
             return self
         num_clients = _num_clients(per_client)
@@ -96,6 +123,10 @@ class ClientExecution:
         Returns `client_fn`'s outputs stacked along a leading client axis.
         """
         concrete = self.resolve(client_fn, per_client)
+        if concrete.strategy == "sharded":
+            return sharding.sharded_map(
+                lambda shard: concrete._in_shard(client_fn, shard).map(client_fn, shard),
+                per_client, concrete._mesh())
         if concrete.strategy == "vmap":
             return jax.vmap(client_fn)(per_client)
         if concrete.strategy == "unrolled":
@@ -116,6 +147,10 @@ class ClientExecution:
         (typically model updates) are never all in memory at once.
         """
         concrete = self.resolve(client_fn, per_client)
+        if concrete.strategy == "sharded":
+            return sharding.sharded_map_reduce(
+                lambda shard, shard_weights: concrete._in_shard(client_fn, shard).map_reduce(
+                    client_fn, shard, shard_weights), per_client, weights, concrete._mesh())
         if concrete.strategy in ("vmap", "unrolled"):
             summands, others = (jax.vmap(client_fn)(per_client) if concrete.strategy == "vmap"
                                 else _unrolled(client_fn, per_client))
@@ -123,6 +158,14 @@ class ClientExecution:
         chunk_size = 1 if concrete.strategy == "sequential" else concrete.chunk_size
         return _chunked_reduce(client_fn, per_client, weights, chunk_size,
                                concrete.chunk_strategy)
+
+    def _mesh(self):
+        return sharding.client_mesh() if self.mesh is None else self.mesh
+
+    def _in_shard(self, client_fn, shard: PyTree) -> "ClientExecution":
+        """The single-device strategy one device runs its shard with (auto: fit to the shard)."""
+        inner = dataclasses.replace(self, strategy=self.shard_strategy, mesh=None)
+        return inner._resolve_local(client_fn, shard)
 
 
 def _num_clients(per_client: PyTree) -> int:

@@ -61,6 +61,51 @@ def epoch_permutation(key: jax.Array, mask: jax.Array) -> jax.Array:
     return order
 
 
+class BatchSchedule(NamedTuple):
+    """Which examples one client's step uses: the schedule `local_train` follows.
+
+    Attributes:
+        num_steps: the fixed trip count, `num_epochs * steps_per_epoch` (static).
+        batch_size: examples per step (static).
+        at: `at(step_index) -> (indices [B], batch_mask [B], batch_key, active)`.
+    """
+
+    num_steps: int
+    batch_size: int
+    at: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array, jax.Array]]
+
+
+def batch_schedule(mask: jax.Array, rng: jax.Array, *, num_epochs: int,
+                   batch_size: int | None,
+                   active_epochs: jax.Array | None = None) -> BatchSchedule:
+    """The minibatches of one client (arguments as in `local_train`)."""
+    padded_length = mask.shape[0]
+    batch_size = padded_length if batch_size is None else batch_size
+    num_batches = steps_per_epoch(padded_length, batch_size)
+    num_real = jnp.sum(mask, dtype=jnp.int32)
+    client_batches = (num_real + batch_size - 1) // batch_size
+    if active_epochs is None:
+        active_epochs = num_epochs
+    shuffle_key = jax.random.fold_in(rng, ClientStream.SHUFFLE)
+    step_key = jax.random.fold_in(rng, ClientStream.STEP)
+    permutations = jax.vmap(lambda e: epoch_permutation(jax.random.fold_in(shuffle_key, e), mask))(
+        jnp.arange(num_epochs))
+    slack = num_batches * batch_size - padded_length
+    permutations = jnp.pad(permutations, ((0, 0), (0, slack)))
+    slot_is_real = jnp.arange(num_batches * batch_size) < num_real
+
+    def at(step_index):
+        epoch, batch = jnp.divmod(step_index, num_batches)
+        start = batch * batch_size
+        indices = jax.lax.dynamic_slice_in_dim(permutations[epoch], start, batch_size)
+        batch_mask = jax.lax.dynamic_slice_in_dim(slot_is_real, start, batch_size)
+        batch_key = jax.random.fold_in(jax.random.fold_in(step_key, epoch), batch)
+        active = (epoch < active_epochs) & (batch < client_batches)
+        return indices, batch_mask, batch_key, active
+
+    return BatchSchedule(num_epochs * num_batches, batch_size, at)
+
+
 def local_train(loss_fn: LossFn, optimizer: optax.GradientTransformation, params: PyTree,
                 x: jax.Array, y: jax.Array, mask: jax.Array, rng: jax.Array, *,
                 num_epochs: int, batch_size: int | None,
@@ -85,34 +130,17 @@ def local_train(loss_fn: LossFn, optimizer: optax.GradientTransformation, params
         A `LocalTrainingResult`.
     """
     x, y, mask = jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask)
-    padded_length = mask.shape[0]
-    batch_size = padded_length if batch_size is None else batch_size
-    num_batches = steps_per_epoch(padded_length, batch_size)
-    num_real = jnp.sum(mask, dtype=jnp.int32)
-    client_batches = (num_real + batch_size - 1) // batch_size
-    if active_epochs is None:
-        active_epochs = num_epochs
-
-    shuffle_key = jax.random.fold_in(rng, ClientStream.SHUFFLE)
-    step_key = jax.random.fold_in(rng, ClientStream.STEP)
-    permutations = jax.vmap(lambda e: epoch_permutation(jax.random.fold_in(shuffle_key, e), mask))(
-        jnp.arange(num_epochs))
-    slack = num_batches * batch_size - padded_length
-    permutations = jnp.pad(permutations, ((0, 0), (0, slack)))
-    slot_is_real = jnp.arange(num_batches * batch_size) < num_real
+    schedule = batch_schedule(mask, rng, num_epochs=num_epochs, batch_size=batch_size,
+                              active_epochs=active_epochs)
+    batch_size = schedule.batch_size
 
     def step(carry, step_index):
         params, opt_state, loss_sum = carry
-        epoch, batch = jnp.divmod(step_index, num_batches)
-        start = batch * batch_size
-        indices = jax.lax.dynamic_slice_in_dim(permutations[epoch], start, batch_size)
-        batch_mask = jax.lax.dynamic_slice_in_dim(slot_is_real, start, batch_size)
-        batch_key = jax.random.fold_in(jax.random.fold_in(step_key, epoch), batch)
+        indices, batch_mask, batch_key, active = schedule.at(step_index)
         loss, grads = jax.value_and_grad(loss_fn)(params, x[indices], y[indices], batch_mask,
                                                   batch_key)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        active = (epoch < active_epochs) & (batch < client_batches)
         keep_if_inactive = lambda new, old: jnp.where(active, new, old)
         params = jax.tree.map(keep_if_inactive, new_params, params)
         opt_state = jax.tree.map(keep_if_inactive, new_opt_state, opt_state)
@@ -123,7 +151,7 @@ def local_train(loss_fn: LossFn, optimizer: optax.GradientTransformation, params
                                 mask[:batch_size], rng).dtype
     init = (params, optimizer.init(params), jnp.zeros((), loss_dtype))
     (params, _, loss_sum), active_steps = jax.lax.scan(
-        step, init, jnp.arange(num_epochs * num_batches), unroll=unroll)
+        step, init, jnp.arange(schedule.num_steps), unroll=unroll)
     num_steps = jnp.sum(active_steps, dtype=jnp.int32)
     mean_loss = loss_sum / jnp.maximum(num_steps, 1).astype(loss_sum.dtype)
     return LocalTrainingResult(params=params, mean_loss=mean_loss, num_steps=num_steps)

@@ -1,6 +1,6 @@
 """Masked losses: padded examples contribute exactly nothing."""
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,3 +28,16 @@ def model_loss(apply_fn: Callable[[PyTree, jax.Array], jax.Array]):
         return cross_entropy(apply_fn(params, x), y, mask)
 
     return loss
+
+
+class ProximalTerm(NamedTuple):
+    """FedProx's `(mu / 2) ||w - w_t||^2`, whose gradient in w is `mu (w - w_t)`.
+
+    A named term (not a bare closure) so the factored dense update can recognise it.
+    """
+
+    mu: float
+
+    def __call__(self, params: PyTree, global_params: PyTree) -> jax.Array:
+        return 0.5 * self.mu * optax.tree.norm(optax.tree.sub(params, global_params),
+                                               squared=True)

@@ -1,6 +1,6 @@
 """Models: flax modules behind one `(init, apply)` wrapper, and the registry the CLI uses."""
 
-from fedjax_lab.models.model import Model, from_flax
+from fedjax_lab.models.model import DenseSplit, Model, from_flax
 from fedjax_lab.models.networks import femnist_cnn, logistic_regression, mlp
 from fedjax_lab.models.split import SplitModel, split_mlp, split_model
 
@@ -18,5 +18,5 @@ def get_model(name: str, feature_shape, num_classes: int, **options) -> Model:
     return MODELS[name](feature_shape, num_classes, **options)
 
 
-__all__ = ["MODELS", "Model", "SplitModel", "femnist_cnn", "from_flax", "get_model",
+__all__ = ["MODELS", "DenseSplit", "Model", "SplitModel", "femnist_cnn", "from_flax", "get_model",
            "logistic_regression", "mlp", "split_mlp", "split_model"]

@@ -4,8 +4,11 @@
   reference declares an L2 regulariser that is never added to the loss, so there is none here.
 - MLP: McMahan et al.'s "2NN" (AISTATS 2017) is `mlp(hidden=(200, 200))`.
 - FEMNIST CNN (LEAF, Caldas et al., arXiv 1812.01097; McMahan et al.'s "CNN"): 5x5 conv 32, 2x2
-  max pool, 5x5 conv 64, 2x2 max pool, dense 2048, dense classes. Pooling reshapes and takes a max
-  instead of `reduce_window`, whose backward pass is slow on XLA:CPU (shared/XLA_CPU.md).
+  max pool, 5x5 conv 64, 2x2 max pool, dense 2048, dense classes; split around the dense 2048
+  layer (`DenseSplit`) for the factored local update. The convolutions are
+  `conv.Conv` (flax's parameters, a backward pass that stays fast inside loops on XLA:CPU) and
+  pooling reshapes and takes a max instead of `reduce_window`, whose backward pass is slow on
+  XLA:CPU (shared/XLA_CPU.md).
 """
 
 import math
@@ -15,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fedjax_lab.models.conv import Conv
 from fedjax_lab.models.model import Model, from_flax
 
 
@@ -48,13 +52,23 @@ class FemnistCNN(nn.Module):
     num_classes: int
     image_shape: tuple[int, int, int]
 
-    @nn.compact
-    def __call__(self, x):
+    def setup(self):
+        self.Conv_0 = Conv(32, (5, 5))
+        self.Conv_1 = Conv(64, (5, 5))
+        self.Dense_0 = nn.Dense(2048)
+        self.Dense_1 = nn.Dense(self.num_classes)
+
+    def features(self, x):
         x = x.reshape((x.shape[0],) + self.image_shape)
-        x = max_pool_2x2(nn.relu(nn.Conv(32, (5, 5), padding="SAME")(x)))
-        x = max_pool_2x2(nn.relu(nn.Conv(64, (5, 5), padding="SAME")(x)))
-        x = nn.relu(nn.Dense(2048)(x.reshape(x.shape[0], -1)))
-        return nn.Dense(self.num_classes)(x)
+        x = max_pool_2x2(nn.relu(self.Conv_0(x)))
+        x = max_pool_2x2(nn.relu(self.Conv_1(x)))
+        return x.reshape(x.shape[0], -1)
+
+    def head(self, z):
+        return self.Dense_1(nn.relu(z))
+
+    def __call__(self, x):
+        return self.head(self.Dense_0(self.features(x)))
 
 
 def logistic_regression(feature_shape, num_classes: int) -> Model:
@@ -87,4 +101,5 @@ def femnist_cnn(feature_shape, num_classes: int) -> Model:
     if shape[0] % 4 or shape[1] % 4:
         raise ValueError(f"the CNN pools twice by 2; image shape {shape[:2]} must be "
                          "divisible by 4")
-    return from_flax(FemnistCNN(num_classes, shape), feature_shape, num_classes)
+    return from_flax(FemnistCNN(num_classes, shape), feature_shape, num_classes,
+                     dense_layer="Dense_0")
