@@ -15,6 +15,7 @@ import optax
 
 from fedjax_lab.algorithms import fedavg, fedprox
 from fedjax_lab.core.aggregation import WEIGHTINGS
+from fedjax_lab.core import factored
 from fedjax_lab.core.client_execution import STRATEGIES, ClientExecution
 from fedjax_lab.data import digits, fedprox_synthetic
 from fedjax_lab.data.mnist1d import mnist1d
@@ -167,8 +168,8 @@ def build_algorithm(config: RunConfig, model):
         weighting=config.weighting, straggler_fraction=config.stragglers,
         execution=ClientExecution(config.execution, config.chunk_size))
     if config.algorithm == "fedprox":
-        return fedprox(model, optax.sgd(config.client_lr), mu=config.mu, **options)
-    return fedavg(model, optax.sgd(config.client_lr), **options)
+        return fedprox(model, factored.sgd(config.client_lr), mu=config.mu, **options)
+    return fedavg(model, factored.sgd(config.client_lr), **options)
 
 
 def run(config: RunConfig, *, progress: bool = True, resume: bool = False) -> ExperimentResult:
