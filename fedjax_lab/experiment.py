@@ -228,7 +228,7 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
     key = experiment_key(seed)
     mesh = sharding.default_mesh() if mesh is None else mesh
     if mesh is not None:
-        algorithm = sharding.constrain_client_states(algorithm, mesh)
+        algorithm = sharding.on_mesh(algorithm, mesh)
     if population_on_device is None:
         population_on_device = padded_bytes(dataset.train) <= DEVICE_POPULATION_BYTES
     if population_on_device:

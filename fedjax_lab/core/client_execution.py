@@ -94,7 +94,7 @@ class ClientExecution:
         if self.strategy != "auto":
             return self
         devices = jax.device_count() if self.mesh is None else sharding.num_shards(self.mesh)
-        if 1 < devices <= _num_clients(per_client):
+        if 1 < devices <= _num_clients(per_client) and not sharding.inside_client_shards():
             return dataclasses.replace(self, strategy="sharded")
         return self._resolve_local(client_fn, per_client)
 
@@ -132,10 +132,8 @@ class ClientExecution:
         if concrete.strategy == "unrolled":
             return _unrolled(client_fn, per_client)
         chunk_size = 1 if concrete.strategy == "sequential" else concrete.chunk_size
-        if concrete.chunk_strategy == "vmap":
-            return jax.lax.map(client_fn, per_client, batch_size=chunk_size)
         _, stacked = _chunked_reduce(lambda client: (None, client_fn(client)), per_client,
-                                     None, chunk_size, "unrolled")
+                                     None, chunk_size, concrete.chunk_strategy)
         return stacked
 
     def map_reduce(self, client_fn: Callable[[PyTree], tuple[PyTree, PyTree]],
@@ -185,37 +183,46 @@ def _unrolled(client_fn, per_client: PyTree) -> PyTree:
 
 def _chunked_reduce(client_fn, per_client: PyTree, weights: jax.Array | None, chunk_size: int,
                     chunk_strategy: str) -> tuple[PyTree, PyTree]:
-    """A `lax.scan` over chunks carrying the weighted sum of the summands (None: no sum)."""
+    """A `lax.scan` over chunks carrying the weighted sum of the summands (None: no sum).
+
+    Each chunk is sliced from the cohort inside the loop, never copied out of it beforehand, so
+    memory holds the cohort once plus one chunk's work. When the chunk size does not divide the
+    cohort, the last chunk is shifted back to end at the last client; the clients it repeats are
+    not counted twice (weight 0 in the sum, their first outputs kept).
+    """
     num_clients = _num_clients(per_client)
     chunk_size = min(chunk_size, num_clients)
     num_chunks = -(-num_clients // chunk_size)
-    padding = num_chunks * chunk_size - num_clients
-    # Padded slots repeat the last client with weight 0: a real program on real data, unused.
-    chunks = jax.tree.map(
-        lambda leaf: jnp.concatenate([leaf, jnp.repeat(leaf[-1:], padding, axis=0)]).reshape(
-            (num_chunks, chunk_size) + leaf.shape[1:]), per_client)
     run_chunk = jax.vmap(client_fn) if chunk_strategy == "vmap" else (
         lambda chunk: _unrolled(client_fn, chunk))
-    one_client = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[2:], leaf.dtype),
-                              chunks)
-    summand_shape, _ = jax.eval_shape(client_fn, one_client)
+    one_client = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype),
+                              per_client)
+    summand_shape, other_shape = jax.eval_shape(client_fn, one_client)
     if weights is None:
-        chunk_weights = jnp.zeros((num_chunks, chunk_size))
-    else:
-        chunk_weights = jnp.pad(weights, (0, padding)).reshape(num_chunks, chunk_size)
+        weights = jnp.zeros((num_clients,))
 
-    def body(total, chunk_and_weights):
-        chunk, chunk_weight = chunk_and_weights
-        summands, others = run_chunk(chunk)
+    def body(carry, chunk_index):
+        total, others = carry
+        first_new = chunk_index * chunk_size
+        start = jnp.minimum(first_new, num_clients - chunk_size)
+        take = lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, start, chunk_size)
+        is_new = start + jnp.arange(chunk_size) >= first_new
+        summands, chunk_others = run_chunk(jax.tree.map(take, per_client))
         if summands is not None:
-            total = jax.tree.map(jnp.add, total, _weighted_sum(summands, chunk_weight))
-        return total, others
+            chunk_weights = jnp.where(is_new, take(weights), 0)
+            total = jax.tree.map(jnp.add, total, _weighted_sum(summands, chunk_weights))
 
-    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), summand_shape)
-    total, others = jax.lax.scan(body, zero, (chunks, chunk_weights))
-    others = jax.tree.map(
-        lambda leaf: leaf.reshape((num_chunks * chunk_size,) + leaf.shape[2:])[:num_clients],
-        others)
+        def write(buffer, values):
+            keep = is_new.reshape((-1,) + (1,) * (values.ndim - 1))
+            values = jnp.where(keep, values, take(buffer))
+            return jax.lax.dynamic_update_slice_in_dim(buffer, values, start, axis=0)
+
+        return (total, jax.tree.map(write, others, chunk_others)), None
+
+    zeros = lambda shape, lead=(): jnp.zeros(lead + shape.shape, shape.dtype)
+    init = (jax.tree.map(zeros, summand_shape),
+            jax.tree.map(lambda shape: zeros(shape, (num_clients,)), other_shape))
+    (total, others), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
     return total, others
 
 

@@ -57,7 +57,7 @@ def sgd(learning_rate: float) -> PlainSGD:
 
 def unsupported_reason(model, client_optimizer, local_regularizer) -> str | None:
     """Why the factored update cannot run this configuration exactly, or None if it can."""
-    if model.dense_split is None:
+    if getattr(model, "dense_split", None) is None:
         return "the model has no DenseSplit (no single large dense layer to factor)"
     if not isinstance(client_optimizer, PlainSGD):
         return ("the client optimiser is not fedjax_lab.core.factored.sgd (plain SGD with a "

@@ -7,8 +7,8 @@ conv program still runs "unrolled" on CPU, a large shard still runs "chunked"), 
 stacked outputs sharded along `clients`; `map_reduce`'s weighted sum is a per-shard sum followed
 by one `psum`. Per-client state stacked over the population (`client_states`) and the padded
 training population are placed sharded along `clients` too, so a population whose state does not
-fit on one device is spread over all of them, and `constrain_client_states` keeps it that way
-across the rounds of a scan.
+fit on one device is spread over all of them, and `on_mesh` keeps it that way across the
+rounds of a scan.
 
 Pitfalls avoided: padded slots repeat the cohort's last client (a real program on real data,
 never a NaN from an empty client) with aggregation weight 0, and their outputs are sliced off
@@ -52,6 +52,12 @@ def client_mesh(devices: Sequence[jax.Device] | None = None, *, model_axis_size:
 def default_mesh() -> Mesh | None:
     """`client_mesh()` when several devices are visible, None on a single device."""
     return client_mesh() if jax.device_count() > 1 else None
+
+
+def inside_client_shards() -> bool:
+    """True while tracing the body of a `shard_map` over `clients` (a client program nested in
+    a sharded map must not shard again)."""
+    return CLIENTS in getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())
 
 
 def num_shards(mesh: Mesh) -> int:
@@ -155,10 +161,24 @@ def place_population(population: PyTree, mesh: Mesh) -> PyTree:
                                           population))
 
 
-def constrain_client_states(algorithm, mesh: Mesh):
-    """`algorithm` whose round keeps its output state on `state_shardings` (inside a scan the
-    carry's placement is otherwise XLA's choice, which may gather the population's state)."""
+def on_mesh(algorithm, mesh: Mesh):
+    """`algorithm` with its round's output state kept on `state_shardings` and its predictions
+    replicated.
+
+    Inside a scan the carry's placement is otherwise XLA's choice, which may gather the
+    population's state onto every device; a sharded prediction could not be read by a host
+    that does not hold all of its rows (multi-host evaluation).
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+
     def round_fn(state, batch):
         new_state = algorithm.round(state, batch)
         return jax.lax.with_sharding_constraint(new_state, state_shardings(new_state, mesh))
-    return algorithm._replace(round=round_fn)
+
+    def replicate(predict):
+        if predict is None:
+            return None
+        return lambda *args: jax.lax.with_sharding_constraint(predict(*args), replicated)
+
+    return algorithm._replace(round=round_fn, predict=replicate(algorithm.predict),
+                              predict_global=replicate(algorithm.predict_global))
