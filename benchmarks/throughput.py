@@ -1,10 +1,13 @@
 """Round throughput of the engine, against a per-client loop and the model's own ceiling.
 
 For each workload it reports steady-state seconds per round (median over repeated rounds after a
-warm-up, one jitted call per round), the same rounds as one `lax.scan` block, compile time, client
-steps per second, achieved GFLOP/s (3x the forward FLOPs that XLA's cost analysis counts per
-example, times the examples the active steps process), and XLA's memory analysis of the round
-(arguments + outputs + temporaries). Reference points measured in the same run:
+warm-up, one jitted call per round), the same rounds as one `lax.scan` block (10 rounds by default), the
+compile time of one round and of the block, client steps per second, achieved GFLOP/s (3x the
+forward FLOPs that XLA's cost analysis counts per example, times the examples the active steps
+process), XLA's memory analysis of the round (arguments + outputs + temporaries, and the
+temporaries alone) and the process's peak resident memory so far. Clients train with
+`factored.sgd` (plain SGD), so the CNN takes the factored dense update unless a workload says
+otherwise. Reference points measured in the same run:
 
 - loop: the same local training as a Python loop over clients and steps, one jitted dispatch per
   SGD step (how fedjax and the PyTorch simulators run clients); for large cohorts a subset of
@@ -15,6 +18,7 @@ example, times the examples the active steps process), and XLA's memory analysis
 """
 
 import argparse
+import math
 import platform
 import resource
 import statistics
@@ -57,18 +61,18 @@ def workloads() -> dict[str, Workload]:
 
 
 def client_batch(w: Workload, seed: int = 0) -> ClientBatch:
-    """Random examples generated on the device, so a large cohort has no host copy."""
-    shape = (w.clients, w.examples) + w.model.feature_shape
+    """Random examples generated on the device one client at a time, so that a large cohort
+    costs its own size in memory and no more (no host copy, no cohort-sized temporaries)."""
     ids = jnp.arange(w.clients, dtype=jnp.int32)
 
-    @jax.jit
-    def generate(key):
+    def one_client(key):
         x_key, y_key = jax.random.split(key)
-        return (jax.random.normal(x_key, shape, jnp.float32),
-                jax.random.randint(y_key, shape[:2], 0, w.model.num_classes, jnp.int32))
+        return (jax.random.normal(x_key, (w.examples,) + w.model.feature_shape, jnp.float32),
+                jax.random.randint(y_key, (w.examples,), 0, w.model.num_classes, jnp.int32))
 
-    x, y = generate(jax.random.key(seed))
-    return ClientBatch(x=x, y=y, mask=jnp.ones(shape[:2], bool),
+    x, y = jax.jit(lambda keys: jax.lax.map(one_client, keys))(
+        jax.random.split(jax.random.key(seed), w.clients))
+    return ClientBatch(x=x, y=y, mask=jnp.ones((w.clients, w.examples), bool),
                        num_examples=jnp.full((w.clients,), w.examples, jnp.int32),
                        client_ids=ids, rng=client_keys(experiment_key(seed), 0, ids))
 
@@ -133,7 +137,7 @@ def ceiling_gflops(w: Workload, flops: float, repeats: int) -> float:
     return 3 * flops * examples / seconds / 1e9
 
 
-def measure(w: Workload, repeats: int, scan_rounds: int = 10) -> dict:
+def measure(w: Workload, repeats: int, scan_rounds: int = 10, references: bool = True) -> dict:
     client_optimizer = factored.sgd(0.1)
     factored_path = (w.dense_update != "per_client" and factored.unsupported_reason(
         w.model, client_optimizer, None) is None)
@@ -149,26 +153,38 @@ def measure(w: Workload, repeats: int, scan_rounds: int = 10) -> dict:
     round_seconds = timed(compiled, state, batch, repeats=repeats)
 
     def block(state, batch):
-        return jax.lax.scan(lambda s, _: (algorithm.round(s, batch), None), state, None,
-                            length=scan_rounds)[0]
+        # Fresh client keys every round, as in a real run: with one batch reused, XLA would hoist
+        # the per-epoch shuffles out of the loop and flatter the block.
+        def one_round(state, round_index):
+            keys = jax.vmap(lambda key: jax.random.fold_in(key, round_index))(batch.rng)
+            return algorithm.round(state, batch._replace(rng=keys)), None
 
-    scanned = jax.jit(block).lower(state, batch).compile()
-    scan_seconds = timed(scanned, state, batch, repeats=max(2, repeats // 5)) / scan_rounds
+        return jax.lax.scan(one_round, state, jnp.arange(scan_rounds))[0]
+
+    block_compile_seconds = scan_seconds = loop_seconds = ceiling = math.nan
+    if scan_rounds:
+        start = time.perf_counter()
+        scanned = jax.jit(block).lower(state, batch).compile()
+        block_compile_seconds = time.perf_counter() - start
+        scan_seconds = timed(scanned, state, batch, repeats=max(2, repeats // 5)) / scan_rounds
     steps = w.clients * w.epochs * -(-w.examples // w.batch_size)
     flops = forward_flops_per_example(w.model)
     gflops = 3 * flops * w.clients * w.epochs * w.examples / round_seconds / 1e9
-    loop_seconds = loop_round_seconds(w, batch)
+    if references:
+        loop_seconds = loop_round_seconds(w, batch)
+        ceiling = ceiling_gflops(w, flops, repeats)
     return {
         "workload": w.name, "execution": w.execution.strategy,
         "dense": "factored" if factored_path else "per-client",
         "round_s": round_seconds, "scan_round_s": scan_seconds, "compile_s": compile_seconds,
+        "block_compile_s": block_compile_seconds,
         "steps_per_s": steps / round_seconds, "gflops": gflops,
         "memory_mib": (memory.argument_size_in_bytes + memory.output_size_in_bytes
                        + memory.temp_size_in_bytes) / 2**20,
         "temp_mib": memory.temp_size_in_bytes / 2**20,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "loop_round_s": loop_seconds, "speedup_vs_loop": loop_seconds / round_seconds,
-        "ceiling_gflops": ceiling_gflops(w, flops, repeats),
+        "ceiling_gflops": ceiling,
     }
 
 
@@ -179,16 +195,21 @@ def main(argv=None) -> None:
                         default=[n for n in table if n not in ("cnn-100", "mlp-10000")],
                         choices=list(table))
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--scan-rounds", type=int, default=10,
+                        help="rounds in the scanned block timed against per-round calls (0: skip)")
+    parser.add_argument("--no-references", action="store_true",
+                        help="skip the per-client loop and the ceiling (memory runs)")
     args = parser.parse_args(argv)
     print(f"# {platform.processor() or platform.machine()}, {jax.device_count()} "
           f"{jax.default_backend()} device(s), jax {jax.__version__}, optax {optax.__version__}")
     columns = ["workload", "execution", "dense", "round_s", "scan_round_s", "compile_s",
+               "block_compile_s",
                "steps_per_s", "gflops", "ceiling_gflops", "memory_mib", "temp_mib",
                "peak_rss_gib", "loop_round_s", "speedup_vs_loop"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for name in args.workloads:
-        row = measure(table[name], args.repeats)
+        row = measure(table[name], args.repeats, args.scan_rounds, not args.no_references)
         print("| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])
                                 for c in columns) + " |", flush=True)
 

@@ -68,13 +68,13 @@ def _cohort(num_classes=5):
         rng=client_keys(experiment_key(0), 0, ids))
 
 
-@pytest.mark.parametrize("build, options", [
-    (fedavg, {}),
-    (fedprox, {"mu": 0.7}),
-    (fedavg, {"straggler_fraction": 0.5, "num_epochs": 3}),
-    (fedavg, {"weighting": "uniform", "batch_size": None}),
+@pytest.mark.parametrize("build, options, jit", [
+    (fedavg, {}, False),
+    (fedavg, {}, True),
+    (fedprox, {"mu": 0.7}, True),
+    (fedavg, {"straggler_fraction": 0.5, "num_epochs": 3}, True),
+    (fedavg, {"weighting": "uniform", "batch_size": None}, True),
 ])
-@pytest.mark.parametrize("jit", [False, True])
 def test_factored_round_equals_per_client_sgd_in_float64(build, options, jit):
     with jax.enable_x64(True):
         model = femnist_cnn((8, 8), 5)
