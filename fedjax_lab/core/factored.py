@@ -98,8 +98,8 @@ def factored_local_sgd(split, learning_rate: float, params: PyTree, x: jax.Array
     start = _without_kernel(params, split.layer)
     schedule = lambda m, r, e: batch_schedule(m, r, num_epochs=num_epochs, batch_size=batch_size,
                                               active_epochs=e)
-    num_steps = schedule(mask[0], rng[0], active_epochs[0]).num_steps
-    rows = schedule(mask[0], rng[0], active_epochs[0]).batch_size
+    first_client = schedule(mask[0], rng[0], active_epochs[0])
+    num_steps, rows = first_client.num_steps, first_client.batch_size
     step_plan = jax.vmap(lambda m, r, e: jax.vmap(schedule(m, r, e).at)(jnp.arange(num_steps)))
     indices, batch_masks, _, active = step_plan(mask, rng, active_epochs)
     step_major = lambda a: jnp.moveaxis(a, 1, 0)
