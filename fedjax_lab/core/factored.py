@@ -109,8 +109,8 @@ def factored_local_sgd(split, learning_rate: float, params: PyTree, x: jax.Array
     small = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (num_clients,) + leaf.shape), start)
 
     def step(carry, plan):
-        small, factors_u, factors_v, loss_sum, step_index = carry
-        batch_indices, batch_mask, is_active = plan
+        small, factors_u, factors_v, loss_sum = carry
+        step_index, batch_indices, batch_mask, is_active = plan
         xb = jax.vmap(lambda xc, ic: xc[ic])(x, batch_indices)
         yb = jax.vmap(lambda yc, ic: yc[ic])(y, batch_indices)
 
@@ -123,8 +123,8 @@ def factored_local_sgd(split, learning_rate: float, params: PyTree, x: jax.Array
             logits = execution.map(lambda c: split.head(*c), (small, z))
             losses = jax.vmap(cross_entropy)(logits, yb, batch_mask)
             if mu:
-                losses = losses + 0.5 * mu * (jax.vmap(_squared_distance, (0, None))(small, start)
-                                              + _squared_low_rank_norm(factors_u, factors_v))
+                losses = (losses + jax.vmap(ProximalTerm(mu), (0, None))(small, start)
+                          + 0.5 * mu * _squared_low_rank_norm(factors_u, factors_v))
             return jnp.sum(losses), (losses, h)
 
         probe = jnp.zeros((num_clients, rows, d_out), kernel.dtype)
@@ -142,11 +142,12 @@ def factored_local_sgd(split, learning_rate: float, params: PyTree, x: jax.Array
         factors_v = jax.lax.dynamic_update_slice_in_dim(
             factors_v, keep(-learning_rate * dz, jnp.zeros_like(dz)), offset, axis=1)
         loss_sum = loss_sum + jnp.where(is_active, losses, 0)
-        return (small, factors_u, factors_v, loss_sum, step_index + 1), None
+        return (small, factors_u, factors_v, loss_sum), None
 
-    init = (small, factors_u, factors_v, jnp.zeros((num_clients,), kernel.dtype), 0)
-    (small, factors_u, factors_v, loss_sum, _), _ = jax.lax.scan(
-        step, init, (step_major(indices), step_major(batch_masks), step_major(active)))
+    init = (small, factors_u, factors_v, jnp.zeros((num_clients,), kernel.dtype))
+    plan = (jnp.arange(num_steps), step_major(indices), step_major(batch_masks),
+            step_major(active))
+    (small, factors_u, factors_v, loss_sum), _ = jax.lax.scan(step, init, plan)
     steps = jnp.sum(active, axis=1, dtype=jnp.int32)
     mean_losses = loss_sum / jnp.maximum(steps, 1).astype(loss_sum.dtype)
     mean_delta = jax.tree.map(
@@ -155,10 +156,6 @@ def factored_local_sgd(split, learning_rate: float, params: PyTree, x: jax.Array
     kernel_delta = -(factors_u.reshape(-1, d_in).T @ weighted_v.reshape(-1, d_out))
     mean_delta[split.layer] = {**mean_delta[split.layer], "kernel": kernel_delta}
     return mean_delta, mean_losses, steps
-
-
-def _squared_distance(tree: PyTree, reference: PyTree) -> jax.Array:
-    return optax.tree.norm(optax.tree.sub(tree, reference), squared=True)
 
 
 def _squared_low_rank_norm(factors_u: jax.Array, factors_v: jax.Array) -> jax.Array:
