@@ -1,4 +1,13 @@
-"""One module per algorithm, each a factory returning an `Algorithm`."""
+"""One module per algorithm, each a factory returning an `Algorithm`, and the registry of them.
+
+`REGISTRY` maps each registered name to its `AlgorithmSpec` (config dataclass, builder, paper);
+it is built from the `SPECS` each module declares, in the order of `_MODULES`.
+"""
+
+import importlib
+
+from fedjax_lab.algorithms.spec import AlgorithmSpec
+from fedjax_lab.options import OptionError
 
 from fedjax_lab.algorithms.ditto import DittoClientState, DittoState, ditto
 from fedjax_lab.algorithms.fedamp import FedAMPState, fedamp
@@ -14,7 +23,24 @@ from fedjax_lab.algorithms.fedprox import fedprox, proximal_term
 from fedjax_lab.algorithms.perfedavg import PerFedAvgState, perfedavg
 from fedjax_lab.algorithms.pfedhn import PFedHNState, pfedhn
 
+_MODULES = ("fedavg", "fedprox", "median_mean", "fetchsgd", "ditto", "fedamp", "fedproto",
+            "pfedhn", "fedmeta", "perfedavg", "fedgkt", "fedgen")
+REGISTRY: dict[str, AlgorithmSpec] = {
+    spec.name: spec
+    for module in _MODULES
+    for spec in getattr(importlib.import_module(f"fedjax_lab.algorithms.{module}"), "SPECS", ())}
+
+
+def get_algorithm(name: str) -> AlgorithmSpec:
+    """The registered algorithm `name`, or an `OptionError` listing the registered ones."""
+    if name not in REGISTRY:
+        raise OptionError("algorithm.name", name, f"unknown algorithm; allowed: "
+                          f"{', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
 __all__ = [
+    "REGISTRY", "AlgorithmSpec", "get_algorithm",
     "DittoClientState", "DittoState", "FedAMPState", "FedAvgState", "FedGKTClientState",
     "FedGKTState", "FedGenState", "FedMetaState", "FedProtoState", "FetchSGDState",
     "MedianMeanState", "PFedHNState", "PerFedAvgState", "ditto", "fedamp", "fedavg", "fedavg_meta",

@@ -18,27 +18,66 @@ active mask, never a fixed step count over padding); every epoch is reshuffled; 
 uniform averaging is an explicit option.
 """
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining, ServerOptimizer
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              local_train, model_loss, sample_stragglers, server_update,
                              weighted_mean)
+from fedjax_lab.core.aggregation import WEIGHTINGS
 from fedjax_lab.core.attacks import Attack
 from fedjax_lab.core.communication import model_exchange_bytes
 from fedjax_lab.core.factored import factored_local_sgd, unsupported_reason
 from fedjax_lab.core.robust import Aggregator
 from fedjax_lab.core.validation import check_positive_int
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.models import Model
+from fedjax_lab.options import OptionError, fraction, one_of, option
 
 PyTree = Any
 # local_regularizer(client_params, global_params) -> scalar added to every local minibatch loss.
 LocalRegularizer = Callable[[PyTree, PyTree], jax.Array]
 STRAGGLER_POLICIES = ("drop", "keep")
 DENSE_UPDATES = ("auto", "factored", "per_client")
+
+
+@dataclasses.dataclass(frozen=True)
+class FedAvgConfig:
+    """FedAvg's options; defaults are McMahan et al.'s E = 5 local epochs of B = 10 examples, with
+    the client rate (0.05) and plain averaging of the library's default job."""
+
+    client: ClientTraining = option(ClientTraining(lr=0.05, epochs=5, batch_size=10),
+                                    "local training")
+    server: ServerOptimizer = option(ServerOptimizer(), "server optimiser on the mean delta")
+    weighting: str = option("num_examples", "client weights p_i", one_of(*WEIGHTINGS))
+    stragglers: float = option(0.0, "fraction of each cohort running 1..E-1 epochs (FedProx's "
+                               "protocol; FedAvg drops them)", fraction)
+    dense_update: str = option("auto", "factored low-rank dense update where exact",
+                               one_of(*DENSE_UPDATES))
+
+    def check(self) -> None:
+        if self.stragglers > 0 and self.client.epochs < 2:
+            raise OptionError("stragglers", self.stragglers,
+                              "stragglers run 1..E-1 epochs, so they need client.epochs >= 2")
+
+
+def fedavg_options(config: FedAvgConfig, execution: ClientExecution) -> dict:
+    """The `fedavg` keyword arguments that a `FedAvgConfig` sets (also FedProx's and Ditto's)."""
+    return dict(server_optimizer=config.server.build(), num_epochs=config.client.epochs,
+                batch_size=config.client.batch_size, weighting=config.weighting,
+                straggler_fraction=config.stragglers, execution=execution,
+                dense_update=config.dense_update)
+
+
+def build(config: FedAvgConfig, model: Model, data: DataInfo,
+          execution: ClientExecution = ClientExecution()) -> Algorithm:
+    del data
+    return fedavg(model, config.client.optimizer(), **fedavg_options(config, execution))
 
 
 class FedAvgState(NamedTuple):
@@ -197,3 +236,11 @@ def _round_metrics(weights, losses, steps, mean_delta) -> dict[str, jax.Array]:
         "local_steps": jnp.sum(jnp.where(weights > 0, steps, 0)).astype(jnp.int32),
         "update_norm": optax.tree.norm(mean_delta).astype(dtype),
     }
+
+
+SPECS = (AlgorithmSpec(
+    "fedavg", FedAvgConfig, build,
+    paper="McMahan et al., Communication-Efficient Learning of Deep Networks from Decentralized "
+          "Data, AISTATS 2017, arXiv 1602.05629",
+    summary="local SGD, server averages the deltas (FedSGD: client.epochs 1, batch_size none; "
+            "FedAdam/FedYogi: server.optimizer)"),)

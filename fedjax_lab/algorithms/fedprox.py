@@ -16,12 +16,34 @@ anchored at the round-start global model, and differentiated (flower PR #1654 ev
 detached tensors, so it had no gradient).
 """
 
+import dataclasses
+
 import optax
 
-from fedjax_lab.algorithms.fedavg import fedavg
-from fedjax_lab.core import Algorithm
+from fedjax_lab.algorithms.fedavg import FedAvgConfig, fedavg, fedavg_options
+from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining
+from fedjax_lab.core import Algorithm, ClientExecution
 from fedjax_lab.core.losses import ProximalTerm
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.models import Model
+from fedjax_lab.options import non_negative, option
+
+
+@dataclasses.dataclass(frozen=True)
+class FedProxConfig(FedAvgConfig):
+    """FedAvg's options plus mu; defaults are Li et al.'s synthetic setting (SGD 0.01, E = 20,
+    B = 10, mu = 1). Stragglers' partial work is kept, not dropped."""
+
+    client: ClientTraining = option(ClientTraining(lr=0.01, epochs=20, batch_size=10),
+                                    "local training")
+    mu: float = option(1.0, "proximal coefficient mu", non_negative, sweepable=True)
+
+
+def build(config: FedProxConfig, model: Model, data: DataInfo,
+          execution: ClientExecution = ClientExecution()) -> Algorithm:
+    del data
+    return fedprox(model, config.client.optimizer(), mu=config.mu,
+                   **fedavg_options(config, execution))
 
 
 def proximal_term(mu: float) -> ProximalTerm:
@@ -51,3 +73,10 @@ def fedprox(model: Model, client_optimizer: optax.GradientTransformation, *, mu:
             raise ValueError(f"fedprox sets {fixed} itself; pass it to fedavg instead")
     return fedavg(model, client_optimizer, local_regularizer=proximal_term(mu),
                   straggler_policy="keep", **fedavg_options)
+
+
+SPECS = (AlgorithmSpec(
+    "fedprox", FedProxConfig, build,
+    paper="Li et al., Federated Optimization in Heterogeneous Networks, MLSys 2020, "
+          "arXiv 1812.06127",
+    summary="FedAvg whose clients add (mu/2)||w - w_t||^2 and keep stragglers' partial work"),)

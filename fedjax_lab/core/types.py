@@ -16,6 +16,8 @@ import jax.numpy as jnp
 
 PyTree = Any
 ServerState = Any
+# Every round's metrics hold these; `fedjax_lab.core.metrics.round_metrics` builds them.
+REQUIRED_METRICS = ("train_loss", "participants", "bytes_up", "bytes_down")
 
 # Tags that separate the two key streams derived from the experiment key.
 _COHORT_STREAM = 0
@@ -57,23 +59,47 @@ class ClientBatch(NamedTuple):
 
 
 class Algorithm(NamedTuple):
-    """A federated algorithm as three pure functions, built by a factory over hyperparameters.
+    """A federated algorithm as pure functions, built by a factory over hyperparameters.
 
     Attributes:
         init: `init(key) -> server_state`.
         round: `round(server_state, client_batch) -> server_state`; pure, jit-able and scan-able.
-            The returned state's `metrics` is a dict of scalars describing the round.
+            The returned state's `metrics` is a dict of scalars describing the round, holding at
+            least `REQUIRED_METRICS` (build it with `fedjax_lab.core.metrics.round_metrics`).
+            Per-client state, where the algorithm keeps one, is `server_state.client_states`: a
+            NamedTuple of arrays stacked over the whole population `[num_clients, ...]`.
         predict: `predict(server_state, client_batch) -> logits [C, N, num_classes]`, personalised
-            for algorithms that keep per-client models.
+            for algorithms that keep per-client models; it never trains on the batch it scores.
         predict_global: optional, the same for the shared global model of a personalised
             algorithm that trains one (Ditto), so evaluation reports both; None where `predict`
             already is the global model or where there is none.
+        adapted_predict: optional, for algorithms whose clients adapt before predicting
+            (meta-learning): `adapted_predict(server_state, support, query) -> logits
+            [C, Nq, num_classes]`, each client adapting on the real examples of its `support`
+            row (its training data) and predicting its `query` row (held-out data).
     """
 
     init: Callable[[jax.Array], ServerState]
     round: Callable[[ServerState, ClientBatch], ServerState]
     predict: Callable[[ServerState, ClientBatch], jax.Array]
     predict_global: Callable[[ServerState, ClientBatch], jax.Array] | None = None
+    adapted_predict: Callable[[ServerState, ClientBatch, ClientBatch], jax.Array] | None = None
+
+
+class DataInfo(NamedTuple):
+    """What a builder may know of the training data before it sees any batch.
+
+    Attributes:
+        num_clients: the training population (per-client state is stacked over it).
+        num_classes: the number of labels.
+        feature_shape: the shape of one example.
+        max_examples: the largest training client's number of examples (the padded N).
+    """
+
+    num_clients: int
+    num_classes: int
+    feature_shape: tuple[int, ...]
+    max_examples: int
 
 
 def experiment_key(seed: int) -> jax.Array:

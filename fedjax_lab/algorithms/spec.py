@@ -1,0 +1,90 @@
+"""What an algorithm module declares so that everything else can run it: `AlgorithmSpec`.
+
+Each algorithm module defines a frozen config dataclass (fields declared with
+`fedjax_lab.options.option`, defaults the paper's) and a builder
+`build(config, model, data: DataInfo, execution) -> Algorithm`, and exports `SPECS`, a tuple of
+`AlgorithmSpec`s. `fedjax_lab.algorithms.REGISTRY` collects them; the command line, config files,
+`fedjax-lab list`, experiments and the contract test read only the registry, so adding an
+algorithm is one module and one line in the registry, and nothing outside the module names it.
+
+`ClientTraining` and `ServerOptimizer` are the option groups most algorithms share, nested in
+their configs (`--algorithm.client.lr`, `--algorithm.server.optimizer`).
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import optax
+
+from fedjax_lab.core import factored
+from fedjax_lab.core.client_execution import ClientExecution
+from fedjax_lab.core.types import Algorithm, DataInfo
+from fedjax_lab.options import (OptionError, one_of, option, optional_positive_int, positive,
+                                positive_int)
+
+# build(config, model, data, execution) -> Algorithm
+Builder = Callable[[Any, Any, DataInfo, ClientExecution], Algorithm]
+# What a builder needs of its model: any `Model`, or a `SplitModel` (extractor + head).
+MODEL_KINDS = ("any", "split")
+
+
+SERVER_OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "sgd": optax.sgd, "adam": optax.adam, "yogi": optax.yogi, "adagrad": optax.adagrad}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientTraining:
+    """Local training: plain SGD at rate `lr`, `epochs` passes of minibatches of `batch_size`."""
+
+    lr: float = option(0.01, "client SGD learning rate", positive, sweepable=True)
+    epochs: int = option(1, "local epochs E", positive_int)
+    batch_size: int | None = option(10, "examples per local step; none = full batch",
+                                    optional_positive_int)
+
+    def optimizer(self) -> optax.GradientTransformation:
+        return factored.sgd(self.lr)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptimizer:
+    """The server's optax optimiser on the mean client delta; sgd at lr 1 is plain averaging."""
+
+    optimizer: str = option("sgd", "server optimiser", one_of(*SERVER_OPTIMIZERS))
+    lr: float = option(1.0, "server learning rate", positive, sweepable=True)
+
+    def build(self) -> optax.GradientTransformation:
+        return SERVER_OPTIMIZERS[self.optimizer](self.lr)
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmSpec:
+    """One registered algorithm.
+
+    Attributes:
+        name: the registry name (`--algorithm NAME`).
+        config: the frozen config dataclass; `config()` is the paper's defaults.
+        build: `build(config, model, data, execution) -> Algorithm`.
+        paper: authors, title, venue and arXiv id, one line.
+        summary: what it does, one line.
+        model_kind: "any" or "split" (needs an extractor + head `SplitModel`).
+    """
+
+    name: str
+    config: type
+    build: Builder
+    paper: str
+    summary: str
+    model_kind: str = "any"
+
+    def __post_init__(self):
+        if self.model_kind not in MODEL_KINDS:
+            raise ValueError(f"model_kind {self.model_kind!r} is unknown; allowed: "
+                             f"{', '.join(MODEL_KINDS)}")
+
+    def check_model(self, model_name: str, model) -> None:
+        """Raises `OptionError` naming the model when this algorithm cannot use it."""
+        if self.model_kind == "split" and not hasattr(model, "extractor"):
+            raise OptionError("model.name", model_name,
+                              f"algorithm {self.name!r} needs a split model (feature extractor "
+                              "+ head); choose one of the models that `fedjax-lab list` marks "
+                              "[split]")
