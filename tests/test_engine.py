@@ -118,6 +118,18 @@ def test_stragglers_count_epochs_and_determinism():
     assert int(sample_stragglers(rngs, num_epochs=5, fraction=0.25).is_straggler.sum()) == 2
 
 
+@pytest.mark.parametrize("num_clients, fraction, active", [
+    (3, 0.5, 2), (5, 0.5, 2), (10, 0.9, 1), (10, 0.25, 8), (7, 0.5, 4), (4, 0.0, 4), (4, 1.0, 0)])
+def test_straggler_count_keeps_the_references_active_clients(num_clients, fraction, active):
+    """FedProx's trainers keep round(C (1 - s)) clients active with Python 3's round (halves to
+    even), so C = 3 and C = 5 at s = 0.5 both keep 2, where round(C s) stragglers would keep
+    1 and 3."""
+    assert active == round(num_clients * (1 - fraction))
+    rngs = client_keys(experiment_key(0), 0, jnp.arange(num_clients))
+    s = sample_stragglers(rngs, num_epochs=3, fraction=fraction)
+    assert num_clients - int(s.is_straggler.sum()) == active
+
+
 def test_straggler_set_and_epochs_are_spread_over_clients_and_range():
     key = experiment_key(1)
     hits = np.zeros(10)

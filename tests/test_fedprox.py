@@ -89,6 +89,18 @@ def test_fedavg_drops_and_fedprox_keeps_the_same_stragglers():
                   & (epochs[np.asarray(stragglers.is_straggler)] <= 4))
 
 
+@pytest.mark.parametrize("num_clients, active", [(3, 2), (5, 2)])
+def test_fedavg_aggregates_the_references_active_count_for_odd_cohorts(num_clients, active):
+    """FedAvg drops stragglers and keeps round(C (1 - s)) clients, as FedProx's reference does
+    (s = 0.5: 2 of 3 and 2 of 5, Python 3's round halving to even)."""
+    xs, ys = make_clients([8] * num_clients)
+    batch = stack_clients(xs, ys, seed=2)
+    algorithm = fedavg(small_model(), optax.sgd(0.1), num_epochs=2, batch_size=4,
+                       straggler_fraction=0.5)
+    metrics = algorithm.round(algorithm.init(jax.random.key(0)), batch).metrics
+    assert int(metrics["participants"]) == active
+
+
 def test_fedprox_validates_mu_and_its_fixed_options():
     with pytest.raises(ValueError, match="mu=-1.0 is invalid; expected mu >= 0"):
         fedprox(small_model(), optax.sgd(0.1), mu=-1.0)

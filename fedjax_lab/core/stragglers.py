@@ -1,7 +1,10 @@
 """Straggler simulation of FedProx's experiments (Li et al., MLSys 2020, arXiv 1812.06127).
 
-Each round a fraction s of the cohort, round(C * s) clients, are stragglers that run only
-e ~ Uniform{1, ..., E - 1} epochs (the reference draws `randint(1, E)`, so never the full E).
+Each round the reference keeps round(C * (1 - s)) of the C cohort clients active (Python 3's
+`round`, which rounds halves to even) and makes the others stragglers that run only
+e ~ Uniform{1, ..., E - 1} epochs (it draws `randint(1, E)`, so never the full E). The count is
+C minus the active clients, not round(C * s): the two differ for odd C at s = 0.5 (C = 3: one
+straggler, not two; C = 5: three, not two).
 FedAvg drops stragglers; FedProx keeps their partial work. Both derive the draw from the
 clients' own round keys, so under one experiment key both methods see the same stragglers.
 """
@@ -23,7 +26,8 @@ class Stragglers(NamedTuple):
 
 def sample_stragglers(client_rngs: jax.Array, *, num_epochs: int,
                       fraction: float) -> Stragglers:
-    """Chooses round(C * fraction) stragglers uniformly among the C clients and their epochs.
+    """Chooses C - round(C * (1 - fraction)) stragglers uniformly among the C clients, and their
+    epochs.
 
     The stragglers are the clients whose own uniform priority ranks lowest, which picks a
     uniformly random subset of exactly that size from per-client keys alone.
@@ -31,7 +35,7 @@ def sample_stragglers(client_rngs: jax.Array, *, num_epochs: int,
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"straggler fraction {fraction!r} is invalid; expected 0 <= s <= 1")
     num_clients = client_rngs.shape[0]
-    num_stragglers = round(num_clients * fraction)
+    num_stragglers = num_clients - round(num_clients * (1 - fraction))
     full = jnp.full((num_clients,), num_epochs, jnp.int32)
     if num_stragglers == 0:
         return Stragglers(jnp.zeros((num_clients,), bool), full)
