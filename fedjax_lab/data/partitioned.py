@@ -27,6 +27,16 @@ PARTITIONS = {
     "ways_shots": "FedProto's ways +- stdev classes with shots +- stdev examples each",
     "quantity": "IID labels, lognormal sizes (options: sigma, min_examples_per_client)",
 }
+# The options each partitioner takes besides labels, num_clients and seed (the data registry's
+# configs refuse an option that the chosen partition would ignore).
+PARTITION_OPTIONS = {
+    "iid": (),
+    "dirichlet": ("alpha", "min_examples_per_client"),
+    "shards": ("shards_per_client",),
+    "classes": ("classes_per_client",),
+    "ways_shots": ("ways", "shots", "stdev"),
+    "quantity": ("sigma", "min_examples_per_client"),
+}
 
 
 def partition_examples(labels: np.ndarray, num_clients: int, partition: str, seed,
