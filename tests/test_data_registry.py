@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from fedjax_lab.data import (REGISTRY, describe, digits, fedprox_synthetic, format_description,
-                             get_dataset, load_dataset, plot_label_distribution)
+from fedjax_lab.data import (REGISTRY, ClientData, FederatedDataset, describe, digits,
+                             fedprox_synthetic, format_description, get_dataset, load_dataset,
+                             plot_label_distribution)
 from fedjax_lab.data.describe import entropy_bits
 from fedjax_lab.data.registry import (DigitsConfig, H5Config, LeafConfig, MNIST1DConfig,
                                       SyntheticConfig, SyntheticIIDConfig)
@@ -194,6 +195,22 @@ def test_describe_leaf_fixture_exact_numbers(tmp_path):
     text = format_description(description)
     assert text.splitlines()[0] == "leaf_synthetic: 3 clients, 4 classes, features (3,)"
     assert "mean per client 1.000" in text and "  test" in text
+
+
+def test_describe_leaves_empty_clients_out_of_the_entropy_mean():
+    x = lambda n: np.zeros((n, 2), np.float32)
+    y = lambda *labels: np.array(labels, np.int32)
+    train = ClientData((x(2), x(0), x(3)), (y(0, 1), y(), y(2, 2, 2)), ("a", "b", "c"))
+    test = ClientData((x(0), x(0), x(0)), (y(), y(), y()), ("a", "b", "c"))
+    description = describe(FederatedDataset("tiny", train, test, 3))
+    assert description["clients_without_examples"] == 1
+    assert description["examples"]["train"] == {"total": 5, "min": 0, "median": 2.0, "max": 3}
+    assert description["label_entropy_bits"]["mean_per_client"] == pytest.approx(0.5)
+    assert "clients without data  1 (left out of the entropy mean)" in format_description(
+        description)
+    empty = ClientData((x(0),), (y(),), ("a",))
+    with pytest.raises(ValueError, match=r"data set 'empty' has no examples to describe"):
+        describe(FederatedDataset("empty", empty, empty, 3))
 
 
 def test_describe_digits_default_iid_and_one_class_per_client():

@@ -23,10 +23,10 @@ import numpy as np
 from fedjax_lab.data.federated import FederatedDataset
 
 
-def label_counts(dataset: FederatedDataset) -> np.ndarray:
-    """[num_clients, num_classes] number of examples (train and test) of each label per client."""
-    return np.stack([np.bincount(np.concatenate([train, test]), minlength=dataset.num_classes)
-                     for train, test in zip(dataset.train.y, dataset.test.y)])
+def client_label_counts(dataset: FederatedDataset):
+    """Yields each client's [num_classes] label counts, train and test examples together."""
+    for train, test in zip(dataset.train.y, dataset.test.y):
+        yield np.bincount(np.concatenate([train, test]), minlength=dataset.num_classes)
 
 
 def entropy_bits(counts: np.ndarray) -> np.ndarray:
@@ -52,9 +52,16 @@ def describe(dataset: FederatedDataset) -> dict:
        "classes_per_client": {"mean", "min", "max"} (distinct labels a client holds),
        "clients_without_examples"}
     """
-    counts = label_counts(dataset)
-    present = counts.sum(1) > 0
-    held = (counts[present] > 0).sum(1)
+    # One client's counts at a time: Stack Overflow's clients x classes would not fit in memory.
+    pooled = np.zeros(dataset.num_classes, np.int64)
+    entropies, held = [], []
+    for counts in client_label_counts(dataset):
+        pooled += counts
+        if counts.any():
+            entropies.append(entropy_bits(counts))
+            held.append(np.count_nonzero(counts))
+    if not held:
+        raise ValueError(f"data set {dataset.name!r} has no examples to describe")
     return {
         "name": dataset.name,
         "num_clients": dataset.num_clients,
@@ -63,12 +70,12 @@ def describe(dataset: FederatedDataset) -> dict:
         "examples": {"train": _sizes(dataset.train.num_examples),
                      "test": _sizes(dataset.test.num_examples)},
         "label_entropy_bits": {
-            "mean_per_client": float(entropy_bits(counts[present]).mean()),
-            "pooled": float(entropy_bits(counts.sum(0))),
+            "mean_per_client": float(np.mean(entropies)),
+            "pooled": float(entropy_bits(pooled)),
             "uniform": float(np.log2(dataset.num_classes))},
-        "classes_per_client": {"mean": float(held.mean()), "min": int(held.min()),
-                               "max": int(held.max())},
-        "clients_without_examples": int((~present).sum()),
+        "classes_per_client": {"mean": float(np.mean(held)), "min": int(min(held)),
+                               "max": int(max(held))},
+        "clients_without_examples": dataset.num_clients - len(held),
     }
 
 
@@ -103,7 +110,7 @@ def plot_label_distribution(dataset: FederatedDataset, path: str) -> str:
     from fedjax_lab.plotting import _pyplot, _save  # lazy: matplotlib only when drawing
 
     plt = _pyplot()
-    counts = label_counts(dataset)
+    counts = np.stack(list(client_label_counts(dataset)))
     totals = counts.sum(1, keepdims=True)
     shares = counts / np.where(totals > 0, totals, 1)
     summary = describe(dataset)["label_entropy_bits"]

@@ -43,7 +43,7 @@ class DataSpec:
     """One registered data set.
 
     Attributes:
-        name: the registry name (`--data NAME`).
+        name: the registry name a run's config chooses.
         config: the frozen config dataclass; `config()` is the defaults.
         load: `load(config, seed) -> FederatedDataset`.
         summary: what it is, one line.
@@ -103,6 +103,7 @@ def _require(option_name: str, value: str, path: str, folder: bool) -> str:
 # Each partition option -> the partitions that read it.
 _PARTITION_USERS = {name: tuple(p for p, names in PARTITION_OPTIONS.items() if name in names)
                     for names in PARTITION_OPTIONS.values() for name in names}
+
 
 @dataclasses.dataclass(frozen=True)
 class PartitionedConfig:
@@ -328,9 +329,9 @@ REGISTRY: dict[str, DataSpec] = {spec.name: spec for spec in (
     DataSpec("synthetic_iid", SyntheticIIDConfig, load_synthetic_iid,
              "FedProx's Synthetic-IID: 30 devices sharing one model"),
     DataSpec("leaf", LeafConfig, load_leaf_folders,
-             "LEAF JSON folders: FEMNIST, Shakespeare or synthetic (--data.data_dir)"),
+             "LEAF JSON folders: FEMNIST, Shakespeare or synthetic (needs data_dir)"),
     DataSpec("tff_h5", H5Config, load_h5,
-             "TFF/fedjax HDF5 files: EMNIST, Shakespeare or Stack Overflow (needs h5py)"),
+             "TFF/fedjax HDF5 files: EMNIST, Shakespeare or Stack Overflow (needs data_dir, h5py)"),
 )}
 
 
