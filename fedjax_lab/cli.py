@@ -1,132 +1,257 @@
-"""`fedjax-lab run` trains an algorithm; `fedjax-lab list` shows what can be chosen.
+"""`fedjax-lab`: run any registered algorithm, list what can be chosen, describe data, plot runs.
+
+    fedjax-lab run [--config FILE] [--algorithm NAME] [--data NAME] [--model NAME]
+                   [--SECTION.OPTION VALUE ...] [--rounds N] [--seed N] [--output DIR] ...
+    fedjax-lab run --resume DIR
+    fedjax-lab list [NAME]
+    fedjax-lab data describe [--data NAME] [--data.OPTION VALUE ...] [--plot FILE.png] [--json]
+    fedjax-lab plot RUN_DIR [RUN_DIR ...] [--output FILE_OR_DIR]
 
 With no options, `fedjax-lab run` trains FedAvg on the embedded digits data set and prints the
-final test accuracy. `fedjax-lab run --resume DIR` continues an interrupted run from its newest
-checkpoint; options given with it must agree with the saved configuration. Every option is
-validated before anything is compiled or written. `fedjax-lab plot RUN_DIR [RUN_DIR ...]` draws
-the saved runs' loss and accuracy curves and per-client accuracy as PNG files.
+final test accuracy. Options are generated from the registries' config dataclasses: SECTION is
+algorithm, data, model or run, and the run options also have flat spellings (`--rounds 5` is
+`--run.rounds 5`). `fedjax-lab list NAME` shows an algorithm's, data set's or model's options.
+Every option is validated before anything is compiled or written; a bad one is a one-line error.
 """
 
-import argparse
-import dataclasses
+import json
+import os
 import sys
 
+from fedjax_lab import config as run_config
+from fedjax_lab import options
 from fedjax_lab.checkpoint import CheckpointError
-from fedjax_lab.config import (ALGORITHMS, DATASETS, ConfigError, RunConfig, load_saved_config,
-                               run)
-from fedjax_lab.experiment import ConfigMismatchError, DivergenceError
-from fedjax_lab.models import MODELS
+from fedjax_lab.config import SECTIONS, RunOptions
+from fedjax_lab.experiment import CONFIG_FILE, ConfigMismatchError, DivergenceError
+from fedjax_lab.options import OptionError
 
-_DEFAULTS = RunConfig()
-_HELP = {
-    "batch_size": "examples per local step, or 'full' for the full batch",
-    "output": "folder for config, metrics, evaluations, summary and checkpoints",
-    "checkpoint_every": "checkpoint every this many rounds (and at the end); needs --output",
-    "allow_divergence": "keep training past a non-finite loss or parameter",
-    "stragglers": "fraction of each cohort that runs 1..E-1 epochs (FedProx's protocol)",
-    "mu": "FedProx's proximal coefficient",
-}
+_RUN_FIELDS = {name.replace("_", "-"): name for name in options.field_names(RunOptions)}
 
 
-def _parse_value(text: str, default):
-    """Converts a command-line value like the default; a bad value is kept for validation."""
-    if text == "full":
-        return None
-    for kind in (int, float):
-        if isinstance(default, kind) or default is None:
-            try:
-                return kind(text)
-            except ValueError:
-                continue
-    return text
+class UsageError(ValueError):
+    """A command line that cannot be read (a missing value, an unknown flag)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedjax-lab", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="list algorithms, data sets and models")
-    plot_parser = commands.add_parser(
-        "plot", help="draw saved runs' curves and per-client accuracy as PNG files",
-        description="Training loss per round and test accuracy per evaluation of one or several "
-                    "runs on one figure, and the per-client test accuracy of their last "
-                    "evaluation on another.")
-    plot_parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                             help="a folder written by `fedjax-lab run --output`")
-    plot_parser.add_argument("--output", metavar="FILE_OR_DIR",
-                             help="a folder for curves.png and client_accuracy.png, or a .png "
-                                  "file for the curves (the clients figure goes beside it as "
-                                  "NAME_clients.png); default: the run's folder for one run, "
-                                  "the current folder for several")
-    run_parser = commands.add_parser("run", help="train an algorithm",
-                                     argument_default=argparse.SUPPRESS)
-    run_parser.add_argument("--resume", metavar="DIR",
-                            help="continue the run saved in DIR from its newest checkpoint")
-    for field in dataclasses.fields(RunConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(_DEFAULTS, field.name)
-        help_text = f"{_HELP.get(field.name, '')} (default: {default})".strip()
-        if isinstance(default, bool):
-            run_parser.add_argument(flag, action="store_true", help=help_text)
-        elif isinstance(default, str):
-            run_parser.add_argument(flag, help=help_text)
+def _flag(path: str) -> str:
+    section, _, rest = path.partition(".")
+    if section == "run" and rest:
+        return "--" + rest.replace("_", "-")
+    if rest == "name":
+        return f"--{section}"
+    return f"--{path}"
+
+
+def _error(message: str, code: int = 2) -> int:
+    print(f"fedjax-lab: error: {message}", file=sys.stderr)
+    return code
+
+
+def _option_error(error: OptionError) -> int:
+    return _error(f"{_flag(error.path)} {error.value!r} is invalid; {error.expected}")
+
+
+def _split_flags(argv: list[str], takes_no_value: set[str]) -> list[tuple[str, str | None]]:
+    """(name, value) pairs of `--name value` / `--name=value` / `--flag` tokens, in order."""
+    pairs, index = [], 0
+    while index < len(argv):
+        token = argv[index]
+        if not token.startswith("--") or token == "--":
+            raise UsageError(f"unexpected argument {token!r}; options are --name value")
+        name, equals, value = token[2:].partition("=")
+        if not equals:
+            if name in takes_no_value:
+                value = None
+            elif index + 1 < len(argv):
+                index += 1
+                value = argv[index]
+            else:
+                raise UsageError(f"--{name} needs a value")
+        pairs.append((name, value))
+        index += 1
+    return pairs
+
+
+def parse_overrides(pairs, base: dict) -> dict:
+    """The nested overrides of `(name, text)` flags, typed by the options they name.
+
+    `base` (the config file's mapping, or a saved run's) tells which algorithm, data set and model
+    the typed options belong to when the command line does not name them.
+    """
+    names = {}
+    for name, value in pairs:
+        if name in SECTIONS:
+            names = options.merge(names, {name: {"name": value}})
+    mapping = options.merge(base, names)
+    overrides = dict(names)
+    for name, text in pairs:
+        if name in SECTIONS:
+            continue
+        dotted = name.replace("-", "_")
+        if "." not in dotted:
+            if name not in _RUN_FIELDS:
+                raise OptionError(name.replace("-", "_"), text, "unknown option; see "
+                                  "`fedjax-lab run --help`")
+            dotted = f"run.{_RUN_FIELDS[name]}"
+        try:
+            annotation = run_config.override_annotation(None, dotted, mapping)
+        except OptionError as error:
+            raise OptionError(error.path, text, error.expected) from None
+        if text is None:
+            value = True
         else:
-            run_parser.add_argument(flag, help=help_text,
-                                    type=lambda text, d=default: _parse_value(text, d))
-    return parser
+            value = options.parse_text(dotted, text, annotation)
+        overrides = options.merge(overrides, options.nest(dotted, value))
+    return overrides
 
 
-def _list() -> None:
-    models = {name: factory.__doc__ or "" for name, factory in MODELS.items()}
-    for title, entries in (("algorithms", ALGORITHMS), ("datasets", DATASETS),
-                           ("models", models)):
-        print(f"{title}:")
-        for name, description in entries.items():
-            print(f"  {name:14s} {description.strip().splitlines()[0] if description else ''}")
+def _run(argv: list[str]) -> int:
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__)
+        return 0
+    pairs = _split_flags(argv, {"allow-divergence", "run.allow_divergence"})
+    special = {name: value for name, value in pairs if name in ("config", "resume")}
+    pairs = [(name, value) for name, value in pairs if name not in ("config", "resume")]
+    if "config" in special and "resume" in special:
+        raise UsageError("--config and --resume exclude each other: a resumed run keeps its "
+                         "saved configuration")
+    resume_dir = special.get("resume")
+    file = special.get("config")
+    if resume_dir is not None:
+        file = os.path.join(resume_dir, CONFIG_FILE)
+    base = {} if file is None else run_config.read_config_file(file)
+    overrides = parse_overrides(pairs, base)
+    if resume_dir is not None:
+        overrides = options.merge(overrides, {"run": {"output": resume_dir}})
+    config = run_config.config_from_sources(file, overrides)
+    result = run_config.run(config, resume=resume_dir is not None)
+    final = result.summary["final"]["test"]
+    views = "".join(f", {view} {final[view]['accuracy']:.4f}" for view in ("global", "adapted")
+                    if view in final)
+    print(f"{config.algorithm.name} on {config.data.name}: test accuracy {final['accuracy']:.4f}"
+          f" (per client mean {final['client_accuracy_mean']:.4f}, min "
+          f"{final['client_accuracy_min']:.4f}{views}) after {config.run.rounds} rounds in "
+          f"{result.seconds:.1f} s")
+    return 0
 
 
-def _plot(run_dirs: list[str], output: str | None) -> int:
+def _options_text(config, section: str) -> list[str]:
+    return [f"  {_flag(f'{section}.{path}')} {default!r}  [{kind}"
+            f"{', sweepable' if sweepable else ''}] {doc}"
+            for path, kind, default, doc, sweepable in options.describe(config)]
+
+
+def _list(argv: list[str]) -> int:
+    registries = run_config.registries()
+    if len(argv) > 1:
+        raise UsageError("usage: fedjax-lab list [NAME]")
+    if argv:
+        (name,) = argv
+        found = [(section, registry[name]) for section, registry in registries.items()
+                 if name in registry]
+        if not found:
+            every = ", ".join(n for registry in registries.values() for n in registry)
+            return _error(f"{name!r} is not registered; registered: {every}")
+        for section, spec in found:
+            print(f"{section} {name}: {spec.summary}")
+            if getattr(spec, "paper", None):
+                print(f"  {spec.paper}")
+            print("\n".join(_options_text(spec.config, section)))
+        return 0
+    titles = {"algorithm": "algorithms", "data": "data sets", "model": "models"}
+    for section, registry in registries.items():
+        print(f"{titles[section]} (--{section} NAME; `fedjax-lab list NAME` for options):")
+        for name, spec in registry.items():
+            tags = []
+            if section == "algorithm" and spec.model_kind == "split":
+                tags.append("needs a split model")
+            if section == "model" and spec.kind == "split":
+                tags.append("split")
+            tag = f" [{', '.join(tags)}]" if tags else ""
+            print(f"  {name:14s} {spec.summary}{tag}")
+            if section == "algorithm":
+                print(f"  {'':14s} {spec.paper}")
+                print(f"  {'':14s} options: " + " ".join(
+                    f"{path}={default!r}" for path, _, default, _, _ in
+                    options.describe(spec.config)))
+    print("run options (--run.NAME or --NAME):")
+    print("\n".join(_options_text(RunOptions, "run")))
+    return 0
+
+
+def _describe(argv: list[str]) -> int:
+    from fedjax_lab.data.describe import describe, format_description, plot_label_distribution
+
+    if not argv or argv[0] != "describe":
+        raise UsageError("usage: fedjax-lab data describe [--data NAME] [--data.OPTION VALUE] "
+                         "[--seed N] [--plot FILE.png] [--json]")
+    pairs = _split_flags(argv[1:], {"json"})
+    extra = {name: value for name, value in pairs if name in ("plot", "json", "config")}
+    pairs = [(name, value) for name, value in pairs if name not in extra]
+    for name, _ in pairs:
+        if name != "data" and not name.startswith("data.") and name not in ("seed",
+                                                                             "data-seed"):
+            raise UsageError(f"--{name} does not describe a data set; use --data NAME, "
+                             "--data.OPTION VALUE, --seed N")
+    base = {}
+    if extra.get("config"):
+        base = {key: value for key, value in run_config.read_config_file(
+            extra["config"]).items() if key in ("data", "run")}
+    config = run_config.config_from_sources(None, options.merge(base, parse_overrides(pairs,
+                                                                                      base)))
+    seed = config.run.seed if config.run.data_seed is None else config.run.data_seed
+    dataset = run_config.registries()["data"][config.data.name].load(config.data.options, seed)
+    description = describe(dataset)
+    if "json" in extra:
+        print(json.dumps(description, indent=2))
+    else:
+        print(format_description(description))
+    if extra.get("plot"):
+        plot_label_distribution(dataset, extra["plot"])
+        print(extra["plot"])
+    return 0
+
+
+def _plot(argv: list[str]) -> int:
     from fedjax_lab.plotting import RunFolderError, plot_runs
 
+    output = None
+    if "--output" in argv:
+        at = argv.index("--output")
+        if at + 1 >= len(argv):
+            raise UsageError("--output needs a value")
+        output = argv[at + 1]
+        argv = argv[:at] + argv[at + 2:]
+    if not argv:
+        raise UsageError("usage: fedjax-lab plot RUN_DIR [RUN_DIR ...] [--output FILE_OR_DIR]")
     try:
-        paths = plot_runs(run_dirs, output)
-    except (RunFolderError, ImportError, OSError) as error:
-        print(f"fedjax-lab: error: {error}", file=sys.stderr)
-        return 2
+        paths = plot_runs(argv, output)
+    except (RunFolderError, ImportError) as error:
+        return _error(str(error))
     print("\n".join(paths))
     return 0
 
 
+COMMANDS = {"run": _run, "list": _list, "data": _describe, "plot": _plot}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
-    command = args.pop("command")
-    if command == "list":
-        _list()
-        return 0
-    if command == "plot":
-        return _plot(args["run_dirs"], args["output"])
-    resume_dir = args.pop("resume", None)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        return _error(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
     try:
-        if resume_dir is None:
-            config = dataclasses.replace(_DEFAULTS, **args)
-        else:
-            config = dataclasses.replace(load_saved_config(resume_dir), output=resume_dir)
-            config = dataclasses.replace(config, **args)
-        result = run(config, resume=resume_dir is not None)
-    except ConfigError as error:
-        print(f"fedjax-lab: error: {error.as_flag()}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError, CheckpointError, ConfigMismatchError) as error:
-        print(f"fedjax-lab: error: {error}", file=sys.stderr)
-        return 2
+        return COMMANDS[command](rest)
+    except OptionError as error:
+        return _option_error(error)
+    except UsageError as error:
+        return _error(str(error))
     except DivergenceError as error:
-        print(f"fedjax-lab: error: {error}", file=sys.stderr)
-        return 3
-    final = result.summary["final"]["test"]
-    print(f"{config.algorithm} on {config.dataset}: test accuracy {final['accuracy']:.4f} "
-          f"(per client mean {final['client_accuracy_mean']:.4f}, min "
-          f"{final['client_accuracy_min']:.4f}) after {config.rounds} rounds in "
-          f"{result.seconds:.1f} s")
-    return 0
+        return _error(str(error), code=3)
+    except (ValueError, OSError, CheckpointError, ConfigMismatchError) as error:
+        return _error(str(error))
 
 
 if __name__ == "__main__":

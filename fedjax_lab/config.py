@@ -1,205 +1,246 @@
-"""A run's configuration: validated in full before anything is built, compiled or written.
+"""A run as data: a nested, validated configuration of data, model, algorithm and run options.
 
-`RunConfig` is what `fedjax-lab run` parses and what a script can build directly; `run(config)`
-builds the data set, model and algorithm from the registries below and calls `run_experiment`.
-Every bad value is reported as one line naming the option, the value and what is allowed.
+```toml
+[algorithm]          # any name of fedjax_lab.algorithms.REGISTRY, then that algorithm's options
+name = "ditto"
+lam = 0.5
+client = { lr = 0.05, epochs = 2 }
+
+[data]               # fedjax_lab.data.REGISTRY
+name = "digits"
+num_clients = 50
+
+[model]              # fedjax_lab.models.REGISTRY
+name = "mlp"
+
+[run]                # RunOptions
+rounds = 100
+```
+
+A config comes from defaults, then a TOML or JSON file, then command-line overrides
+(`--algorithm.lam 0.5`, `--data.alpha 0.1`, `--rounds 5`; `config_from_sources`). Each section's
+options are the fields of the chosen entry's config dataclass, so nothing here names an
+algorithm, data set or model. `to_dict` gives the `config.json` a run saves, which reruns it
+exactly (`load_config`). Every bad value is an `OptionError` naming the option (and the file and
+line of a file that does not parse) before anything is built, compiled or written.
 """
 
 import dataclasses
 import json
-import math
 import os
-from typing import Any, Callable
+import sys
+from typing import Any
 
-import optax
-
-from fedjax_lab.algorithms import fedavg, fedprox
-from fedjax_lab.core.aggregation import WEIGHTINGS
-from fedjax_lab.core import factored
+from fedjax_lab import data as data_layer
+from fedjax_lab import models as model_layer
+from fedjax_lab import options
+from fedjax_lab.algorithms import REGISTRY as ALGORITHMS
 from fedjax_lab.core.client_execution import STRATEGIES, ClientExecution
-from fedjax_lab.data import digits, fedprox_synthetic
-from fedjax_lab.data.mnist1d import mnist1d
-from fedjax_lab.data.partitioned import PARTITIONS
-from fedjax_lab.experiment import CONFIG_FILE, ExperimentResult, run_experiment
-from fedjax_lab.models import MODELS, get_model
+from fedjax_lab.core.types import DataInfo
+from fedjax_lab.experiment import ExperimentResult, run_experiment
+from fedjax_lab.options import (OptionError, one_of, option, optional, optional_positive_int,
+                                positive_int)
 
-ALGORITHMS = {"fedavg": "FedAvg (McMahan et al., 2017)",
-              "fedprox": "FedProx (Li et al., 2020): proximal term mu, keeps stragglers"}
-DATASETS = {
-    "digits": "scikit-learn's 8x8 digits over --num-clients clients (default 50; --partition, "
-              "--alpha)",
-    "synthetic": "FedProx Synthetic(--alpha, --beta), --num-clients devices (default 30), sizes "
-                 "capped at 1000",
-    "synthetic_iid": "FedProx Synthetic-IID, --num-clients devices (default 30), sizes capped at "
-                     "1000",
-    "mnist1d": "MNIST-1D generated locally (needs pip install 'fedjax_lab[data]') over "
-               "--num-clients clients (default 50; --partition, --alpha)",
-}
-DEFAULT_NUM_CLIENTS = {"digits": 50, "synthetic": 30, "synthetic_iid": 30, "mnist1d": 50}
-SERVER_OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
-    "sgd": optax.sgd, "adam": optax.adam, "yogi": optax.yogi, "adagrad": optax.adagrad}
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+SECTIONS = ("algorithm", "data", "model")
+DEFAULT_NAMES = {"algorithm": "fedavg", "data": "digits"}
+# The model an algorithm gets when none is named, by what it needs (`AlgorithmSpec.model_kind`).
+DEFAULT_MODEL = {"any": "mlp", "split": "split_mlp"}
 
 
-class ConfigError(ValueError):
-    """A bad option: `option`, the offending `value` and what is `expected`."""
-
-    def __init__(self, option: str, value: Any, expected: str):
-        self.option, self.value, self.expected = option, value, expected
-        super().__init__(f"{option}={value!r} is invalid; {expected}")
-
-    def as_flag(self) -> str:
-        """The same message with the option spelt as a command-line flag."""
-        return f"--{self.option.replace('_', '-')} {self.value!r} is invalid; {self.expected}"
+def registries() -> dict[str, dict]:
+    return {"algorithm": ALGORITHMS, "data": data_layer.REGISTRY, "model": model_layer.REGISTRY}
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """Everything that defines a run. Defaults are the CLI's default job: FedAvg on digits."""
+class RunOptions:
+    """How long and how a run goes; the default job is 200 rounds of 10 clients."""
 
-    algorithm: str = "fedavg"
-    dataset: str = "digits"
-    model: str = "mlp"
-    rounds: int = 200
-    cohort_size: int = 10
-    num_clients: int | None = None
-    partition: str = "dirichlet"
-    alpha: float = 0.5
-    beta: float = 1.0
-    local_epochs: int = 5
-    batch_size: int | None = 10
-    client_lr: float = 0.05
-    server_optimizer: str = "sgd"
-    server_lr: float = 1.0
-    mu: float = 0.0
-    stragglers: float = 0.0
-    weighting: str = "num_examples"
-    execution: str = "auto"
-    chunk_size: int | None = None
-    seed: int = 0
-    eval_every: int = 20
-    output: str | None = None
-    checkpoint_every: int | None = None
-    allow_divergence: bool = False
+    rounds: int = option(200, "rounds to run", positive_int)
+    cohort_size: int = option(10, "clients per round", positive_int)
+    seed: int = option(0, "experiment seed: initial model, cohorts, client keys",
+                       options.non_negative_int)
+    data_seed: int | None = option(None, "seed of data generation and partitioning; none = seed",
+                                   optional(options.non_negative_int))
+    eval_every: int = option(20, "evaluate every this many rounds (and after the last)",
+                             positive_int)
+    output: str | None = option(None, "folder for config, metrics, evaluations, summary, "
+                                "checkpoints")
+    checkpoint_every: int | None = option(None, "checkpoint every this many rounds (and at the "
+                                          "end); needs output", optional_positive_int)
+    allow_divergence: bool = option(False, "keep training past a non-finite loss or parameter")
+    execution: str = option("auto", "how clients run", one_of(*STRATEGIES))
+    chunk_size: int | None = option(None, "clients per chunk of the chunked strategy",
+                                    optional_positive_int)
 
-    def validate(self) -> None:
-        """Raises `ConfigError` for the first invalid option."""
-        _choice("algorithm", self.algorithm, ALGORITHMS)
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("model", self.model, MODELS)
-        _choice("partition", self.partition, PARTITIONS)
-        _choice("server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
-        _choice("weighting", self.weighting, WEIGHTINGS)
-        _choice("execution", self.execution, STRATEGIES)
-        for option in ("rounds", "local_epochs", "eval_every"):
-            _positive_int(option, getattr(self, option))
-        if self.checkpoint_every is not None:
-            _positive_int("checkpoint_every", self.checkpoint_every)
-            if self.output is None:
-                raise ConfigError("checkpoint_every", self.checkpoint_every,
-                                  "checkpoints are written under --output, which is not set")
-        if not isinstance(self.allow_divergence, bool):
-            raise ConfigError("allow_divergence", self.allow_divergence, "expected True or False")
-        if self.num_clients is not None:
-            _positive_int("num_clients", self.num_clients)
-        if self.batch_size is not None:
-            _positive_int("batch_size", self.batch_size)
-        if self.execution == "chunked" or self.chunk_size is not None:
-            _positive_int("chunk_size", self.chunk_size)
-        for option in ("client_lr", "server_lr", "alpha"):
-            _positive_float(option, getattr(self, option))
-        _non_negative_float("beta", self.beta)
-        _non_negative_float("mu", self.mu)
-        if self.mu > 0 and self.algorithm != "fedprox":
-            raise ConfigError("mu", self.mu, "the proximal term belongs to --algorithm fedprox")
-        if not (isinstance(self.stragglers, (int, float)) and 0 <= self.stragglers <= 1):
-            raise ConfigError("stragglers", self.stragglers, "expected a fraction in [0, 1]")
-        if self.stragglers > 0 and self.local_epochs < 2:
-            raise ConfigError("stragglers", self.stragglers,
-                              "stragglers run 1..E-1 epochs, so they need --local-epochs >= 2")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError("seed", self.seed, "expected a non-negative integer")
-        population = self.population_size()
-        if isinstance(self.cohort_size, bool) or not isinstance(self.cohort_size, int) or not (
-                1 <= self.cohort_size <= population):
-            raise ConfigError("cohort_size", self.cohort_size,
-                              f"expected an integer in 1..{population}, the number of clients "
-                              f"of data set {self.dataset!r}")
-
-    def population_size(self) -> int:
-        return self.num_clients or DEFAULT_NUM_CLIENTS[self.dataset]
+    def check(self) -> None:
+        if self.checkpoint_every is not None and self.output is None:
+            raise OptionError("checkpoint_every", self.checkpoint_every,
+                              "checkpoints are written under output, which is not set")
+        if self.execution == "chunked" and self.chunk_size is None:
+            raise OptionError("chunk_size", None, "the chunked strategy needs a chunk size")
 
 
-def _choice(option: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(option, value, f"allowed: {', '.join(allowed)}")
+@dataclasses.dataclass(frozen=True)
+class Selected:
+    """A registry entry by name, with its options (an instance of the entry's config class)."""
+
+    name: str
+    options: Any
 
 
-def _positive_int(option: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(option, value, "expected a positive integer")
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole run: what to train, on what, with which model, and how the run goes."""
+
+    algorithm: Selected
+    data: Selected
+    model: Selected
+    run: RunOptions = RunOptions()
+
+    def to_dict(self) -> dict:
+        """The nested plain dict saved as `config.json`; `config_from_dict` inverts it."""
+        result = {section: {"name": getattr(self, section).name,
+                            **options.to_dict(getattr(self, section).options)}
+                  for section in SECTIONS}
+        result["run"] = options.to_dict(self.run)
+        return result
 
 
-def _positive_float(option: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and value > 0):
-        raise ConfigError(option, value, "expected a positive number")
+def _spec(section: str, name: Any):
+    registry = registries()[section]
+    if name not in registry:
+        raise OptionError(f"{section}.name", name,
+                          f"unknown {section}; allowed: {', '.join(registry)}")
+    return registry[name]
 
 
-def _non_negative_float(option: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and value >= 0):
-        raise ConfigError(option, value, "expected a number >= 0")
-
-
-def build_dataset(config: RunConfig):
-    if config.dataset in ("digits", "mnist1d"):
-        options = {"alpha": config.alpha} if config.partition == "dirichlet" else {}
-        build = digits if config.dataset == "digits" else mnist1d
-        return build(config.population_size(), partition=config.partition, seed=config.seed,
-                     **options)
-    return fedprox_synthetic(config.alpha, config.beta, iid=config.dataset == "synthetic_iid",
-                             num_clients=config.population_size(), seed=config.seed)
-
-
-def build_algorithm(config: RunConfig, model):
-    options = dict(
-        server_optimizer=SERVER_OPTIMIZERS[config.server_optimizer](config.server_lr),
-        num_epochs=config.local_epochs, batch_size=config.batch_size,
-        weighting=config.weighting, straggler_fraction=config.stragglers,
-        execution=ClientExecution(config.execution, config.chunk_size))
-    if config.algorithm == "fedprox":
-        return fedprox(model, factored.sgd(config.client_lr), mu=config.mu, **options)
-    return fedavg(model, factored.sgd(config.client_lr), **options)
-
-
-def run(config: RunConfig, *, progress: bool = True, resume: bool = False) -> ExperimentResult:
-    """Validates `config`, builds its pieces and runs the experiment.
-
-    With `resume=True`, continues the run saved in `config.output` from its newest usable
-    checkpoint; a configuration that differs from the saved one is refused, naming the fields.
-    """
-    config.validate()
-    if resume and config.output is None:
-        raise ConfigError("output", None, "resuming needs the folder of the run to continue")
-    dataset = build_dataset(config)
-    model = get_model(config.model, dataset.feature_shape, dataset.num_classes)
-    return run_experiment(build_algorithm(config, model), dataset, num_rounds=config.rounds,
-                          cohort_size=config.cohort_size, seed=config.seed,
-                          eval_every=config.eval_every, output_dir=config.output,
-                          config=dataclasses.asdict(config), progress=progress,
-                          checkpoint_every=config.checkpoint_every, resume=resume,
-                          allow_divergence=config.allow_divergence)
-
-
-def load_saved_config(output_dir: str) -> RunConfig:
-    """The `RunConfig` saved in a run's folder (for `fedjax-lab run --resume DIR`)."""
-    path = os.path.join(output_dir, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"cannot resume {output_dir!r}: it has no {CONFIG_FILE}")
-    with open(path) as f:
-        saved = json.load(f)
-    known = {field.name for field in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(saved) - known)
+def config_from_dict(mapping: dict) -> Config:
+    """A validated `Config` from a nested mapping; missing sections and options take defaults."""
+    if not isinstance(mapping, dict):
+        raise OptionError("config", mapping, "expected a table with sections "
+                          f"{', '.join(SECTIONS + ('run',))}")
+    unknown = sorted(set(mapping) - set(SECTIONS + ("run",)))
     if unknown:
-        raise ValueError(f"{path} has unknown options {', '.join(unknown)}")
-    return RunConfig(**saved)
+        raise OptionError(unknown[0], mapping[unknown[0]], "unknown section; allowed: "
+                          f"{', '.join(SECTIONS + ('run',))}")
+    chosen = {}
+    for section in ("algorithm", "data", "model"):
+        table = mapping.get(section, {})
+        if isinstance(table, str):
+            table = {"name": table}
+        if not isinstance(table, dict):
+            raise OptionError(section, table, "expected a table with a name and options")
+        table = dict(table)
+        if section == "model" and "name" not in table:
+            table["name"] = DEFAULT_MODEL[chosen["algorithm"][0].model_kind]
+        spec = _spec(section, table.pop("name", DEFAULT_NAMES.get(section)))
+        chosen[section] = (spec, options.from_dict(spec.config, table, f"{section}."))
+    run = options.from_dict(RunOptions, mapping.get("run", {}), "run.")
+    algorithm_spec, model_spec = chosen["algorithm"][0], chosen["model"][0]
+    algorithm_spec.check_model_kind(model_spec.name, model_spec.kind)
+    return Config(**{section: Selected(spec.name, values)
+                     for section, (spec, values) in chosen.items()}, run=run)
+
+
+def read_config_file(path: str) -> dict:
+    """The nested mapping in a TOML (.toml) or JSON (.json) file; errors name the file and line."""
+    if not os.path.isfile(path):
+        raise OptionError("config", path, "no such file")
+    extension = os.path.splitext(path)[1].lower()
+    try:
+        if extension == ".toml":
+            with open(path, "rb") as f:
+                return tomllib.load(f)
+        if extension == ".json":
+            with open(path) as f:
+                return json.load(f)
+    except tomllib.TOMLDecodeError as error:
+        raise OptionError("config", path, f"not valid TOML: {error}") from None
+    except json.JSONDecodeError as error:
+        raise OptionError("config", path, f"not valid JSON: {error.msg} at line {error.lineno} "
+                          f"column {error.colno}") from None
+    raise OptionError("config", path, "expected a .toml or .json file")
+
+
+def load_config(path: str) -> Config:
+    """The `Config` of a TOML or JSON file (a run's saved `config.json` reruns it exactly)."""
+    try:
+        return config_from_dict(read_config_file(path))
+    except OptionError as error:
+        if error.path == "config":
+            raise
+        raise OptionError(error.path, error.value, f"{error.expected} (in {path})") from None
+
+
+def config_from_sources(file: str | None = None, overrides: dict | None = None) -> Config:
+    """Defaults, then `file`'s values, then `overrides` (a nested mapping), validated."""
+    mapping = {} if file is None else read_config_file(file)
+    if overrides:
+        mapping = options.merge(mapping, overrides)
+    try:
+        return config_from_dict(mapping)
+    except OptionError as error:
+        if file is None:
+            raise
+        raise OptionError(error.path, error.value, f"{error.expected} (from {file} and the "
+                          "command line)") from None
+
+
+def default_config() -> Config:
+    return config_from_dict({})
+
+
+def override_annotation(config: Config | None, dotted: str, mapping: dict):
+    """The type of option `dotted` (e.g. "algorithm.lam") given the names chosen so far."""
+    section, _, rest = dotted.partition(".")
+    if section == "run":
+        return options.field_annotation(RunOptions, rest, "run.")
+    if section not in SECTIONS or not rest:
+        raise OptionError(dotted, "", f"unknown option; sections: {', '.join(SECTIONS)}, run")
+    table = mapping.get(section, {})
+    name = table.get("name") if isinstance(table, dict) else table
+    if name is None:
+        name = getattr(config, section).name if config is not None else None
+    if name is None and section == "model":
+        algorithm = mapping.get("algorithm", {}).get("name", DEFAULT_NAMES["algorithm"])
+        name = DEFAULT_MODEL[_spec("algorithm", algorithm).model_kind]
+    spec = _spec(section, name if name is not None else DEFAULT_NAMES[section])
+    return options.field_annotation(spec.config, rest, f"{section}.")
+
+
+def build(config: Config):
+    """(algorithm, dataset, model) of a config: loads the data and builds the model and algorithm."""
+    algorithm_spec = _spec("algorithm", config.algorithm.name)
+    data_spec = _spec("data", config.data.name)
+    model_spec = _spec("model", config.model.name)
+    seed = config.run.seed if config.run.data_seed is None else config.run.data_seed
+    dataset = data_spec.load(config.data.options, seed)
+    if config.run.cohort_size > dataset.num_clients:
+        raise OptionError("run.cohort_size", config.run.cohort_size,
+                          f"expected at most {dataset.num_clients}, the number of clients of "
+                          f"data set {config.data.name!r}")
+    model = model_spec.build(config.model.options, dataset.feature_shape, dataset.num_classes)
+    info = DataInfo(num_clients=dataset.num_clients, num_classes=dataset.num_classes,
+                    feature_shape=tuple(dataset.feature_shape),
+                    max_examples=int(dataset.train.num_examples.max(initial=1)))
+    execution = ClientExecution(config.run.execution, config.run.chunk_size)
+    algorithm = algorithm_spec.build(config.algorithm.options, model, info, execution)
+    return algorithm, dataset, model
+
+
+def run(config: Config, *, progress: bool = True, resume: bool = False) -> ExperimentResult:
+    """Builds `config`'s pieces and runs the experiment (resuming from `config.run.output`)."""
+    if resume and config.run.output is None:
+        raise OptionError("run.output", None, "resuming needs the folder of the run to continue")
+    algorithm, dataset, _ = build(config)
+    return run_experiment(algorithm, dataset, num_rounds=config.run.rounds,
+                          cohort_size=config.run.cohort_size, seed=config.run.seed,
+                          eval_every=config.run.eval_every, output_dir=config.run.output,
+                          config=config.to_dict(), progress=progress,
+                          checkpoint_every=config.run.checkpoint_every, resume=resume,
+                          allow_divergence=config.run.allow_divergence)

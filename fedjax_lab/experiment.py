@@ -28,6 +28,7 @@ from fedjax_lab.core.types import Algorithm, experiment_key, init_key
 from fedjax_lab.data.sampling import check_cohort_size, cohort_batch, sample_cohort
 from fedjax_lab.data.stream import HostCohortStream, scan_rounds
 from fedjax_lab.evaluation import make_evaluator
+from fedjax_lab.options import flatten
 
 METRICS_FILE = "metrics.jsonl"
 EVALUATIONS_FILE = "evaluations.jsonl"
@@ -119,7 +120,8 @@ class ConfigMismatchError(ValueError):
     """A resumed run's configuration differs from the saved one; the message names the fields."""
 
 
-# Options that change how a run is carried out but not its results, so a resume may change them.
+# Options that change how a run is carried out but not its results, so a resume may change them
+# (top-level keys of a flat config, or the last part of a nested one's dotted paths).
 RESUMABLE_CHANGES = frozenset({"output", "checkpoint_every", "allow_divergence"})
 
 
@@ -128,10 +130,11 @@ def _check_same_config(output_dir: str, config: dict) -> None:
     if not os.path.exists(path):
         raise FileNotFoundError(f"cannot resume {output_dir!r}: it has no {CONFIG_FILE}")
     with open(path) as f:
-        saved = json.load(f)
-    current = json.loads(json.dumps(config))
+        saved = flatten(json.load(f))
+    current = flatten(json.loads(json.dumps(config)))
     differing = [name for name in sorted(set(saved) | set(current))
-                 if name not in RESUMABLE_CHANGES and saved.get(name) != current.get(name)]
+                 if name.rpartition(".")[2] not in RESUMABLE_CHANGES
+                 and saved.get(name) != current.get(name)]
     if differing:
         details = ", ".join(f"{name} (saved {saved.get(name)!r}, now {current.get(name)!r})"
                             for name in differing)
@@ -242,7 +245,10 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
             stream = distributed.ProcessCohortStream(stream, mesh)
         host_block = scan_rounds(algorithm)
         run_block = lambda state, first, length: host_block(state, stream.block(first, length))
-    evaluators = {"test": make_evaluator(algorithm, dataset.test.pad(), key)}
+    # An adapting algorithm adapts on each client's training data, then is scored on its test data.
+    train_clients = None if algorithm.adapted_predict is None else dataset.train.pad()
+    evaluators = {"test": make_evaluator(algorithm, dataset.test.pad(), key,
+                                         train_clients=train_clients)}
     if eval_train:
         evaluators["train"] = make_evaluator(algorithm, dataset.train.pad(), key)
     checkpoint_dir = None if output_dir is None else os.path.join(output_dir, CHECKPOINT_DIR)

@@ -250,6 +250,21 @@ def field_annotation(config_type: type, dotted: str, prefix: str = ""):
     return field_annotation(nested, rest, f"{prefix}{head}.")
 
 
+def field_names(config_type: type) -> tuple[str, ...]:
+    return tuple(field.name for field in dataclasses.fields(config_type))
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict:
+    """`{"a.b": value}` for `{"a": {"b": value}}`: the inverse of `nest` and `merge`."""
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def nest(dotted: str, value: Any) -> dict:
     """`{"a": {"b": value}}` for `"a.b"`."""
     head, _, rest = dotted.partition(".")

@@ -52,3 +52,23 @@ def assert_trees_equal(a, b):
 def assert_trees_close(a, b, rtol=1e-12, atol=1e-12):
     jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v),
                                                          rtol=rtol, atol=atol), a, b)
+
+
+def run_config(**dotted):
+    """A validated run `Config` from dotted options: `run_config(**{"run.rounds": 5})`."""
+    from fedjax_lab import options
+    from fedjax_lab.config import config_from_dict
+
+    mapping = {}
+    for path, value in dotted.items():
+        mapping = options.merge(mapping, options.nest(path, value))
+    return config_from_dict(mapping)
+
+
+def small_digits_config(**dotted):
+    """FedAvg with logistic regression on 8 digits clients, 5 rounds of 4: a quick real run."""
+    options = {"data.name": "digits", "data.num_clients": 8, "model.name": "logistic",
+               "algorithm.client.epochs": 1, "run.rounds": 5, "run.cohort_size": 4,
+               "run.eval_every": 2}
+    options.update(dotted)
+    return run_config(**options)

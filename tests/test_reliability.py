@@ -15,26 +15,32 @@ import numpy as np
 import optax
 import pytest
 
-from common import assert_trees_equal
-from fedjax_lab import checkpoint
+from common import assert_trees_equal, small_digits_config
+from fedjax_lab import checkpoint, options
 from fedjax_lab.algorithms import fedavg
-from fedjax_lab.config import RunConfig, run
+from fedjax_lab.config import Config, build, default_config, run
 from fedjax_lab.data import ClientData, FederatedDataset, digits
 from fedjax_lab.experiment import ConfigMismatchError, DivergenceError, run_experiment
 from fedjax_lab.models import logistic_regression
 
-LONG = RunConfig(dataset="digits", model="logistic", num_clients=8, cohort_size=4, rounds=1000,
-                 local_epochs=1, eval_every=25, checkpoint_every=25)
+LONG = small_digits_config(**{"run.rounds": 1000, "run.eval_every": 25,
+                               "run.checkpoint_every": 25})
 
 
-def _cli(config: RunConfig, resume: bool) -> list[str]:
+def _with_output(config: Config, folder: str) -> Config:
+    return dataclasses.replace(config, run=dataclasses.replace(config.run, output=folder))
+
+
+def _cli(config: Config, resume: bool) -> list[str]:
+    """The command line of `config`: a flag for every option that differs from the defaults."""
     argv = [sys.executable, "-m", "fedjax_lab.cli", "run"]
     if resume:
-        return argv + ["--resume", config.output]
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if value is not None and value != getattr(RunConfig(), field.name):
-            argv += ["--" + field.name.replace("_", "-"), str(value)]
+        return argv + ["--resume", config.run.output]
+    defaults = options.flatten(default_config().to_dict())
+    for path, value in options.flatten(config.to_dict()).items():
+        if value != defaults.get(path):
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            argv += ["--" + path, text]
     return argv
 
 
@@ -43,18 +49,15 @@ def _files(folder: str) -> dict[str, str]:
             for name in ("metrics.jsonl", "evaluations.jsonl")}
 
 
-def _final_state(folder: str, config: RunConfig):
-    dataset = digits(config.num_clients, partition=config.partition, alpha=config.alpha,
-                     seed=config.seed)
-    template = fedavg(logistic_regression(dataset.feature_shape, 10),
-                      optax.sgd(config.client_lr)).init(jax.random.key(0))
+def _final_state(folder: str, config: Config):
+    template = build(config)[0].init(jax.random.key(0))
     return checkpoint.load_latest(os.path.join(folder, "checkpoints"), template).state
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("reference") / "run")
-    run(dataclasses.replace(LONG, output=folder), progress=False)
+    run(_with_output(LONG, folder), progress=False)
     return folder
 
 
@@ -71,27 +74,27 @@ def _kill_when(process, condition):
 
 
 def test_sigkill_between_checkpoints_then_resume_is_bit_identical(tmp_path, uninterrupted):
-    config = dataclasses.replace(LONG, output=str(tmp_path / "run"))
+    config = _with_output(LONG, str(tmp_path / "run"))
     process = subprocess.Popen(_cli(config, resume=False), stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "run" / "checkpoints"
     _kill_when(process, lambda: len(checkpoint.list_checkpoints(str(checkpoints))) >= 2)
     assert process.returncode == -signal.SIGKILL
     newest = checkpoint.list_checkpoints(str(checkpoints))[-1]
-    assert int(os.path.basename(newest)[6:14]) < LONG.rounds, "the run ended before the kill"
+    assert int(os.path.basename(newest)[6:14]) < LONG.run.rounds, "the run ended before the kill"
 
     resumed = run(config, progress=False, resume=True)
-    assert _files(config.output) == _files(uninterrupted)
+    assert _files(config.run.output) == _files(uninterrupted)
     assert_trees_equal(resumed.state, _final_state(uninterrupted, LONG))
 
 
 def test_random_kills_in_a_row_then_resume_equal_the_uninterrupted_run(tmp_path, uninterrupted):
     """Each launch is killed at a random moment after it has written a new checkpoint."""
-    config = dataclasses.replace(LONG, output=str(tmp_path / "run"))
-    folder = os.path.join(config.output, "checkpoints")
+    config = _with_output(LONG, str(tmp_path / "run"))
+    folder = os.path.join(config.run.output, "checkpoints")
     chance = random.Random(1234)
     rounds_reached = []
     for _ in range(3):
-        started = os.path.exists(os.path.join(config.output, "config.json"))
+        started = os.path.exists(os.path.join(config.run.output, "config.json"))
         before = checkpoint.list_checkpoints(folder)
         process = subprocess.Popen(_cli(config, resume=started), stderr=subprocess.DEVNULL)
         _wait_until(process, lambda: checkpoint.list_checkpoints(folder) != before)
@@ -101,17 +104,17 @@ def test_random_kills_in_a_row_then_resume_equal_the_uninterrupted_run(tmp_path,
         process.wait()
         assert process.returncode == -signal.SIGKILL
         rounds_reached.append(int(os.path.basename(checkpoint.list_checkpoints(folder)[-1])[6:14]))
-    assert rounds_reached == sorted(rounds_reached) and rounds_reached[-1] < LONG.rounds
+    assert rounds_reached == sorted(rounds_reached) and rounds_reached[-1] < LONG.run.rounds
     run(config, progress=False, resume=True)
-    assert _files(config.output) == _files(uninterrupted)
-    assert_trees_equal(_final_state(config.output, LONG), _final_state(uninterrupted, LONG))
+    assert _files(config.run.output) == _files(uninterrupted)
+    assert_trees_equal(_final_state(config.run.output, LONG), _final_state(uninterrupted, LONG))
 
 
-def _small(folder, **overrides):
-    options = dict(dataset="digits", model="logistic", num_clients=6, cohort_size=3, rounds=8,
-                   local_epochs=1, eval_every=2, checkpoint_every=2, output=folder)
-    options.update(overrides)
-    return RunConfig(**options)
+def _small(folder, **dotted):
+    settings = {"data.num_clients": 6, "run.cohort_size": 3, "run.rounds": 8,
+                "run.checkpoint_every": 2, "run.output": folder}
+    settings.update(dotted)
+    return small_digits_config(**settings)
 
 
 def test_corrupted_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_path):
@@ -180,12 +183,15 @@ def test_nan_in_a_client_stops_the_run_naming_round_and_metric(tmp_path):
 
 
 def test_resume_with_a_changed_learning_rate_is_refused(tmp_path, capsys):
-    config = _small(str(tmp_path / "run"), rounds=2)
+    config = _small(str(tmp_path / "run"), **{"run.rounds": 2})
     run(config, progress=False)
-    with pytest.raises(ConfigMismatchError, match=r"client_lr \(saved 0.05, now 0.1\)"):
-        run(dataclasses.replace(config, client_lr=0.1), progress=False, resume=True)
+    faster = _small(str(tmp_path / "run"), **{"run.rounds": 2, "algorithm.client.lr": 0.1})
+    with pytest.raises(ConfigMismatchError,
+                       match=r"algorithm.client.lr \(saved 0.05, now 0.1\)"):
+        run(faster, progress=False, resume=True)
     from fedjax_lab.cli import main
-    assert main(["run", "--resume", config.output, "--client-lr", "0.1", "--rounds", "3"]) == 2
+    assert main(["run", "--resume", config.run.output, "--algorithm.client.lr", "0.1",
+                 "--rounds", "3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("fedjax-lab: error: cannot resume") and "client_lr" in err
-    assert "rounds (saved 2, now 3)" in err and len(err.splitlines()) == 1
+    assert err.startswith("fedjax-lab: error: cannot resume") and "algorithm.client.lr" in err
+    assert "run.rounds (saved 2, now 3)" in err and len(err.splitlines()) == 1

@@ -81,10 +81,10 @@ class AlgorithmSpec:
             raise ValueError(f"model_kind {self.model_kind!r} is unknown; allowed: "
                              f"{', '.join(MODEL_KINDS)}")
 
-    def check_model(self, model_name: str, model) -> None:
-        """Raises `OptionError` naming the model when this algorithm cannot use it."""
-        if self.model_kind == "split" and not hasattr(model, "extractor"):
+    def check_model_kind(self, model_name: str, model_kind: str) -> None:
+        """Raises `OptionError` naming the model when this algorithm cannot use its kind
+        ("plain" or "split", as the model registry declares)."""
+        if self.model_kind == "split" and model_kind != "split":
             raise OptionError("model.name", model_name,
                               f"algorithm {self.name!r} needs a split model (feature extractor "
-                              "+ head); choose one of the models that `fedjax-lab list` marks "
-                              "[split]")
+                              "+ head); `fedjax-lab list` marks those [split]")

@@ -1,0 +1,143 @@
+"""The contract every registered algorithm keeps, checked over the whole registry.
+
+For each `AlgorithmSpec` built with its default config on tiny clients: the jitted round equals the
+eager one; two rounds scanned keep the metric structure (REQUIRED_METRICS included) and equal two
+jitted rounds; `predict` has shape [C, N, classes]; a padded client changes no state and no
+per-client row; a state checkpointed and restored is bit for bit the same and continues the same;
+the config round-trips through its file.
+"""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_lab import checkpoint, config as run_config, options
+from fedjax_lab.algorithms import REGISTRY
+from fedjax_lab.core import ClientExecution, client_keys, experiment_key, init_key
+from fedjax_lab.core.types import REQUIRED_METRICS, ClientBatch, DataInfo
+from fedjax_lab.models import mlp, split_mlp
+
+NUM_CLIENTS, NUM_FEATURES, NUM_CLASSES, NUM_EXAMPLES = 6, 8, 3, 12
+COHORT = (0, 2, 3, 5)
+
+
+def _population():
+    rng = np.random.default_rng(0)
+    sizes = np.array([12, 7, 9, 12, 5, 10])
+    x = rng.normal(size=(NUM_CLIENTS, NUM_EXAMPLES, NUM_FEATURES)).astype(np.float32)
+    y = rng.integers(0, NUM_CLASSES, size=(NUM_CLIENTS, NUM_EXAMPLES)).astype(np.int32)
+    mask = np.arange(NUM_EXAMPLES)[None, :] < sizes[:, None]
+    return x, y * mask, mask, sizes
+
+
+def _batch(client_ids, round_index=0, padded=()):
+    """The cohort `client_ids`; ids in `padded` become padding rows (no examples)."""
+    x, y, mask, sizes = _population()
+    ids = np.asarray(client_ids)
+    real = ~np.isin(ids, padded)
+    mask = mask[ids] & real[:, None]
+    return ClientBatch(x=jnp.asarray(x[ids] * mask[..., None]), y=jnp.asarray(y[ids] * mask),
+                       mask=jnp.asarray(mask),
+                       num_examples=jnp.asarray(np.where(real, sizes[ids], 0), jnp.int32),
+                       client_ids=jnp.asarray(ids, jnp.int32),
+                       rng=client_keys(experiment_key(0), round_index, jnp.asarray(ids)))
+
+
+def _build(name):
+    spec = REGISTRY[name]
+    model = (split_mlp((NUM_FEATURES,), NUM_CLASSES, hidden=(16, 8)) if spec.model_kind == "split"
+             else mlp((NUM_FEATURES,), NUM_CLASSES, hidden=(16,)))
+    info = DataInfo(NUM_CLIENTS, NUM_CLASSES, (NUM_FEATURES,), NUM_EXAMPLES)
+    return spec.build(spec.config(), model, info, ClientExecution("vmap"))
+
+
+def _without_metrics(state):
+    """The state less its metrics (a padded client is still counted in a cohort's size)."""
+    if hasattr(state, "_replace"):
+        return state._replace(metrics={})
+    return state.replace(metrics={})
+
+
+def _close(a, b):
+    chex.assert_trees_all_close(a, b, rtol=2e-5, atol=2e-6)
+
+
+@pytest.fixture(scope="module", params=sorted(REGISTRY))
+def built(request):
+    algorithm = _build(request.param)
+    state = algorithm.init(init_key(experiment_key(0)))
+    round_fn = jax.jit(algorithm.round)
+    return request.param, algorithm, state, round_fn, round_fn(state, _batch(COHORT))
+
+
+def test_jitted_and_eager_rounds_agree_and_metrics_are_complete(built):
+    _, algorithm, state, _, after = built
+    eager = algorithm.round(state, _batch(COHORT))
+    _close(eager, after)
+    assert set(REQUIRED_METRICS) <= set(after.metrics)
+    chex.assert_trees_all_equal_structs(state, after)
+    assert int(after.round) == int(state.round) + 1
+
+
+def test_two_scanned_rounds_equal_two_jitted_rounds(built):
+    _, algorithm, state, round_fn, after = built
+    batches = [_batch(COHORT, 0), _batch((1, 2, 4, 5), 1)]
+    stacked = jax.tree.map(lambda *b: jnp.stack(b), *batches)
+    scanned, metrics = jax.jit(lambda s, b: jax.lax.scan(
+        lambda s, b: (algorithm.round(s, b),) * 2, s, b))(state, stacked)
+    chex.assert_tree_shape_prefix(metrics, (2,))
+    _close(scanned, round_fn(after, batches[1]))
+    assert jax.tree.structure(scanned.metrics) == jax.tree.structure(state.metrics)
+
+
+def test_predict_has_one_logit_row_per_example(built):
+    _, algorithm, _, _, after = built
+    batch = _batch(COHORT)
+    logits = jax.jit(algorithm.predict)(after, batch)
+    chex.assert_shape(logits, (len(COHORT), NUM_EXAMPLES, NUM_CLASSES))
+    chex.assert_tree_all_finite(logits)
+    for view in (algorithm.predict_global,):
+        if view is not None:
+            chex.assert_shape(view(after, batch), (len(COHORT), NUM_EXAMPLES, NUM_CLASSES))
+    if algorithm.adapted_predict is not None:
+        query = _batch(COHORT)
+        chex.assert_shape(algorithm.adapted_predict(after, batch, query),
+                          (len(COHORT), NUM_EXAMPLES, NUM_CLASSES))
+
+
+def test_a_padded_client_changes_nothing(built):
+    _, _, state, round_fn, after = built
+    # Client 1 rides along as padding: the result equals the round without it, and its
+    # per-client state row (if any) is untouched.
+    padded = round_fn(state, _batch((0, 2, 1, 3, 5), padded=(1,)))
+    _close(_without_metrics(padded), _without_metrics(after))
+    client_states = getattr(state, "client_states", ())
+    if jax.tree.leaves(client_states):
+        row = lambda s: jax.tree.map(lambda leaf: leaf[1], s.client_states)
+        chex.assert_trees_all_equal(row(state), row(padded))
+
+
+def test_checkpoint_restores_the_state_bit_for_bit(built, tmp_path):
+    _, _, state, round_fn, after = built
+    checkpoint.save(str(tmp_path), after, [], [])
+    restored = checkpoint.load_latest(str(tmp_path), state).state
+    chex.assert_trees_all_equal(restored, after)
+    batch = _batch((1, 2, 4, 5), 1)
+    chex.assert_trees_all_equal(round_fn(restored, batch), round_fn(after, batch))
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_config_round_trips_through_its_file(name, tmp_path):
+    spec = REGISTRY[name]
+    model = "split_mlp" if spec.model_kind == "split" else "mlp"
+    config = run_config.config_from_dict({"algorithm": {"name": name}, "model": {"name": model},
+                                          "run": {"rounds": 3}})
+    path = tmp_path / "config.json"
+    path.write_text(__import__("json").dumps(config.to_dict()))
+    assert run_config.load_config(str(path)) == config
+    assert options.from_dict(spec.config, options.to_dict(spec.config())) == spec.config()
+    assert dataclasses.is_dataclass(spec.config) and spec.config.__dataclass_params__.frozen
