@@ -8,9 +8,11 @@ import pytest
 
 from common import (NUM_CLASSES, NUM_FEATURES, assert_trees_close, make_clients, small_model,
                     stack_clients)
-from fedjax_lab.algorithms.fedamp import (attention_weights, fedamp,
-                                          heuristic_attention_weights)
+from fedjax_lab.algorithms.fedamp import (FedAMPConfig, attention_weights, build, fedamp,
+                                          heuristic_attention_weights, resolve_steps)
 from fedjax_lab.core import local_train, model_loss, weighted_mean
+from fedjax_lab.core.types import DataInfo
+from fedjax_lab.options import OptionError, from_dict
 
 POPULATION = 6
 SIZES = [9, 4, 13, 6]
@@ -109,6 +111,10 @@ def float64_population(algorithm, seed=1):
     return state._replace(client_states=jax.tree.unflatten(treedef, moved))
 
 
+def client_model(state, i):
+    return jax.tree.map(lambda leaf: leaf[i], state.client_states.models)
+
+
 def test_one_client_step_is_a_gradient_step_on_the_squared_proximal_objective():
     """w_i <- w_i - eta (grad F_i(w_i) + (lam / alpha_k)(w_i - u_i)) from the client's own model,
     with u_i built from ALL clients' latest models; jitted and unjitted rounds agree."""
@@ -123,16 +129,16 @@ def test_one_client_step_is_a_gradient_step_on_the_squared_proximal_objective():
         batch = stack_clients(xs, ys, padded_length=16, client_ids=ids)
         new = jax.jit(algorithm.round)(state, batch)
         assert_trees_close(algorithm.round(state, batch), new)
-        xi = attention_weights(state.client_states, ALL, alpha_k=alpha_k, sigma=sigma)
-        clouds = weighted_mean(state.client_states, xi)
+        population = state.client_states.models
+        xi = attention_weights(population, ALL, alpha_k=alpha_k, sigma=sigma)
+        clouds = weighted_mean(population, xi)
         for row, i in enumerate(ids):
-            w, u = (jax.tree.map(lambda leaf: leaf[i], tree) for tree in (state.client_states,
-                                                                          clouds))
+            w, u = (jax.tree.map(lambda leaf: leaf[i], tree) for tree in (population, clouds))
             grad = jax.grad(model_loss(model.apply))(w, xs[row], ys[row],
                                                      np.ones(len(ys[row]), bool), None)
             expected = jax.tree.map(lambda w_, g, u_: w_ - eta * (g + lam / alpha_k * (w_ - u_)),
                                     w, grad, u)
-            assert_trees_close(jax.tree.map(lambda leaf: leaf[i], new.client_states), expected)
+            assert_trees_close(client_model(new, i), expected)
 
 
 def test_lambda_zero_is_local_training_and_unsampled_clients_never_change():
@@ -150,9 +156,8 @@ def test_lambda_zero_is_local_training_and_unsampled_clients_never_change():
             model_loss(model.apply), optax.sgd(0.1), params, x, y, jnp.ones(len(y), bool), rng,
             num_epochs=2, batch_size=3).params)
         for row, i in enumerate(ids[:3]):
-            start = jax.tree.map(lambda leaf: leaf[i], state.client_states)
-            assert_trees_close(jax.tree.map(lambda leaf: leaf[i], new.client_states),
-                               train(start, xs[row], ys[row], batch.rng[row]))
+            assert_trees_close(client_model(new, i),
+                               train(client_model(state, i), xs[row], ys[row], batch.rng[row]))
         untouched = [2, 4, 5]
         for old, updated in zip(jax.tree.leaves(state.client_states),
                                 jax.tree.leaves(new.client_states)):
@@ -177,8 +182,8 @@ def test_metrics_count_cloud_downloads_and_model_uploads():
     logits = algorithm.predict(new, stack_clients(xs, ys, client_ids=[1, 3, 0, 4]))
     model = small_model()
     np.testing.assert_allclose(
-        logits[1], model.apply(jax.tree.map(lambda leaf: leaf[3], new.client_states),
-                               jnp.asarray(np.pad(xs[1], ((0, 9), (0, 0))))), rtol=1e-6)
+        logits[1], model.apply(client_model(new, 3), jnp.asarray(np.pad(xs[1], ((0, 9), (0, 0))))),
+        rtol=1e-6)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -204,3 +209,73 @@ def test_heuristic_attention_tolerates_a_large_step():
     """Its self-weight is fixed, so alpha_k only scales the proximal term."""
     fedamp(small_model(), optax.sgd(0.1), num_clients=POPULATION, alpha_k=5.0,
            attention="heuristic", self_weight=0.5)
+
+
+@pytest.mark.parametrize("num_clients", [2, 12, 60, 1000])
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 10.0])
+def test_default_steps_pull_clients_with_a_coefficient_independent_of_the_population(
+        num_clients, sigma):
+    """The issue's finding: alpha_k = sigma / (N - 1) with a fixed lam made the pull
+    lam (N - 1) / sigma grow with N. The defaults keep lam / alpha_k = 1 (and xi_ii >= 0)."""
+    lam, alpha_k = resolve_steps(num_clients, sigma=sigma)
+    assert lam / alpha_k == pytest.approx(1.0)
+    assert alpha_k * (num_clients - 1) / sigma <= 1 + 1e-12
+    heuristic = resolve_steps(num_clients, sigma=sigma, attention="heuristic")
+    assert heuristic == resolve_steps(num_clients, sigma=1.0, attention="heuristic")
+    assert heuristic[0] / heuristic[1] == pytest.approx(1.0)
+
+
+def test_default_fedamp_stays_stable_with_sixty_clients():
+    """At lam = sigma = 1, N = 60 and SGD 0.05 the old default pull (59) overshot the cloud
+    model at every step and the training loss jumped several-fold; the defaults only descend."""
+    xs, ys = make_clients([8] * 60)
+    algorithm = fedamp(small_model(), optax.sgd(0.05), num_clients=60, sigma=1.0, batch_size=4)
+    state, round_fn = algorithm.init(jax.random.key(0)), jax.jit(algorithm.round)
+    losses = []
+    for round_index in range(4):
+        state = round_fn(state, stack_clients(xs, ys, round_index=round_index))
+        losses.append(float(state.metrics["train_loss"]))
+    assert all(np.isfinite(losses)) and max(losses) <= losses[0], losses
+
+
+def test_the_heuristic_temperature_does_not_change_the_proximal_pull():
+    """With xi_ii = 1 the cloud model is the client's own, so sigma may not change anything; it
+    did when alpha_k (hence the pull lam / alpha_k) defaulted to sigma / (N - 1)."""
+    xs, ys = make_clients(SIZES)
+    batch = stack_clients(xs, ys, client_ids=[5, 0, 2, 3])
+    rounds = []
+    for sigma in (1.0, 50.0):
+        algorithm = fedamp(small_model(), optax.sgd(0.1), num_clients=POPULATION, lam=0.5,
+                           sigma=sigma, attention="heuristic", self_weight=1.0)
+        state = algorithm.init(jax.random.key(0))
+        moved = state._replace(client_states=jax.tree.map(lambda leaf: leaf + 0.3,
+                                                          state.client_states))
+        rounds.append(jax.jit(algorithm.round)(moved, batch).client_states)
+    assert_trees_close(*rounds, rtol=0, atol=0)
+
+
+def _info(num_clients):
+    return DataInfo(num_clients, NUM_CLASSES, (NUM_FEATURES,), 16)
+
+
+@pytest.mark.parametrize("options", [{}, {"attention": "heuristic", "sigma": 5.0}])
+def test_the_registry_builder_runs_a_round(options):
+    xs, ys = make_clients(SIZES)
+    algorithm = build(from_dict(FedAMPConfig, options), small_model(), _info(POPULATION))
+    state = algorithm.init(jax.random.key(0))
+    new = jax.jit(algorithm.round)(state, stack_clients(xs, ys, client_ids=[5, 0, 2, 3]))
+    assert int(new.metrics["participants"]) == 4 and np.isfinite(float(new.metrics["train_loss"]))
+    expected_self_weight = 0.5 if options else 0.0
+    assert float(new.metrics["self_weight"]) == pytest.approx(expected_self_weight, abs=1e-6)
+
+
+def test_the_builder_refuses_a_pull_that_makes_local_sgd_diverge():
+    config = from_dict(FedAMPConfig, {"lam": 1.0, "sigma": 1.0})
+    with pytest.raises(OptionError, match=r"algorithm.lam=1.0 .*lam / alpha_k = 59 .*60 clients"):
+        build(config, small_model(), _info(60))
+    build(config, small_model(), _info(12))
+
+
+def test_self_weight_belongs_to_the_heuristic_attention():
+    with pytest.raises(OptionError, match="self_weight=0.3 .*heuristic"):
+        from_dict(FedAMPConfig, {"self_weight": 0.3})
