@@ -24,7 +24,7 @@ import numpy as np
 from fedjax_lab import checkpoint, distributed
 
 from fedjax_lab.core import sharding
-from fedjax_lab.core.types import Algorithm, experiment_key, init_key
+from fedjax_lab.core.types import REQUIRED_METRICS, Algorithm, experiment_key, init_key
 from fedjax_lab.data.sampling import check_cohort_size, cohort_batch, sample_cohort
 from fedjax_lab.data.stream import HostCohortStream, scan_rounds
 from fedjax_lab.evaluation import make_evaluator
@@ -216,6 +216,11 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} is invalid; expected a positive integer")
     check_cohort_size(cohort_size, dataset.train.num_clients)
+    metrics = jax.eval_shape(algorithm.init, jax.random.key(0)).metrics
+    missing = [name for name in REQUIRED_METRICS if name not in metrics]
+    if missing:
+        raise ValueError(f"the algorithm's metrics lack {', '.join(missing)}; every round "
+                         f"reports {', '.join(REQUIRED_METRICS)} (core.metrics.round_metrics)")
     if (checkpoint_every is not None or resume) and output_dir is None:
         raise ValueError("checkpoints and resume need an output_dir")
     if resume:

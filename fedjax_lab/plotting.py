@@ -81,6 +81,8 @@ def load_run(folder: str) -> Run:
             raise RunFolderError(f"{config_path} is not JSON ({error.msg})") from None
     name = os.path.basename(os.path.normpath(os.path.abspath(folder)))
     algorithm = config.get("algorithm") if isinstance(config, dict) else None
+    if isinstance(algorithm, dict):
+        algorithm = algorithm.get("name")
     label = name if not algorithm or algorithm in name else f"{name} ({algorithm})"
     return Run(folder, label, metrics, evaluations, config if isinstance(config, dict) else {})
 

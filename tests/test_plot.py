@@ -17,17 +17,18 @@ from fedjax_lab.evaluation import summarize  # noqa: E402
 from fedjax_lab.plotting import load_run  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TINY_RUN = ["--dataset", "synthetic", "--model", "logistic", "--num-clients", "8",
-            "--cohort-size", "4", "--local-epochs", "1", "--rounds", "4", "--eval-every", "2"]
+TINY_RUN = ["--data", "synthetic", "--model", "logistic", "--data.num_clients", "8",
+            "--cohort-size", "4", "--algorithm.client.epochs", "1", "--rounds", "4",
+            "--eval-every", "2"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two real runs (FedAvg and FedProx) written by `fedjax-lab run --output`."""
+    """Two real runs (FedAvg and Ditto, personalised) written by `fedjax-lab run --output`."""
     root = tmp_path_factory.mktemp("runs")
-    folders = [str(root / "baseline"), str(root / "prox_run")]
+    folders = [str(root / "baseline"), str(root / "personal_run")]
     assert main(["run", *TINY_RUN, "--output", folders[0]]) == 0
-    assert main(["run", *TINY_RUN, "--algorithm", "fedprox", "--mu", "0.1",
+    assert main(["run", *TINY_RUN, "--algorithm", "ditto", "--algorithm.lam", "0.1",
                  "--output", folders[1]]) == 0
     return folders
 
@@ -81,7 +82,7 @@ def test_plot_two_runs_into_a_folder(runs, tmp_path, capsys):
 
 def test_legend_names_folder_and_algorithm(runs):
     assert load_run(runs[0]).label == "baseline (fedavg)"
-    assert load_run(runs[1]).label == "prox_run (fedprox)"
+    assert load_run(runs[1]).label == "personal_run (ditto)"
     assert len(load_run(runs[1]).metrics) == 4
 
 
