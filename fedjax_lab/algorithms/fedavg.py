@@ -33,6 +33,7 @@ from fedjax_lab.core.aggregation import WEIGHTINGS
 from fedjax_lab.core.attacks import Attack
 from fedjax_lab.core.communication import model_exchange_bytes
 from fedjax_lab.core.factored import factored_local_sgd, unsupported_reason
+from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.robust import Aggregator
 from fedjax_lab.core.validation import check_positive_int
 from fedjax_lab.core.types import DataInfo
@@ -223,19 +224,15 @@ def predict_with(model: Model, params: PyTree, x: jax.Array) -> jax.Array:
 
 
 def _round_metrics(weights, losses, steps, mean_delta) -> dict[str, jax.Array]:
-    """The round's scalars; `init` calls it on empty cohorts so the structure never changes.
+    """The round's metrics plus the aggregated clients' `local_steps` and the `update_norm`.
 
     Every cohort client downloads the model; only aggregated clients' models count as uploaded
     (a dropped straggler's work never arrives).
     """
-    dtype = jnp.result_type(float)
-    return {
-        **model_exchange_bytes(weights, mean_delta),
-        "train_loss": jnp.sum(weights * losses).astype(dtype),
-        "participants": jnp.sum(weights > 0).astype(jnp.int32),
-        "local_steps": jnp.sum(jnp.where(weights > 0, steps, 0)).astype(jnp.int32),
-        "update_norm": optax.tree.norm(mean_delta).astype(dtype),
-    }
+    return round_metrics(
+        weights, losses, **model_exchange_bytes(weights, mean_delta),
+        local_steps=jnp.sum(jnp.where(weights > 0, steps, 0)).astype(jnp.int32),
+        update_norm=optax.tree.norm(mean_delta).astype(jnp.result_type(float)))
 
 
 SPECS = (AlgorithmSpec(
