@@ -10,13 +10,16 @@ import pytest
 
 from common import (NUM_CLASSES, NUM_FEATURES, assert_trees_close, assert_trees_equal,
                     float64_params, make_clients, small_model, stack_clients)
-from fedjax_lab.algorithms.ditto import (_PERSONAL_STREAM, DittoClientState, _validation_split,
-                                         ditto)
-from fedjax_lab.algorithms.fedavg import fedavg
+from fedjax_lab.algorithms.ditto import (_PERSONAL_STREAM, DittoClientState, DittoConfig,
+                                         _validation_split, build, ditto)
+from fedjax_lab.algorithms.fedavg import FedAvgConfig, fedavg
+from fedjax_lab.algorithms.fedavg import build as build_fedavg
 from fedjax_lab.core import local_train, model_loss
 from fedjax_lab.data import fedprox_synthetic
 from fedjax_lab.experiment import run_experiment
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.models import Model, logistic_regression
+from fedjax_lab.options import OptionError, from_dict
 
 SIZES = [9, 4, 13, 6]
 POPULATION = 10
@@ -261,3 +264,31 @@ def test_bad_hyperparameters_are_named(options, message):
     options = {"num_clients": POPULATION, **options}
     with pytest.raises(ValueError, match=message):
         ditto(small_model(), optax.sgd(0.1), **options)
+
+
+def test_the_default_registry_ditto_trains_the_default_fedavg_as_its_global_model():
+    info = DataInfo(POPULATION, NUM_CLASSES, (NUM_FEATURES,), 16)
+    xs, ys = make_clients(SIZES)
+    batch = stack_clients(xs, ys, client_ids=[7, 0, 2, 3])
+    built = build(DittoConfig(), small_model(), info)
+    reference = build_fedavg(FedAvgConfig(), small_model(), info)
+    state = jax.jit(built.round)(built.init(jax.random.key(0)), batch)
+    expected = jax.jit(reference.round)(reference.init(jax.random.key(0)), batch)
+    assert_trees_equal(state.params, expected.params)
+    assert float(state.metrics["lam_mean"]) == 1.0
+
+
+def test_registry_options_reach_the_factory_and_misplaced_ones_are_refused():
+    with pytest.raises(OptionError, match="personal_epochs=2 .*sequential"):
+        from_dict(DittoConfig, {"personal_epochs": 2})
+    with pytest.raises(OptionError, match=r"lam_grid\[1\]|lam_grid=.*lams >= 0"):
+        from_dict(DittoConfig, {"lam_grid": [0.1, -1.0]})
+    config = from_dict(DittoConfig, {"lam_grid": [0.1, 2.0], "schedule": "sequential",
+                                     "personal_epochs": 1, "client": {"epochs": 1}})
+    xs, ys = make_clients(SIZES)
+    algorithm = build(config, small_model(),
+                      DataInfo(POPULATION, NUM_CLASSES, (NUM_FEATURES,), 16))
+    state = jax.jit(algorithm.round)(algorithm.init(jax.random.key(0)),
+                                     stack_clients(xs, ys, client_ids=[7, 0, 2, 3]))
+    chosen = np.asarray(state.client_states.lam)[[7, 0, 2, 3]]
+    assert np.all(np.isclose(chosen, 0.1) | np.isclose(chosen, 2.0)), chosen
