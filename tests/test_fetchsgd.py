@@ -1,4 +1,5 @@
-"""FetchSGD and its baselines (algorithms/fetchsgd.py): ALGORITHMS.md §6e tests (4) and (5)."""
+"""FetchSGD and its baselines (algorithms/fetchsgd.py, topk.py, compressed.py): ALGORITHMS.md §6e
+tests (4) and (5), per-client state, communication and the registry builders."""
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +10,14 @@ from jax.flatten_util import ravel_pytree
 
 from common import (assert_trees_close, assert_trees_equal, float64_params, make_clients,
                     small_model, stack_clients)
-from fedjax_lab.algorithms.fetchsgd import fetchsgd, local_topk, momentum_sgd, true_topk
+from fedjax_lab.algorithms import REGISTRY
+from fedjax_lab.algorithms.compressed import FetchSGDClientState
+from fedjax_lab.algorithms.fetchsgd import fetchsgd
+from fedjax_lab.algorithms.topk import local_topk, momentum_sgd, true_topk
 from fedjax_lab.core import client_weights, local_train, model_loss
 from fedjax_lab.core.gradients import minibatch_gradient
 from fedjax_lab.core.sketch import CountSketch
+from fedjax_lab.core.types import DataInfo
 
 SIZES = [9, 4, 13, 6]
 DIM = 5 * 3 + 3  # the small logistic model
@@ -144,7 +149,8 @@ def test_local_error_feedback_conserves_each_clients_gradient_mass():
         xs, ys = make_clients(SIZES, dtype=np.float64)
         batch = stack_clients(xs, ys, padded_length=16, client_ids=ids)
         new = jax.jit(algorithm.round)(state, batch)
-        errors = np.asarray(new.client_states["error"])
+        assert isinstance(new.client_states, FetchSGDClientState)
+        errors = np.asarray(new.client_states.error)
         untouched = np.setdiff1d(np.arange(10), ids)
         np.testing.assert_array_equal(errors[untouched], 0)
         weights = np.asarray(client_weights(batch.num_examples))
@@ -234,3 +240,43 @@ def test_bad_options_are_named():
         momentum_sgd(model, learning_rate=-0.1)
     with pytest.raises(ValueError, match="needs client_optimizer"):
         momentum_sgd(model, learning_rate=0.1, client_update="local_steps")
+
+
+def test_padded_clients_keep_their_state_and_stateless_runs_keep_none():
+    """A padded slot (no examples) neither writes its error nor its sync round; without a
+    population there is no per-client state at all."""
+    with jax.enable_x64(True):
+        model = small_model()
+        params = float64_params(model)
+        algorithm = local_topk(model, learning_rate=0.2, k=3, num_clients=10)
+        state = float64_state(algorithm, params)
+        xs, ys = make_clients([6, 5, 0], dtype=np.float64)
+        new = jax.jit(algorithm.round)(state, stack_clients(
+            xs, ys, padded_length=8, client_ids=[4, 1, 7]))
+        assert np.count_nonzero(np.asarray(new.client_states.error)[[4, 1]]) > 0
+        np.testing.assert_array_equal(new.client_states.error[7], 0)
+        assert_trees_equal(jax.tree.map(lambda leaf: leaf[np.r_[0, 2, 3, 5:10]],
+                                        new.client_states),
+                           jax.tree.map(lambda leaf: leaf[np.r_[0, 2, 3, 5:10]],
+                                        state.client_states))
+        stateless = fetchsgd(model, learning_rate=0.1, **SKETCH)
+        assert stateless.init(jax.random.key(0)).client_states == ()
+
+
+@pytest.mark.parametrize("name", ["fetchsgd", "true_topk", "local_topk", "momentum_sgd"])
+def test_registry_defaults_build_and_train(name):
+    """Each spec's default config builds on a model and trains two rounds with finite metrics;
+    k and c are fractions of d, so they fit this 18-parameter model (k = c = 1)."""
+    spec = REGISTRY[name]
+    model = small_model()
+    algorithm = spec.build(spec.config(), model, DataInfo(6, 3, (5,), 16))
+    xs, ys = make_clients(SIZES)
+    state = algorithm.init(jax.random.key(0))
+    round_fn = jax.jit(algorithm.round)
+    for t in range(2):
+        state = round_fn(state, stack_clients(xs, ys, padded_length=16, round_index=t))
+    assert all(np.isfinite(float(value)) for value in state.metrics.values())
+    assert int(state.metrics["participants"]) == len(SIZES)
+    assert algorithm.predict(state, stack_clients(xs, ys)).shape == (4, 13, 3)
+    assert isinstance(state.client_states, FetchSGDClientState)
+    assert state.client_states.synced_round.shape == (6,)

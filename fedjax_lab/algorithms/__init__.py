@@ -16,15 +16,16 @@ from fedjax_lab.algorithms.fedgen import FedGenState, fedgen
 from fedjax_lab.algorithms.fedgkt import FedGKTClientState, FedGKTState, fedgkt
 from fedjax_lab.algorithms.fedmeta import FedMetaState, fedavg_meta, fedmeta
 from fedjax_lab.algorithms.fedproto import FedProtoState, fedproto
-from fedjax_lab.algorithms.fetchsgd import (FetchSGDState, fetchsgd, local_topk, momentum_sgd,
-                                            true_topk)
+from fedjax_lab.algorithms.compressed import FetchSGDState
+from fedjax_lab.algorithms.fetchsgd import fetchsgd
+from fedjax_lab.algorithms.topk import local_topk, momentum_sgd, true_topk
 from fedjax_lab.algorithms.median_mean import MedianMeanState, median_sgd, sign_sgd
 from fedjax_lab.algorithms.fedprox import fedprox, proximal_term
 from fedjax_lab.algorithms.perfedavg import PerFedAvgState, perfedavg
 from fedjax_lab.algorithms.pfedhn import PFedHNState, pfedhn
 
-_MODULES = ("fedavg", "fedprox", "median_mean", "fetchsgd", "ditto", "fedamp", "fedproto",
-            "pfedhn", "fedmeta", "perfedavg", "fedgkt", "fedgen")
+_MODULES = ("fedavg", "fedprox", "median_mean", "fetchsgd", "topk", "ditto", "fedamp",
+            "fedproto", "pfedhn", "fedmeta", "perfedavg", "fedgkt", "fedgen")
 REGISTRY: dict[str, AlgorithmSpec] = {
     spec.name: spec
     for module in _MODULES
