@@ -9,9 +9,11 @@ from jax.scipy.special import erf
 from common import float64_params, make_clients, small_model, stack_clients
 from experiments.median_mean_bridge import (expected_median, expected_vote, fixed_point,
                                             one_dimensional_batch, quadratic_loss, scalar_model)
+from fedjax_lab.algorithms import REGISTRY
 from fedjax_lab.algorithms.median_mean import median_sgd, sign_sgd
 from fedjax_lab.core import ClientBatch, client_keys, experiment_key, model_loss
 from fedjax_lab.core.attacks import Attack
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.models import Model
 
 SIZES = [7, 3, 9, 5, 4]
@@ -200,3 +202,19 @@ def test_bad_options_are_named():
         median_sgd(model, learning_rate=0.1, noise_reference="relative")
     with pytest.raises(ValueError, match="learning_rate=0 is invalid"):
         sign_sgd(model, learning_rate=0)
+
+
+@pytest.mark.parametrize("name", ["sign_sgd", "median_sgd"])
+def test_registry_defaults_build_and_train(name):
+    """The default config (b = 3 median |g|) builds and trains two rounds with finite metrics."""
+    spec = REGISTRY[name]
+    algorithm = spec.build(spec.config(), small_model(), DataInfo(5, 3, (5,), 12))
+    xs, ys = make_clients(SIZES)
+    state = algorithm.init(jax.random.key(0))
+    round_fn = jax.jit(algorithm.round)
+    for t in range(2):
+        state = round_fn(state, stack_clients(xs, ys, padded_length=12, round_index=t))
+    assert all(np.isfinite(float(value)) for value in state.metrics.values())
+    assert int(state.metrics["participants"]) == len(SIZES)
+    assert float(state.metrics["noise_scale"]) > 0
+    assert algorithm.predict(state, stack_clients(xs, ys)).shape == (len(SIZES), 9, 3)

@@ -28,6 +28,7 @@ the sign or median, never to the aggregate or the model; every node, coordinate 
 fresh noise from its own key; the vote is over signs, not the sign of the mean.
 """
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -35,19 +36,70 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from fedjax_lab.algorithms.fedavg import predict_with
+from fedjax_lab.algorithms.spec import AlgorithmSpec
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              model_loss, server_update, sign_bytes, tree_bytes)
 from fedjax_lab.core.attacks import Attack
 from fedjax_lab.core.gradients import minibatch_gradient
 from fedjax_lab.core.local_training import LossFn
+from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.robust import coordinate_median, majority_vote
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.models import Model
+from fedjax_lab.options import non_negative, one_of, option, optional_positive_int, positive
 
 PyTree = Any
 NOISES = ("gaussian", "uniform")
 NOISE_REFERENCES = ("absolute", "median_gradient")
 # The nodes' noise sub-stream of their round key (ClientStream uses small values).
 _NOISE_STREAM = 6_001
+
+
+@dataclasses.dataclass(frozen=True)
+class SignSGDConfig:
+    """Noisy signSGD's options. The paper publishes no defaults (ALGORITHMS.md §3c); these follow
+    the library's digits experiment: Gaussian noise of b = 3 times the first round's median |g|
+    (its best scale, and the paper's advice to set b relative to the gradient scale), full local
+    gradients. delta = 0.01 rather than the experiment's 0.03 for softmax regression: every
+    coordinate of the default MLP (d = 55,210) moves by delta, and 0.03 raised its loss in the
+    second round. `noise_scale` 0 is plain signSGD with majority vote."""
+
+    lr: float = option(0.01, "server step delta", positive, sweepable=True)
+    noise_scale: float = option(3.0, "noise scale b (0: noiseless)", non_negative,
+                                sweepable=True)
+    noise: str = option("gaussian", "law of the noise xi", one_of(*NOISES))
+    noise_reference: str = option("median_gradient", "b in absolute units or in units of the "
+                                  "first round's median |g|", one_of(*NOISE_REFERENCES))
+    batch_size: int | None = option(None, "each node's minibatch; none = all its examples",
+                                    optional_positive_int)
+
+
+@dataclasses.dataclass(frozen=True)
+class MedianSGDConfig(SignSGDConfig):
+    """Noisy medianSGD's options: as `SignSGDConfig` (b = 3 times the median |g|), with the
+    library's digits step delta = 0.5 (a median is a gradient-sized step, not a sign).
+    `noise_scale` 0 is plain medianSGD."""
+
+    lr: float = option(0.5, "server step delta", positive, sweepable=True)
+
+
+def _options(config: SignSGDConfig, execution: ClientExecution) -> dict:
+    return dict(learning_rate=config.lr, noise_scale=config.noise_scale, noise=config.noise,
+                noise_reference=config.noise_reference, batch_size=config.batch_size,
+                execution=execution)
+
+
+def build_sign_sgd(config: SignSGDConfig, model: Model, data: DataInfo,
+                   execution: ClientExecution = ClientExecution()) -> Algorithm:
+    del data
+    return sign_sgd(model, **_options(config, execution))
+
+
+def build_median_sgd(config: MedianSGDConfig, model: Model, data: DataInfo,
+                     execution: ClientExecution = ClientExecution()) -> Algorithm:
+    del data
+    return median_sgd(model, **_options(config, execution))
 
 
 class MedianMeanState(NamedTuple):
@@ -162,9 +214,7 @@ def _gradient_aggregation(model: Model, rule: str, learning_rate: float, noise_s
                                _round_metrics(rule, learning_rate, step, weights, losses, b))
 
     def predict(state: MedianMeanState, batch: ClientBatch) -> jax.Array:
-        num_clients, num_examples = batch.x.shape[:2]
-        x = batch.x.reshape((num_clients * num_examples,) + batch.x.shape[2:])
-        return model.apply(state.params, x).reshape(num_clients, num_examples, -1)
+        return predict_with(model, state.params, batch.x)
 
     return Algorithm(init=init, round=round_fn, predict=predict)
 
@@ -178,20 +228,31 @@ def _median_magnitude(gradients: PyTree, weights: jax.Array) -> jax.Array:
 
 def _round_metrics(rule: str, learning_rate: float, step: PyTree, weights, losses,
                    b) -> dict[str, jax.Array]:
-    """The round's scalars; `init` calls it on an empty round so the structure never changes.
+    """The round's metrics plus the absolute `noise_scale` b and the `update_norm`.
 
     Each participating node uploads one bit (sign) or one float (median) a coordinate; each node
     of the cohort downloads the model, since a sampled node may have missed earlier steps.
     `update_norm` is the norm of the model's change, delta times the aggregate's norm.
     """
     dtype = jnp.result_type(float)
-    participants = jnp.sum(weights > 0)
     per_node_up = sign_bytes(step) if rule == "sign" else tree_bytes(step)
-    return {
-        "bytes_down": jnp.asarray(weights.shape[0] * tree_bytes(step), dtype),
-        "bytes_up": (participants * per_node_up).astype(dtype),
-        "train_loss": jnp.sum(weights * losses).astype(dtype),
-        "participants": participants.astype(jnp.int32),
-        "noise_scale": jnp.asarray(b, dtype),
-        "update_norm": (learning_rate * optax.tree.norm(step)).astype(dtype),
-    }
+    return round_metrics(
+        weights, losses, bytes_up=jnp.sum(weights > 0).astype(dtype) * per_node_up,
+        bytes_down=weights.shape[0] * tree_bytes(step), noise_scale=jnp.asarray(b, dtype),
+        update_norm=(learning_rate * optax.tree.norm(step)).astype(dtype))
+
+
+SPECS = (
+    AlgorithmSpec(
+        "sign_sgd", SignSGDConfig, build_sign_sgd,
+        paper="Chen et al., Distributed Training with Heterogeneous Data: Bridging Median- and "
+              "Mean-Based Algorithms, NeurIPS 2020, arXiv 1906.01736; Bernstein et al., "
+              "signSGD with Majority Vote, ICLR 2019, arXiv 1810.05291",
+        summary="(noisy) signSGD: nodes send sign(g + b xi), the server steps on the majority "
+                "vote"),
+    AlgorithmSpec(
+        "median_sgd", MedianSGDConfig, build_median_sgd,
+        paper="Chen et al., Distributed Training with Heterogeneous Data: Bridging Median- and "
+              "Mean-Based Algorithms, NeurIPS 2020, arXiv 1906.01736",
+        summary="(noisy) medianSGD: the server steps on the coordinate-wise median of g + b xi"),
+)
