@@ -5,14 +5,20 @@ distribution (mean, std, min, 10th percentile, deciles, and the mean of the wors
 clients) is what personalised FL papers report and what a pooled number hides. Clients without
 examples are left out of the distribution.
 
-One evaluation reports up to three views of the same clients' test data:
+One evaluation reports up to four views of the same clients' test data:
 - the top-level keys score `algorithm.predict`: each client's own model for a personalised
   algorithm (Ditto, FedAMP), the global model for a global one (FedAvg);
 - "global" scores `algorithm.predict_global`, the shared model of a personalised algorithm that
   trains one (Ditto's w, which equals FedAvg's);
 - "fine_tuned" (with `fine_tuning` and the clients' training data) first fine-tunes the state's
   global `params` on each client's own training examples, then predicts: "after local
-  fine-tuning", the FedAvg+FT baseline a personalised algorithm should beat.
+  fine-tuning", the FedAvg+FT baseline a personalised algorithm should beat;
+- "adapted" (with the clients' training data, for an algorithm with `adapted_predict`:
+  meta-learning) lets each client adapt on its training examples and scores its test examples,
+  so adaptation never sees the examples it is scored on.
+
+`make_adapted_evaluator` scores the adapted view alone on clients given at each call, e.g. unseen
+clients' support and query sets (FedMeta's evaluation), compiling once for every seed.
 """
 
 from typing import Any, NamedTuple
@@ -112,6 +118,17 @@ def fine_tuned_predict(fine_tuning: FineTuning, params: PyTree, train: ClientBat
     return fine_tuning.execution.map(client_fn, (train.x, train.y, train.mask, train.rng, test.x))
 
 
+def adapted_scores(algorithm: Algorithm, state: PyTree, train: ClientBatch,
+                   test: ClientBatch):
+    """`client_scores` of `test` after each client adapts on the same row of `train`; an
+    algorithm without `adapted_predict` is scored as `predict` on `test` (no adaptation)."""
+    if algorithm.adapted_predict is None:
+        logits = algorithm.predict(state, test)
+    else:
+        logits = algorithm.adapted_predict(state, train, test)
+    return client_scores(logits, test.y, test.mask)
+
+
 def make_evaluator(algorithm: Algorithm, clients, key: jax.Array, *, chunk_size: int = 256,
                    client_ids=None, train_clients=None, fine_tuning: FineTuning | None = None):
     """Returns `evaluate(state, per_client=False) -> dict` scoring `algorithm` on all of `clients`.
@@ -120,66 +137,113 @@ def make_evaluator(algorithm: Algorithm, clients, key: jax.Array, *, chunk_size:
 
     Args:
         algorithm: the algorithm; `predict` gives the top-level keys, `predict_global` (if set)
-            the "global" entry.
+            the "global" entry, `adapted_predict` (if set, with `train_clients`) the "adapted"
+            entry.
         clients: a `PaddedClients` stacked over the clients to evaluate.
         key: the experiment key (personalised predictors may draw from client keys).
         chunk_size: clients per compiled call, which bounds evaluation memory.
         client_ids: the population index of each row of `clients` (default 0, 1, ...); pass it to
             evaluate a subset, e.g. the benign clients only.
-        train_clients: the same clients' training data, row for row; needed by `fine_tuning`.
+        train_clients: the same clients' training data, row for row; `fine_tuning` and the
+            "adapted" view train on it.
         fine_tuning: adds the "fine_tuned" entry: the state's `params` fine-tuned on each
             client's training data, then scored on its test data.
     """
     num_clients = clients.y.shape[0]
-    chunk_size = min(chunk_size, num_clients)
     ids = np.arange(num_clients) if client_ids is None else np.asarray(client_ids)
     if ids.shape != (num_clients,):
         raise ValueError(f"client_ids has shape {ids.shape}; expected ({num_clients},), one id "
                          "per row of clients")
-    if fine_tuning is not None:
-        if train_clients is None:
-            raise ValueError("fine_tuning needs train_clients (each client's training data)")
-        if train_clients.y.shape[0] != num_clients:
-            raise ValueError(f"train_clients has {train_clients.y.shape[0]} clients and clients "
-                             f"{num_clients}; expected the same clients, row for row")
-    sources = (clients,) if fine_tuning is None else (clients, train_clients)
-
-    def as_batch(rows, chunk_ids, rng):
-        return ClientBatch(x=rows[0], y=rows[1], mask=rows[2], num_examples=rows[3],
-                           client_ids=chunk_ids, rng=rng)
+    if fine_tuning is not None and train_clients is None:
+        raise ValueError("fine_tuning needs train_clients (each client's training data)")
+    if train_clients is not None and train_clients.y.shape[0] != num_clients:
+        raise ValueError(f"train_clients has {train_clients.y.shape[0]} clients and clients "
+                         f"{num_clients}; expected the same clients, row for row")
+    adapted = algorithm.adapted_predict is not None and train_clients is not None
+    sources = (clients,) if fine_tuning is None and not adapted else (clients, train_clients)
 
     @jax.jit
     def score_chunk(state, rows, chunk_ids):
         rng = client_keys(key, state.round, chunk_ids)
-        test = as_batch(rows[0], chunk_ids, rng)
+        test = _as_batch(rows[0], chunk_ids, rng)
         scores = {"personal": client_scores(algorithm.predict(state, test), test.y, test.mask)}
         if algorithm.predict_global is not None:
             scores["global"] = client_scores(algorithm.predict_global(state, test), test.y,
                                              test.mask)
         if fine_tuning is not None:
             tuning_rng = jax.vmap(lambda k: jax.random.fold_in(k, _FINE_TUNING_STREAM))(rng)
-            train = as_batch(rows[1], chunk_ids, tuning_rng)
+            train = _as_batch(rows[1], chunk_ids, tuning_rng)
             logits = fine_tuned_predict(fine_tuning, state.params, train, test)
             scores["fine_tuned"] = client_scores(logits, test.y, test.mask)
+        if adapted:
+            scores["adapted"] = adapted_scores(algorithm, state,
+                                               _as_batch(rows[1], chunk_ids, rng), test)
         return scores
 
     def evaluate(state: PyTree, *, per_client: bool = False) -> dict:
         if fine_tuning is not None and not hasattr(state, "params"):
             raise ValueError(f"fine_tuning needs a global model, but {type(state).__name__} "
                              "has no params")
-        parts = []
-        for start in range(0, num_clients, chunk_size):
-            # The last chunk repeats its final row to keep one compiled shape; dropped below.
-            rows_index = np.minimum(np.arange(start, start + chunk_size), num_clients - 1)
-            rows = tuple(tuple(jnp.asarray(field[rows_index]) for field in source)
-                         for source in sources)
-            scores = score_chunk(state, rows, jnp.asarray(ids[rows_index], jnp.int32))
-            keep = min(chunk_size, num_clients - start)
-            parts.append(jax.tree.map(lambda s: np.asarray(s)[:keep], scores))
-        joined = jax.tree.map(lambda *chunks: np.concatenate(chunks), *parts)
+        joined = _scores_in_chunks(lambda rows, chunk_ids: score_chunk(state, rows, chunk_ids),
+                                   sources, ids, chunk_size)
         result = summarize(*joined.pop("personal"), per_client=per_client)
         result.update({view: summarize(*scores, per_client=per_client)
                        for view, scores in joined.items()})
         return result
 
     return evaluate
+
+
+def make_adapted_evaluator(algorithm: Algorithm, *, chunk_size: int = 256):
+    """Returns `evaluate(state, support_clients, query_clients, key) -> dict`.
+
+    `evaluate` adapts each client on its support row and scores its query row (`adapted_scores`:
+    an algorithm without `adapted_predict` is scored as `predict` on the query rows, the FedAvg
+    baseline). The clients and the key are arguments, so it compiles once per array shape and
+    serves every seed and round.
+
+    `evaluate`'s arguments: `support_clients` and `query_clients` are `PaddedClients` over the
+    same clients in the same order (unseen clients' support and query sets, or each client's
+    train and test split); `key` is the experiment key (client keys as in `make_evaluator`).
+    It returns `summarize` of the query rows: pooled accuracy and the per-client distribution.
+    """
+
+    @jax.jit
+    def score_chunk(state, rows, chunk_ids, key):
+        rng = client_keys(key, state.round, chunk_ids)
+        query, support = (_as_batch(part, chunk_ids, rng) for part in rows)
+        return adapted_scores(algorithm, state, support, query)
+
+    def evaluate(state, support_clients, query_clients, key: jax.Array) -> dict:
+        num_clients = query_clients.y.shape[0]
+        if support_clients.y.shape[0] != num_clients:
+            raise ValueError(f"support_clients has {support_clients.y.shape[0]} clients and "
+                             f"query_clients {num_clients}; expected the same clients")
+        scores = _scores_in_chunks(
+            lambda rows, chunk_ids: score_chunk(state, rows, chunk_ids, key),
+            (query_clients, support_clients), np.arange(num_clients), chunk_size)
+        return summarize(*scores)
+
+    return evaluate
+
+
+def _as_batch(rows, client_ids, rng) -> ClientBatch:
+    return ClientBatch(x=rows[0], y=rows[1], mask=rows[2], num_examples=rows[3],
+                       client_ids=client_ids, rng=rng)
+
+
+def _scores_in_chunks(score_chunk, sources, ids: np.ndarray, chunk_size: int):
+    """`score_chunk(rows, chunk_ids)` over every row of `sources` (`PaddedClients` sharing their
+    rows) in chunks of `chunk_size` clients, joined along the client axis as numpy arrays."""
+    num_clients = len(ids)
+    chunk_size = min(chunk_size, num_clients)
+    parts = []
+    for start in range(0, num_clients, chunk_size):
+        # The last chunk repeats its final row to keep one compiled shape; dropped below.
+        rows_index = np.minimum(np.arange(start, start + chunk_size), num_clients - 1)
+        rows = tuple(tuple(jnp.asarray(field[rows_index]) for field in source)
+                     for source in sources)
+        scores = score_chunk(rows, jnp.asarray(ids[rows_index], jnp.int32))
+        keep = min(chunk_size, num_clients - start)
+        parts.append(jax.tree.map(lambda s: np.asarray(s)[:keep], scores))
+    return jax.tree.map(lambda *chunks: np.concatenate(chunks), *parts)

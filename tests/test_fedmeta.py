@@ -1,5 +1,7 @@
 """FedMeta invariants (ALGORITHMS.md section 10e): closed forms, finite differences, variants."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,11 +11,14 @@ from jax.flatten_util import ravel_pytree
 
 from common import assert_trees_close, make_clients, stack_clients
 from fedjax_lab.algorithms.fedavg import fedavg
+from fedjax_lab.algorithms import REGISTRY
 from fedjax_lab.algorithms.fedmeta import FedMetaState, fedavg_meta, fedmeta
 from fedjax_lab.core import ClientExecution
-from fedjax_lab.core.meta import (evaluate_adapted, inner_adapt, meta_gradient, model_data_loss,
-                                  split_clients, split_support_query, support_sizes)
+from fedjax_lab.core.types import DataInfo
+from fedjax_lab.core.meta import (inner_adapt, meta_gradient, model_data_loss, split_clients,
+                                  split_support_query, support_sizes)
 from fedjax_lab.data import ClientData
+from fedjax_lab.evaluation import make_adapted_evaluator
 from fedjax_lab.models import mlp
 
 SIZES = [9, 4, 13, 6]
@@ -227,7 +232,7 @@ def test_chunked_remat_padded_rounds_equal_the_plain_vmapped_round():
         assert not np.allclose(ravel_pytree(got.inner_lrs)[0], ALPHA)
 
 
-def test_rounds_scan_and_predictions_adapt_first():
+def test_rounds_scan_adapted_predictions_adapt_first_and_predict_never_adapts():
     model = small_mlp()
     xs, ys = make_clients(SIZES)
     batch = stack_clients(xs, ys)
@@ -251,9 +256,10 @@ def test_rounds_scan_and_predictions_adapt_first():
     for i in range(len(SIZES)):
         np.testing.assert_allclose(logits[i], expected_logits(batch.x[i], batch.y[i],
                                                               batch.mask[i]), rtol=1e-5, atol=1e-6)
-    assert jax.eval_shape(algorithm.predict, final, batch).shape == batch.y.shape + (3,)
-    np.testing.assert_array_equal(algorithm.predict_global(final, batch),
+    # predict is the meta-model theta as it is, whatever the batch's labels say.
+    np.testing.assert_array_equal(algorithm.predict(final, batch),
                                   fedavg(model, optax.sgd(0.1)).predict(final, batch))
+    assert algorithm.predict_global is None
     frozen = fedavg_meta(model, optax.sgd(0.1), inner_lr=0.0)
     fedavg_state = frozen.init(jax.random.key(0))
     np.testing.assert_allclose(jax.jit(frozen.adapted_predict)(fedavg_state, batch, batch),
@@ -271,12 +277,12 @@ def test_unseen_clients_are_a_seeded_disjoint_split_and_evaluation_scores_querie
     query = ClientData(tuple(x[3:] for x in xs), tuple(y[3:] for y in ys), ("a", "b", "c"))
     model = small_mlp()
     meta = fedmeta(model, optax.adam(0.01))
-    result = evaluate_adapted(meta, meta.init(jax.random.key(0)), support.pad(), query.pad(),
-                              jax.random.key(0), chunk_size=2)
+    result = make_adapted_evaluator(meta, chunk_size=2)(
+        meta.init(jax.random.key(0)), support.pad(), query.pad(), jax.random.key(0))
     assert result["num_examples"] == 5 + 2 + 4 and result["num_clients"] == 3
     plain = fedavg(model, optax.sgd(0.1))
-    baseline = evaluate_adapted(plain, plain.init(jax.random.key(0)), support.pad(), query.pad(),
-                                jax.random.key(0))
+    baseline = make_adapted_evaluator(plain)(plain.init(jax.random.key(0)), support.pad(),
+                                             query.pad(), jax.random.key(0))
     assert baseline["num_examples"] == 11
 
 
@@ -294,7 +300,6 @@ def test_bad_hyperparameters_are_named(options, message):
         split_clients(10, 0, seed=0)
 
 
-
 def test_rounds_report_the_model_down_and_the_same_size_up():
     from common import small_model
     from fedjax_lab.algorithms.perfedavg import perfedavg
@@ -309,3 +314,20 @@ def test_rounds_report_the_model_down_and_the_same_size_up():
         metrics = jax.jit(algorithm.round)(state, batch).metrics
         size = tree_bytes(state.params)
         assert float(metrics["bytes_down"]) == float(metrics["bytes_up"]) == 3 * size
+
+
+@pytest.mark.parametrize("name, options", [("fedmeta", {"variant": "meta_sgd"}),
+                                           ("fedavg_meta", {})])
+def test_registered_defaults_build_and_run_two_rounds(name, options):
+    spec = REGISTRY[name]
+    config = dataclasses.replace(spec.config(), **options)
+    xs, ys = make_clients(SIZES)
+    batch = stack_clients(xs, ys)
+    algorithm = spec.build(config, small_mlp(), DataInfo(len(SIZES), 3, (5,), max(SIZES)),
+                           ClientExecution())
+    round_fn = jax.jit(algorithm.round)
+    state = round_fn(round_fn(algorithm.init(jax.random.key(0)), batch), batch)
+    logits = jax.jit(algorithm.adapted_predict)(state, batch, batch)
+    assert int(state.round) == 2 and np.isfinite(float(state.metrics["train_loss"]))
+    assert int(state.metrics["participants"]) == len(SIZES)
+    assert logits.shape == batch.y.shape + (3,)

@@ -9,9 +9,11 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from common import assert_trees_close, assert_trees_equal, make_clients, stack_clients
+from fedjax_lab.algorithms import REGISTRY
 from fedjax_lab.algorithms.perfedavg import (PerFedAvgState, perfedavg, perfedavg_direction,
                                              three_batches)
 from fedjax_lab.core import ClientExecution
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.meta import MetaStream, model_data_loss
 from fedjax_lab.models import from_flax, mlp
 
@@ -166,7 +168,7 @@ def test_maml_round_is_the_uniform_mean_of_clients_running_the_exact_direction()
         assert_trees_close(jax.jit(chunked.round)(state, batch).params, new.params)
 
 
-def test_personalisation_is_one_step_of_alpha_on_the_support_data():
+def test_personalisation_is_one_step_of_alpha_on_the_support_data_and_predict_never_steps():
     model = mlp((5,), 3, hidden=(4,))
     xs, ys = make_clients([9, 6])
     batch = stack_clients(xs, ys)
@@ -184,6 +186,9 @@ def test_personalisation_is_one_step_of_alpha_on_the_support_data():
         np.testing.assert_allclose(logits[i], one_step_logits(batch.x[i], batch.y[i],
                                                               batch.mask[i]), rtol=1e-5,
                                    atol=1e-6)
+        np.testing.assert_allclose(algorithm.predict(state, batch)[i],
+                                   model.apply(state.params, batch.x[i]), rtol=1e-6)
+    assert algorithm.predict_global is None
 
 
 @pytest.mark.parametrize("options, message", [
@@ -196,3 +201,17 @@ def test_personalisation_is_one_step_of_alpha_on_the_support_data():
 def test_bad_hyperparameters_are_named(options, message):
     with pytest.raises(ValueError, match=message):
         perfedavg(mlp((5,), 3), **options)
+
+
+def test_registered_defaults_build_and_run_two_rounds():
+    spec = REGISTRY["perfedavg"]
+    model = mlp((5,), 3, hidden=(4,))
+    xs, ys = make_clients(SIZES)
+    batch = stack_clients(xs, ys)
+    algorithm = spec.build(spec.config(), model, DataInfo(len(SIZES), 3, (5,), max(SIZES)),
+                           ClientExecution())
+    round_fn = jax.jit(algorithm.round)
+    state = round_fn(round_fn(algorithm.init(jax.random.key(0)), batch), batch)
+    assert isinstance(state, PerFedAvgState) and int(state.round) == 2
+    assert np.isfinite(float(state.metrics["train_loss"]))
+    assert int(state.metrics["participants"]) == len(SIZES)

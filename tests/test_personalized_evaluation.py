@@ -1,4 +1,5 @@
-"""Personalised evaluation: per-client distribution, global view, fine-tuning, client subsets."""
+"""Personalised evaluation: per-client distribution, global view, fine-tuning, adaptation on
+held-out examples, client subsets."""
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +11,15 @@ from common import make_clients, small_model
 from fedjax_lab.algorithms.ditto import ditto
 from fedjax_lab.algorithms.fedamp import fedamp
 from fedjax_lab.algorithms.fedavg import fedavg
-from fedjax_lab.core import client_keys, experiment_key, local_train, model_loss
-from fedjax_lab.data import ClientData
+from fedjax_lab.algorithms.fedmeta import fedmeta
+from fedjax_lab.algorithms.perfedavg import perfedavg
+from fedjax_lab.core import ClientBatch, client_keys, experiment_key, local_train, model_loss
+from fedjax_lab.core.meta import split_support_query
+from fedjax_lab.data import ClientData, FederatedDataset
 from fedjax_lab.evaluation import (_FINE_TUNING_STREAM, FineTuning, client_scores,
-                                   make_evaluator, summarize)
+                                   make_adapted_evaluator, make_evaluator, summarize)
+from fedjax_lab.experiment import run_experiment
+from fedjax_lab.models import mlp
 
 NUM = 7
 KEY = experiment_key(3)
@@ -121,6 +127,80 @@ def test_chunking_does_not_change_the_result_and_fedamp_has_no_global_view():
                                          "has no params"):
         make_evaluator(algorithm, TEST, KEY, train_clients=TRAIN,
                        fine_tuning=FineTuning(MODEL, optax.sgd(0.1)))(state)
+
+
+def test_adapting_algorithm_adapts_on_its_training_rows_and_is_scored_on_its_test_rows():
+    algorithm = perfedavg(MODEL, alpha=0.5)
+    state = moved(algorithm.init(jax.random.key(0)))
+    plain = make_evaluator(algorithm, TEST, KEY)(state)
+    assert "adapted" not in plain and "global" not in plain
+    result = make_evaluator(algorithm, TEST, KEY, train_clients=TRAIN, chunk_size=3)(state)
+    assert without(result, "adapted") == plain
+    # predict is the global model, whatever the batch holds.
+    shared = [MODEL.apply(state.params, TEST.x[i]) for i in range(NUM)]
+    assert_metrics_close(plain, manual_scores(shared, TEST, range(NUM)))
+    loss = lambda w, x, y, mask: client_scores(MODEL.apply(w, x)[None], y[None],
+                                               mask[None])[1][0] / jnp.sum(mask)
+    adapted = []
+    for i in range(NUM):
+        grads = jax.grad(loss)(state.params, TRAIN.x[i], TRAIN.y[i], TRAIN.mask[i])
+        step = jax.tree.map(lambda w, g: w - 0.5 * g, state.params, grads)
+        adapted.append(MODEL.apply(step, TEST.x[i]))
+    assert_metrics_close(result["adapted"], manual_scores(adapted, TEST, range(NUM)), rtol=1e-5)
+    assert result["adapted"]["loss"] != plain["loss"]
+    # The evaluator for clients given at each call (unseen clients) scores the same view.
+    assert_metrics_close(make_adapted_evaluator(algorithm, chunk_size=4)(state, TRAIN, TEST, KEY),
+                         result["adapted"], rtol=1e-6)
+
+
+def random_label_dataset(num_clients=16, num_examples=30, num_features=5, seed=0):
+    """Gaussian inputs with labels drawn uniformly from 3 classes, independently of everything."""
+    rng = np.random.default_rng(seed)
+    names = tuple(f"c{i}" for i in range(num_clients))
+    part = lambda: ClientData(
+        tuple(rng.normal(size=(num_examples, num_features)).astype(np.float32)
+              for _ in names),
+        tuple(rng.integers(0, 3, size=num_examples).astype(np.int32) for _ in names), names)
+    return FederatedDataset("random_labels", part(), part(), num_classes=3)
+
+
+def leaky_accuracy(algorithm, state, clients, key, support_fraction):
+    """The runner's scoring before the fix: each client adapts on part of the very row it is
+    scored on (split as a round splits) and is scored on the whole row, support slots included."""
+    ids = jnp.arange(clients.y.shape[0], dtype=jnp.int32)
+    batch = ClientBatch(*(jnp.asarray(field) for field in clients), client_ids=ids,
+                        rng=client_keys(key, state.round, ids))
+
+    def support_row(x, y, mask, rng):
+        return split_support_query(rng, mask, support_fraction).support(x, y)
+
+    x, y, mask = jax.vmap(support_row)(batch.x, batch.y, batch.mask, batch.rng)
+    support = batch._replace(x=x, y=y, mask=mask, num_examples=jnp.sum(mask, 1))
+    correct, _, counts = client_scores(algorithm.adapted_predict(state, support, batch),
+                                       batch.y, batch.mask)
+    return float(jnp.sum(correct) / jnp.sum(counts))
+
+
+def test_random_labels_score_chance_after_adaptation_through_the_runner():
+    """Issue 15: adapting on the scored batch scored 0.65 on random labels where chance is 1/3.
+
+    The test labels are independent of the training data and of the test inputs, so each of the
+    N = 16 * 30 = 480 scored predictions is right with probability exactly 1/3, independently:
+    accuracy ~ Binomial(480, 1/3) / 480, standard deviation sqrt(2/9 / 480) = 0.0215. The bound
+    1/3 + 4 sd = 0.419 fails a correct evaluation with probability below 1e-4; memorising the
+    support half of each scored row gives about 1/2 + 1/2 * 1/3 = 0.67. The issue's setting,
+    trained first order (what is scored does not depend on it; it compiles 3x faster).
+    """
+    dataset = random_label_dataset()
+    algorithm = fedmeta(mlp((5,), 3, hidden=(16,)), optax.adam(1e-3), variant="fomaml",
+                        inner_lr=1.0, num_inner_steps=20, support_fraction=0.5)
+    result = run_experiment(algorithm, dataset, num_rounds=1, cohort_size=4, eval_every=1,
+                            progress=False)
+    adapted = result.evaluations[-1]["test"]["adapted"]
+    bound = 1 / 3 + 4 * np.sqrt(2 / 9 / 480)
+    assert adapted["num_examples"] == 480 and adapted["accuracy"] < bound
+    leaky = leaky_accuracy(algorithm, result.state, dataset.test.pad(), experiment_key(0), 0.5)
+    assert leaky > 0.55
 
 
 def test_bad_evaluator_arguments_are_named():

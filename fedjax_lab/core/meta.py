@@ -1,5 +1,5 @@
 """Shared pieces of federated meta-learning: support/query splits, inner adaptation, the
-meta-gradient, adapted prediction and evaluation on clients that adapt before they are scored.
+meta-gradient and the `adapted_predict` of algorithms whose clients adapt before they predict.
 
 References:
     Finn, Abbeel, Levine. "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks."
@@ -21,7 +21,9 @@ are kept and each step's forward and backward pass is recomputed during the meta
 
 Pitfalls avoided (ALGORITHMS.md section 10f): a silently first-order MAML (the inner gradient
 computed outside the traced function); support and query overlapping (one permutation of the
-client's real examples, cut in two); padding leaking into either set (slot masks).
+client's real examples, cut in two); padding leaking into either set (slot masks); scoring a
+client on the examples it adapted on (`adapted_predict` adapts on one batch and predicts another;
+`fedjax_lab.evaluation` gives it a client's training data and scores its test data).
 """
 
 import enum
@@ -34,11 +36,8 @@ import numpy as np
 from fedjax_lab.core.client_execution import ClientExecution
 from fedjax_lab.core.local_training import epoch_permutation
 from fedjax_lab.core.losses import cross_entropy
-from fedjax_lab.core.types import Algorithm, ClientBatch, client_keys
-from fedjax_lab.evaluation import client_scores, summarize
+from fedjax_lab.core.types import Algorithm, ClientBatch, PyTree, ServerState
 
-PyTree = Any
-ServerState = Any
 # loss_fn(params, data) -> scalar, where data is whatever pytree the loss reads, e.g. (x, y, mask).
 DataLoss = Callable[[PyTree, Any], jax.Array]
 # adapt_client(server_state, support=(x, y, mask)) -> one client's adapted parameters.
@@ -50,28 +49,6 @@ class MetaStream(enum.IntEnum):
 
     SPLIT = 16
     BATCHES = 17
-
-
-class MetaAlgorithm(NamedTuple):
-    """An `Algorithm` whose clients adapt before they predict (it has every `Algorithm` field).
-
-    Attributes:
-        init, round: as in `Algorithm`.
-        predict: `predict(state, batch)` splits each client's real examples with its key exactly
-            as a round does (`split_support_query`), adapts on the support part and returns the
-            adapted model's logits at every slot, support slots included (those are in-sample);
-            use `adapted_predict` to score held-out examples only.
-        adapted_predict: `adapted_predict(state, support, query) -> logits [C, Nq, classes]`:
-            each client adapts on all real examples of its `support` row and predicts its `query`
-            row. This is what `make_adapted_evaluator` scores.
-        predict_global: the meta-model's own logits, before any adaptation.
-    """
-
-    init: Callable[[jax.Array], ServerState]
-    round: Callable[[ServerState, ClientBatch], ServerState]
-    predict: Callable[[ServerState, ClientBatch], jax.Array]
-    adapted_predict: Callable[[ServerState, ClientBatch, ClientBatch], jax.Array]
-    predict_global: Callable[[ServerState, ClientBatch], jax.Array] | None = None
 
 
 class SupportQuery(NamedTuple):
@@ -199,9 +176,10 @@ def meta_gradient(loss_fn: DataLoss, params: PyTree, inner_lrs, support, query, 
     return jax.value_and_grad(objective, argnums=argnums)(params, inner_lrs)
 
 
-def adaptation_predictors(adapt_client: AdaptFn, apply_fn, support_fraction: float,
-                          execution: ClientExecution):
-    """`(predict, adapted_predict)` of a `MetaAlgorithm` from one client's adaptation rule."""
+def adapted_predictor(adapt_client: AdaptFn, apply_fn, execution: ClientExecution):
+    """`adapted_predict(state, support, query)` of an `Algorithm` from one client's adaptation
+    rule: each client adapts on the real examples of its `support` row, then predicts its
+    `query` row, so a client is never scored on the examples it adapted on."""
 
     def adapted_predict(state, support: ClientBatch, query: ClientBatch) -> jax.Array:
         def client(data):
@@ -210,92 +188,23 @@ def adaptation_predictors(adapt_client: AdaptFn, apply_fn, support_fraction: flo
 
         return execution.map(client, (support.x, support.y, support.mask, query.x))
 
-    def predict(state, batch: ClientBatch) -> jax.Array:
-        def client(data):
-            x, y, mask, rng = data
-            split = split_support_query(rng, mask, support_fraction)
-            return apply_fn(adapt_client(state, split.support(x, y)), x)
-
-        return execution.map(client, (batch.x, batch.y, batch.mask, batch.rng))
-
-    return predict, adapted_predict
+    return adapted_predict
 
 
 def with_adaptation(algorithm: Algorithm, model, *, inner_lr: float, num_inner_steps: int = 1,
-                    support_fraction: float = 0.2,
-                    execution: ClientExecution = ClientExecution()) -> MetaAlgorithm:
-    """`algorithm` trained as it is, evaluated after `num_inner_steps` local steps of lr `inner_lr`.
+                    execution: ClientExecution = ClientExecution()) -> Algorithm:
+    """`algorithm` trained as it is, adapted by `num_inner_steps` local steps of lr `inner_lr`.
 
     "FedAvg(Meta)" of FedMeta and "FedAvg + one step" of Per-FedAvg; `state.params` must be the
-    global model.
+    global model. `predict` stays `algorithm.predict` (the global model, unadapted).
     """
     loss_fn = model_data_loss(model.apply)
 
     def adapt_client(state, support):
         return inner_adapt(loss_fn, state.params, inner_lr, support, num_steps=num_inner_steps)
 
-    predict, adapted_predict = adaptation_predictors(adapt_client, model.apply, support_fraction,
-                                                     execution)
-    return MetaAlgorithm(algorithm.init, algorithm.round, predict, adapted_predict,
-                         predict_global=algorithm.predict)
-
-
-def make_adapted_evaluator(algorithm, *, chunk_size: int = 256):
-    """Returns `evaluate(state, support_clients, query_clients, key) -> dict`.
-
-    `evaluate` adapts each client on its support row and scores its query row. It compiles once
-    per array shape, so it can be reused across seeds and rounds.
-
-    Args:
-        algorithm: a `MetaAlgorithm` (adapts), or any `Algorithm` (scored as `predict` on the
-            query rows, without adaptation: the FedAvg baseline).
-        chunk_size: clients per compiled call, which bounds evaluation memory.
-
-    `evaluate`'s arguments: `support_clients` and `query_clients` are `PaddedClients` over the
-    same clients in the same order (unseen clients' support and query sets, or each client's
-    train and test split); `key` is the experiment key (client keys as in `make_evaluator`).
-    It returns `evaluation.summarize` of the query rows: pooled accuracy and the per-client
-    distribution.
-    """
-    adapted_predict = getattr(algorithm, "adapted_predict", None)
-
-    def as_batch(rows, ids, key, round_index):
-        return ClientBatch(x=rows[0], y=rows[1], mask=rows[2], num_examples=rows[3],
-                           client_ids=ids, rng=client_keys(key, round_index, ids))
-
-    @jax.jit
-    def score_chunk(state, support_rows, query_rows, ids, key):
-        query = as_batch(query_rows, ids, key, state.round)
-        if adapted_predict is None:
-            logits = algorithm.predict(state, query)
-        else:
-            logits = adapted_predict(state, as_batch(support_rows, ids, key, state.round), query)
-        return client_scores(logits, query.y, query.mask)
-
-    def evaluate(state, support_clients, query_clients, key: jax.Array) -> dict[str, float]:
-        num_clients = query_clients.y.shape[0]
-        if support_clients.y.shape[0] != num_clients:
-            raise ValueError(f"support_clients has {support_clients.y.shape[0]} clients and "
-                             f"query_clients {num_clients}; expected the same clients")
-        size = min(chunk_size, num_clients)
-        parts = []
-        for start in range(0, num_clients, size):
-            ids = np.minimum(np.arange(start, start + size), num_clients - 1)
-            rows = [tuple(jnp.asarray(a[ids]) for a in clients)
-                    for clients in (support_clients, query_clients)]
-            scores = score_chunk(state, *rows, jnp.asarray(ids, jnp.int32), key)
-            keep = min(size, num_clients - start)  # the last chunk repeats a client
-            parts.append([np.asarray(s)[:keep] for s in scores])
-        return summarize(*(np.concatenate(column) for column in zip(*parts)))
-
-    return evaluate
-
-
-def evaluate_adapted(algorithm, state, support_clients, query_clients, key: jax.Array, *,
-                     chunk_size: int = 256) -> dict[str, float]:
-    """One evaluation with `make_adapted_evaluator` (which see); compiles on every call."""
-    return make_adapted_evaluator(algorithm, chunk_size=chunk_size)(
-        state, support_clients, query_clients, key)
+    return algorithm._replace(
+        adapted_predict=adapted_predictor(adapt_client, model.apply, execution))
 
 
 def split_clients(num_clients: int, test_fraction: float, seed: int):
