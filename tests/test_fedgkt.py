@@ -1,6 +1,8 @@
-"""FedGKT invariants (ALGORITHMS.md §5e): KD_T, alpha = 0 is local CE, logits keyed by sample."""
+"""FedGKT invariants (ALGORITHMS.md §5e): KD_T, alpha = 0 is local CE, logits keyed by sample,
+server-side distillation off by default."""
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -9,11 +11,13 @@ import optax
 import pytest
 
 from common import NUM_CLASSES, NUM_FEATURES, assert_trees_equal, make_clients, stack_clients
-from fedjax_lab.algorithms.fedgkt import fedgkt
+from fedjax_lab.algorithms.fedgkt import FedGKTConfig, build, fedgkt
 from fedjax_lab.core import local_train, model_loss
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.distillation import kd_loss
 from fedjax_lab.models import mlp
 from fedjax_lab.models.split import split_mlp
+from fedjax_lab.options import OptionError
 
 LATENT = 4
 SIZES = [9, 12, 6, 11, 8, 10]
@@ -107,6 +111,32 @@ def test_first_round_has_no_kd_term_and_later_rounds_do():
     assert_trees_equal(first[0].client_states.params, first[1].client_states.params)
     second = [round_fn(first[0], _batch(ids, round_index=1)) for round_fn in (kd_round, ce_round)]
     assert float(second[0].metrics["train_loss"]) > float(second[1].metrics["train_loss"])
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_server_distillation_is_off_by_default_so_client_logits_cannot_move_the_server(beta):
+    """beta = 0 is the original scripts' default (`--whether_distill_on_the_server 0`): S trains
+    on CE(S(H), y) alone. With frozen clients (rate 0), changing their heads changes the logits z_c
+    they upload but not their features H, so it moves the server only when beta > 0."""
+    assert inspect.signature(fedgkt).parameters["beta"].default == 0.0 == FedGKTConfig().beta
+    algorithm, round_fn = _algorithm(lr=0.0) if beta == 0 else _algorithm(lr=0.0, beta=beta)
+    state = algorithm.init(jax.random.key(0))
+    params = state.client_states.params
+    other_heads = state._replace(client_states=state.client_states._replace(params={
+        **params, "head": jax.tree.map(lambda h: 3 * h + 1, params["head"])}))
+    batch = _batch([0, 2, 4])
+    server, other_server = (round_fn(s, batch).params for s in (state, other_heads))
+    if beta == 0:
+        assert_trees_equal(server, other_server)
+    else:
+        assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(server),
+                                                        jax.tree.leaves(other_server)))
+
+
+def test_build_names_an_unknown_server_model():
+    with pytest.raises(OptionError, match="server_model='resnet' is invalid"):
+        build(FedGKTConfig(server_model="resnet"), _models()[0],
+              DataInfo(len(SIZES), NUM_CLASSES, (NUM_FEATURES,), 12))
 
 
 def test_server_logits_are_stored_per_sample_and_unsampled_clients_are_untouched():

@@ -19,29 +19,89 @@ closure looks them up by the ids of the batch `local_train` draws. The server lo
 KD (§5a), not the reference's KD + alpha * CE; KD_T adds no epsilon (core/distillation.py).
 Choices recorded: the server trains on the current cohort's uploads (the reference's caches
 are the same thing under full participation); z_s is computed after the server's epochs; client
-and server optimiser states restart each round, as `local_train` gives (plain SGD has none).
+and server optimiser states restart each round, as `local_train` gives (plain SGD has none);
+the server's batch shuffle comes from the round's first real client key (no key in the state).
 """
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              cross_entropy, gather_clients, local_train, scatter_clients)
 from fedjax_lab.core.distillation import kd_loss
+from fedjax_lab.core.metrics import round_metrics
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_positive_int
-from fedjax_lab.models import Model
+from fedjax_lab.models import Model, get_model
 from fedjax_lab.models.split import SplitModel
+from fedjax_lab.options import (OptionError, non_negative, one_of, option,
+                                positive, positive_int)
 
 PyTree = Any
 PREDICTIONS = ("server", "client")
-# Sub-streams of the init key: client models, server model, server-side randomness per round.
+# Sub-streams of the init key: client models, server model.
 _CLIENT_INIT_STREAM = 0
 _SERVER_INIT_STREAM = 1
-_SERVER_ROUND_STREAM = 2
+# The server's stream of a client's round key, above every `ClientStream` tag local training uses.
+_SERVER_STREAM = 100
 _BYTES_METRICS = ("bytes_up", "bytes_down", "bytes_features", "bytes_logits", "bytes_parameters")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerTraining:
+    """The server's training of S on the cohort's features: plain SGD, `epochs` passes."""
+
+    lr: float = option(0.1, "server SGD learning rate", positive, sweepable=True)
+    epochs: int = option(3, "server epochs E_s per round", positive_int)
+    batch_size: int = option(64, "features per server step", positive_int)
+
+    def optimizer(self) -> optax.GradientTransformation:
+        return optax.sgd(self.lr)
+
+
+@dataclasses.dataclass(frozen=True)
+class FedGKTConfig:
+    """FedGKT's options; defaults are the original FedML scripts' (He et al.'s released
+    `main_fedgkt.py`): T = 3, alpha = 1, server-side distillation off (beta = 0,
+    `--whether_distill_on_the_server 0`), E_c = E_s = 3 epochs, SGD at 0.1 on both sides, server
+    batch 64, the server model predicting on client features. Two choices for the embedded
+    digits: plain SGD (the scripts add Nesterov momentum 0.9 and weight decay for ResNets on
+    CIFAR), and client batches of 10 rather than 64, so that a client with ~29 examples takes a
+    few steps per epoch instead of one full-batch step. The server model is a registry model on
+    the clients' features (`server_model`, default `mlp`: the "large" model of the split)."""
+
+    client: ClientTraining = option(ClientTraining(lr=0.1, epochs=3, batch_size=10),
+                                    "clients' local training of the small models")
+    server: ServerTraining = option(ServerTraining(), "the server's training of S")
+    server_model: str = option("mlp", "registry model S from client features to logits")
+    alpha: float = option(1.0, "weight of the clients' KD toward the server's logits",
+                          non_negative, sweepable=True)
+    beta: float = option(0.0, "weight of the server's KD toward the clients' logits (0: off, "
+                         "as in the original scripts)", non_negative, sweepable=True)
+    temperature: float = option(3.0, "KD temperature T", positive, sweepable=True)
+    prediction: str = option("server", "predictor scored: S(E_k(x)) or the client's own head",
+                             one_of(*PREDICTIONS))
+
+
+def build(config: FedGKTConfig, model: SplitModel, data: DataInfo,
+          execution: ClientExecution = ClientExecution()) -> Algorithm:
+    """FedGKT with `model` as every client's small model and `config.server_model` as S."""
+    try:
+        server_model = get_model(config.server_model, (model.latent_dim,), data.num_classes)
+    except ValueError as error:  # an unknown name: say which option chose it
+        raise OptionError("server_model", config.server_model,
+                          getattr(error, "expected", str(error))) from None
+    return fedgkt(model, server_model, config.client.optimizer(), config.server.optimizer(),
+                  num_clients=data.num_clients, max_examples=data.max_examples,
+                  alpha=config.alpha, beta=config.beta, temperature=config.temperature,
+                  client_epochs=config.client.epochs, server_epochs=config.server.epochs,
+                  batch_size=config.client.batch_size, server_batch_size=config.server.batch_size,
+                  prediction=config.prediction, execution=execution)
 
 
 class FedGKTClientState(NamedTuple):
@@ -60,11 +120,10 @@ class FedGKTClientState(NamedTuple):
 
 
 class FedGKTState(NamedTuple):
-    """Attributes: params (server model S), round, key, metrics, client_states `[num_clients]`."""
+    """Attributes: params (server model S), round, metrics, client_states `[num_clients]`."""
 
     params: PyTree
     round: jax.Array
-    key: jax.Array
     metrics: dict[str, jax.Array]
     client_states: FedGKTClientState
 
@@ -72,7 +131,7 @@ class FedGKTState(NamedTuple):
 def fedgkt(client_model: SplitModel, server_model: Model,
            client_optimizer: optax.GradientTransformation,
            server_optimizer: optax.GradientTransformation, *, num_clients: int,
-           max_examples: int, alpha: float = 1.0, beta: float = 1.0, temperature: float = 3.0,
+           max_examples: int, alpha: float = 1.0, beta: float = 0.0, temperature: float = 3.0,
            client_epochs: int = 1, server_epochs: int = 1, batch_size: int | None = 32,
            server_batch_size: int | None = None, prediction: str = "server",
            execution: ClientExecution = ClientExecution(), unroll: int = 1) -> Algorithm:
@@ -87,8 +146,9 @@ def fedgkt(client_model: SplitModel, server_model: Model,
         max_examples: the padded length N of the training clients (`max n_i`); z_s is cached
             per example position.
         alpha: weight of the clients' KD toward the server's logits (reference 1.0).
-        beta: weight of the server's KD toward the clients' logits; 0 is the original scripts'
-            default (server distillation off).
+        beta: weight of the server's KD toward the clients' logits. The default 0 (server-side
+            distillation off) is the original scripts' (`--whether_distill_on_the_server 0`);
+            beta > 0 gives the bidirectional transfer with the paper's CE + beta * KD loss.
         temperature: KD temperature T (reference 3.0).
         client_epochs: client epochs E_c per round.
         server_epochs: server epochs E_s per round over the cohort's features.
@@ -133,7 +193,6 @@ def fedgkt(client_model: SplitModel, server_model: Model,
             has_server_logits=jnp.zeros((num_clients,), bool))
         zeros = jnp.zeros(0)
         return FedGKTState(server_params, jnp.zeros((), jnp.int32),
-                           jax.random.fold_in(key, _SERVER_ROUND_STREAM),
                            _round_metrics(zeros, zeros, jnp.zeros(0, jnp.int32), 0.0, 0,
                                           dict.fromkeys(_BYTES_METRICS, 0.0)),
                            population)
@@ -157,32 +216,35 @@ def fedgkt(client_model: SplitModel, server_model: Model,
         params, features, client_logits, losses, steps = execution.map(
             client_update, (cohort, batch.x, batch.y, batch.mask, batch.rng))
 
-        flat_features = features.reshape(num_cohort * padded_length, -1)
-        flat_client_logits = client_logits.reshape(num_cohort * padded_length, -1)
+        # Real clients' rows first (in cohort order): a padded client then shifts no real row,
+        # and the server's shuffle, drawn per row position, is the one of the round without it.
+        real_first = jnp.argsort(batch.num_examples <= 0, stable=True)
+        flat = lambda a: a[real_first].reshape((num_cohort * padded_length,) + a.shape[2:])
+        server_features, server_targets = flat(features), flat(client_logits)
 
         def server_loss(server_params, ids, y, mask, rng):
             del rng
-            logits = server_model.apply(server_params, flat_features[ids])
+            logits = server_model.apply(server_params, server_features[ids])
             loss = cross_entropy(logits, y, mask)
             if beta > 0:
-                loss = loss + beta * kd_loss(logits, flat_client_logits[ids], mask, temperature)
+                loss = loss + beta * kd_loss(logits, server_targets[ids], mask, temperature)
             return loss
 
         server = local_train(server_loss, server_optimizer, state.params,
                              jnp.arange(num_cohort * padded_length, dtype=jnp.int32),
-                             batch.y.reshape(-1), batch.mask.reshape(-1),
-                             jax.random.fold_in(state.key, state.round),
+                             flat(batch.y), flat(batch.mask), _server_key(batch),
                              num_epochs=server_epochs, batch_size=server_batch_size,
                              unroll=unroll)
-        server_logits = server_model.apply(server.params, flat_features).reshape(
-            num_cohort, padded_length, -1)
+        server_logits = server_model.apply(
+            server.params, features.reshape(num_cohort * padded_length, -1)).reshape(
+                num_cohort, padded_length, -1)
 
         valid = batch.num_examples > 0
         updated = FedGKTClientState(params, server_logits.astype(cohort.server_logits.dtype),
                                     jnp.ones_like(cohort.has_server_logits))
         client_states = scatter_clients(state.client_states, batch.client_ids, updated, valid)
         weights = client_weights(batch.num_examples)
-        return FedGKTState(server.params, state.round + 1, state.key,
+        return FedGKTState(server.params, state.round + 1,
                            _round_metrics(weights, losses, steps, server.mean_loss,
                                           server.num_steps,
                                           _bytes_moved(features, client_logits, batch)),
@@ -201,6 +263,13 @@ def fedgkt(client_model: SplitModel, server_model: Model,
         return execution.map(client_logits, (client_params, batch.x))
 
     return Algorithm(init=init, round=round_fn, predict=predict)
+
+
+def _server_key(batch: ClientBatch) -> jax.Array:
+    """The server's key of the round: the first real client's key on a stream of its own, so the
+    run depends only on the experiment key, and not on padding."""
+    first_real = jnp.argmax(batch.num_examples > 0)
+    return jax.random.fold_in(batch.rng[first_real], _SERVER_STREAM)
 
 
 def _client_loss(client_model: SplitModel, x: jax.Array, own: FedGKTClientState, alpha: float,
@@ -239,11 +308,17 @@ def _round_metrics(weights, losses, steps, server_loss, server_steps,
                    bytes_moved) -> dict[str, jax.Array]:
     """The round's scalars; `init` calls it on an empty cohort so the structure never changes."""
     dtype = jnp.result_type(float)
-    return {
-        "train_loss": jnp.sum(weights * losses).astype(dtype),
-        "server_loss": jnp.asarray(server_loss, dtype),
-        "participants": jnp.sum(weights > 0).astype(jnp.int32),
-        "local_steps": jnp.sum(jnp.where(weights > 0, steps, 0)).astype(jnp.int32),
-        "server_steps": jnp.asarray(server_steps, jnp.int32),
-        **{name: jnp.asarray(value, dtype) for name, value in bytes_moved.items()},
-    }
+    bytes_moved = {name: jnp.asarray(value, dtype) for name, value in bytes_moved.items()}
+    return round_metrics(
+        weights, losses, **bytes_moved, server_loss=jnp.asarray(server_loss, dtype),
+        local_steps=jnp.sum(jnp.where(weights > 0, steps, 0)).astype(jnp.int32),
+        server_steps=jnp.asarray(server_steps, jnp.int32))
+
+
+SPECS = (AlgorithmSpec(
+    "fedgkt", FedGKTConfig, build,
+    paper="He, Annavaram, Avestimehr, Group Knowledge Transfer: Federated Learning of Large CNNs "
+          "at the Edge, NeurIPS 2020, arXiv 2007.14513",
+    summary="small client models upload features and logits; a large server model trains on "
+            "them and sends its logits back for distillation; no parameters move",
+    model_kind="split"),)
