@@ -1,5 +1,6 @@
 """FedGen invariants (ALGORITHMS.md §12e): FedAvg without the generator, per-label weights, the
-diversity loss, a generator step that moves only the generator, and head-only sharing."""
+teacher loss in the paper's and the reference's form, the diversity loss, a generator step that
+moves only the generator, no key in the state, and head-only sharing."""
 
 import functools
 
@@ -11,13 +12,15 @@ import pytest
 
 from common import NUM_CLASSES, NUM_FEATURES, assert_trees_equal, make_clients, stack_clients
 from fedjax_lab.algorithms.fedavg import fedavg
-from fedjax_lab.algorithms.fedgen import (REFERENCE_OPTIONS, ConditionalGenerator,
+from fedjax_lab.algorithms.fedgen import (REFERENCE_OPTIONS, ConditionalGenerator, FedGenConfig,
                                           client_label_counts, diversity_loss, fedgen,
-                                          label_weights, regularizer_weight)
+                                          label_weights, regularizer_weight,
+                                          weighted_teacher_loss)
 from fedjax_lab.data import fedprox_synthetic
 from fedjax_lab.experiment import run_experiment
 from fedjax_lab.models import logistic_regression, mlp
 from fedjax_lab.models.split import split_model
+from fedjax_lab.options import OptionError, validate
 
 LATENT = 6
 SMALL_GENERATOR = dict(noise_dim=4, generator_hidden=8, generator_steps=3, generator_batch_size=8,
@@ -69,6 +72,27 @@ def test_the_generator_step_changes_only_the_generator():
     for before, after in zip(jax.tree.leaves(initial), jax.tree.leaves(run.state.generator)):
         assert not np.allclose(before, after)
     assert all(row["generator_teacher_loss"] > 0 for row in run.history)
+
+
+def test_the_state_keeps_no_key_so_server_randomness_comes_from_the_round():
+    leaves = jax.tree.leaves(_run("generator_only").state)
+    assert not any(jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key) for leaf in leaves)
+
+
+def test_teacher_loss_weights_each_sample_in_the_paper_and_the_mean_in_the_reference():
+    # Two clients, two generated samples. Paper: sum_k mean_b w_k(y_b) CE_kb; the authors'
+    # broadcast gives sum_k mean_b w_k(y_b) * mean_b CE_kb.
+    ce = jnp.array([[1.0, 5.0], [2.0, 4.0]])
+    sample_weights = jnp.array([[0.75, 0.0], [0.25, 1.0]])
+    paper = 2.625  # (0.75 * 1 + 0 * 5) / 2 + (0.25 * 2 + 1 * 4) / 2 = 0.375 + 2.25
+    reference = 3.0  # (0.75 + 0) / 2 * (1 + 5) / 2 + (0.25 + 1) / 2 * (2 + 4) / 2 = 1.125 + 1.875
+    np.testing.assert_allclose(weighted_teacher_loss(ce, sample_weights), paper, rtol=1e-6)
+    np.testing.assert_allclose(weighted_teacher_loss(ce, sample_weights, "reference"),
+                               reference, rtol=1e-6)
+    # Both agree when a client's weight does not depend on the sample's label.
+    flat = jnp.array([[0.5, 0.5], [0.5, 0.5]])
+    np.testing.assert_allclose(weighted_teacher_loss(ce, flat),
+                               weighted_teacher_loss(ce, flat, "reference"), rtol=1e-6)
 
 
 def test_per_label_client_weights_sum_to_one_over_participating_clients():
@@ -152,7 +176,7 @@ def test_head_sharing_keeps_extractors_local_of_each_clients_architecture():
     for t in range(2):  # round 1 also runs the generator terms
         after = round_fn(after, stack_clients([xs[i] for i in ids], [ys[i] for i in ids], 12,
                                               round_index=t, client_ids=ids))
-    before_rows, after_rows = (s.client_states["extractors"] for s in (state, after))
+    before_rows, after_rows = (s.client_states.extractors for s in (state, after))
     for client in (1, 2, 4, 5):
         assert_trees_equal(_row(before_rows, client), _row(after_rows, client))
     for client, own in ((0, 0), (3, 1)):
@@ -180,6 +204,9 @@ def test_fedgen_validates_its_options():
     model = _split((NUM_FEATURES,), NUM_CLASSES)
     with pytest.raises(ValueError, match="noise 'laplace' is unknown; allowed: gaussian, uniform"):
         fedgen(model, optax.sgd(0.1), noise="laplace")
+    with pytest.raises(ValueError, match="teacher_loss 'mean' is unknown; allowed: paper, "
+                                         "reference"):
+        fedgen(model, optax.sgd(0.1), teacher_loss="mean")
     with pytest.raises(ValueError, match="alpha_0=-1.0 is invalid; expected alpha_0 >= 0"):
         fedgen(model, optax.sgd(0.1), alpha_0=-1.0)
     with pytest.raises(ValueError, match="use_generator=False needs alpha_0 = beta_0 = 0"):
@@ -193,3 +220,12 @@ def test_fedgen_validates_its_options():
     with pytest.raises(ValueError, match=r"client_architectures\[1\] maps"):
         fedgen(model, optax.sgd(0.1), sharing="head", num_clients=2,
                client_architectures=(model, other), architecture_of_client=[0, 1])
+
+
+def test_config_defaults_are_the_papers_and_refuse_client_terms_without_the_generator():
+    config = FedGenConfig()
+    assert (config.generator.noise, config.label_counts, config.generator.teacher_loss,
+            config.beta_0) == ("gaussian", "dataset", "paper", 0.0)
+    with pytest.raises(OptionError, match="use_generator=False is invalid"):
+        validate(FedGenConfig(use_generator=False))
+    validate(FedGenConfig(use_generator=False, alpha_0=0.0))

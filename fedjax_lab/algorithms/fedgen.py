@@ -8,8 +8,9 @@ Update (round t): clients train h(f(x)) on CE(h(f(x)), y) + alpha_t * CE(h(G(eps
 uniform over the labels and the generator G frozen (alpha_t = max(1e-4, alpha_0 0.98^t),
 no term in round 0), and report label counts c_k(y). The server trains G on the round's client
 heads, sum_k w_k(y) CE(h_k(G(eps, y)), y) with w_k(y) = c_k(y) / sum_j c_j(y), plus the diversity
-loss exp(-mean_ab d(eps_a, eps_b) d(G_a, G_b)) (mean squared and mean absolute differences), then
-averages the shared part as FedAvg does: the whole model, or (`sharing="head"`, the paper's
+loss exp(-mean_ab d(eps_a, eps_b) d(G_a, G_b)) (mean squared and mean absolute differences;
+the generator, its losses and its training are in fedgen_generator.py), then averages the
+shared part as FedAvg does: the whole model, or (`sharing="head"`, the paper's
 communication-light mode) only the head while each client keeps its extractor, whose architecture
 may differ between clients.
 
@@ -17,106 +18,127 @@ Reference-code deviations from the paper, each a named option defaulting to the 
 (`REFERENCE_OPTIONS` selects them all): uniform [0, 1) noise commented as Gaussian
 (`noise`); label counts starting at 1 and counted over the batches drawn (`label_counts`); the
 undocumented "latent loss" beta_t KL(softmax(h(G(eps, y))) || p(x)) on the real batch's labels
-(`beta_0`, FedGen#24). Not reproduced: the adversarial student term (off in the reference), the
+(`beta_0`, FedGen#24); a teacher loss whose per-client weight is mean_b w_k(y_b) times the mean
+CE rather than w_k(y_b) per sample, a broadcast in the authors' code (`teacher_loss`). The
+server's randomness (generated labels and noise) comes from the round's first real client key,
+not from a key kept in the state. Not reproduced: the adversarial student term (off in the reference), the
 generated-batch weight B_gen / B (1 at the defaults). With alpha_0 = 0 the term is off (the
 reference's 1e-4 floor would keep it on), so alpha_0 = beta_0 = 0 without the generator is FedAvg
 bit for bit. Pitfalls avoided (ALGORITHMS.md §12f): local batches are reshuffled every epoch
 (FedGen#7); experiments report final accuracy, not the best test rounds.
 """
 
+import dataclasses
 from typing import Any, NamedTuple, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from fedjax_lab.algorithms.fedavg import predict_with
+from fedjax_lab.algorithms.fedgen_generator import (LABEL_COUNTS, NOISES, TEACHER_LOSSES,
+                                                    ConditionalGenerator, GeneratorTraining,
+                                                    client_label_counts, client_terms,
+                                                    decay_factor, diversity_loss,
+                                                    fedgen_generator, label_weights,
+                                                    regularizer_weight, weighted_teacher_loss)
+from fedjax_lab.algorithms.fedgen_extractors import FedGenClientState, client_extractors
+from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining, ServerOptimizer
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              cross_entropy, gather_clients, local_train, model_loss,
                              scatter_clients, server_update, tree_bytes, weighted_mean)
-from fedjax_lab.core.distillation import kd_loss
+from fedjax_lab.core.aggregation import WEIGHTINGS
+from fedjax_lab.core.metrics import round_metrics
+from fedjax_lab.core.types import DataInfo
+from fedjax_lab.core.validation import check_positive_int
 from fedjax_lab.models.split import SplitModel
+from fedjax_lab.options import OptionError, non_negative, one_of, option, positive_int
+
+__all__ = ["LABEL_COUNTS", "NOISES", "REFERENCE_OPTIONS", "SHARINGS", "TEACHER_LOSSES", "SPECS",
+           "ConditionalGenerator", "FedGenClientState", "FedGenConfig", "FedGenState",
+           "GeneratorTraining", "build", "client_label_counts", "diversity_loss", "fedgen",
+           "label_weights", "regularizer_weight", "weighted_teacher_loss"]
 
 PyTree = Any
 SHARINGS = ("all", "head")
-NOISES = ("gaussian", "uniform")
-LABEL_COUNTS = ("dataset", "drawn_batches")
-REFERENCE_OPTIONS = {"noise": "uniform", "label_counts": "drawn_batches", "beta_0": 10.0}
-# Key sub-streams: init of the generator and of the per-round server key; the client terms.
+REFERENCE_OPTIONS = {"noise": "uniform", "label_counts": "drawn_batches", "beta_0": 10.0,
+                     "teacher_loss": "reference"}
+# Key sub-streams: of the init key, the generator's init; of the round's first real client key,
+# the server's (above every `ClientStream` tag local training uses).
 _GENERATOR_INIT_STREAM = 1
-_SERVER_STREAM = 2
-_TEACHER_TERM = 3
-_LATENT_TERM = 4
+_SERVER_STREAM = 100
 
 
-class ConditionalGenerator(nn.Module):
-    """G(eps, y): concat(noise, one-hot y) -> Dense -> BatchNorm -> ReLU -> Dense to the latent."""
+@dataclasses.dataclass(frozen=True)
+class FedGenConfig:
+    """FedGen's options; defaults are the paper's method (Gaussian noise, dataset label counts,
+    per-sample teacher weights, no latent loss: beta_0 = 0) with the reference's MNIST settings
+    where the paper is silent: alpha_0 = 10 decayed by 0.98 per round, client batch 32 and
+    generated batch 32, the generator options of `GeneratorTraining`. The reference's 20 local
+    steps at SGD 0.01 are 20 epochs of one batch on digits' ~29 examples per client; the library
+    runs 5 epochs at 0.05 (the knowledge-transfer experiment's setting) so that a few rounds
+    train: the same order of work at a fifth of the cost."""
 
-    hidden: int
-    latent_dim: int
-    num_classes: int
+    client: ClientTraining = option(ClientTraining(lr=0.05, epochs=5, batch_size=32),
+                                    "local training")
+    server: ServerOptimizer = option(ServerOptimizer(), "server optimiser on the mean delta")
+    weighting: str = option("num_examples", "aggregation weights p_k", one_of(*WEIGHTINGS))
+    sharing: str = option("all", "what is averaged: the whole model, or only the head (each "
+                          "client keeps its extractor)", one_of(*SHARINGS))
+    use_generator: bool = option(True, "train the generator (off: FedAvg, with alpha_0 = "
+                                 "beta_0 = 0)")
+    alpha_0: float = option(10.0, "initial weight of the generated-latent CE term",
+                            non_negative, sweepable=True)
+    beta_0: float = option(0.0, "initial weight of the reference's latent KL term (not in the "
+                           "paper)", non_negative, sweepable=True)
+    regularizer_decay: float = option(0.98, "per-round factor of alpha_t and beta_t",
+                                      decay_factor, sweepable=True)
+    regularizer_floor: float = option(1e-4, "floor of alpha_t and beta_t", non_negative)
+    generated_batch_size: int = option(32, "generated latents per local step", positive_int)
+    label_counts: str = option("dataset", "c_k(y): each client's label counts (paper), or 1 + "
+                               "the labels of the batches drawn (reference)",
+                               one_of(*LABEL_COUNTS))
+    generator: GeneratorTraining = option(GeneratorTraining(), "the server's generator")
 
-    @nn.compact
-    def __call__(self, noise, labels, train: bool):
-        inputs = jnp.concatenate([noise, jax.nn.one_hot(labels, self.num_classes,
-                                                        dtype=noise.dtype)], axis=-1)
-        hidden = nn.Dense(self.hidden)(inputs)
-        # PyTorch's BatchNorm1d defaults: running-average momentum 0.1, epsilon 1e-5.
-        hidden = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(hidden)
-        return nn.Dense(self.latent_dim)(nn.relu(hidden))
+    def check(self) -> None:
+        if not self.use_generator and (self.alpha_0 > 0 or self.beta_0 > 0):
+            raise OptionError("use_generator", self.use_generator,
+                              "the client terms sample the generator; set alpha_0 = beta_0 = 0 "
+                              "to run without it")
+
+
+def build(config: FedGenConfig, model: SplitModel, data: DataInfo,
+          execution: ClientExecution = ClientExecution()) -> Algorithm:
+    generator = config.generator
+    return fedgen(model, config.client.optimizer(), server_optimizer=config.server.build(),
+                  num_epochs=config.client.epochs, batch_size=config.client.batch_size,
+                  weighting=config.weighting, sharing=config.sharing,
+                  num_clients=data.num_clients if config.sharing == "head" else None,
+                  use_generator=config.use_generator, alpha_0=config.alpha_0,
+                  beta_0=config.beta_0, regularizer_decay=config.regularizer_decay,
+                  regularizer_floor=config.regularizer_floor,
+                  generated_batch_size=config.generated_batch_size, noise=generator.noise,
+                  label_counts=config.label_counts, teacher_loss=generator.teacher_loss,
+                  noise_dim=generator.noise_dim, generator_hidden=generator.hidden,
+                  generator_steps=generator.steps, generator_batch_size=generator.batch_size,
+                  generator_learning_rate=generator.lr,
+                  generator_weight_decay=generator.weight_decay,
+                  generator_lr_decay=generator.lr_decay, teacher_weight=generator.teacher_weight,
+                  diversity_weight=generator.diversity_weight, execution=execution)
 
 
 class FedGenState(NamedTuple):
     """Attributes: params (the shared part: whole model or `{"head"}`), opt_state, generator
-    (`{"params", "batch_stats"}`), generator_opt_state, round, key, metrics, client_states
-    (None, or `{"extractors": one stacked tree per architecture}` in head sharing)."""
+    (`{"params", "batch_stats"}`), generator_opt_state, round, metrics, client_states
+    (`()` when the whole model is shared, a `FedGenClientState` in head sharing)."""
 
     params: PyTree
     opt_state: PyTree
     generator: PyTree
     generator_opt_state: PyTree
     round: jax.Array
-    key: jax.Array
     metrics: dict[str, jax.Array]
-    client_states: PyTree
-
-
-def client_label_counts(batch: ClientBatch, num_classes: int, *, mode: str = "dataset",
-                        num_epochs: int = 1) -> jax.Array:
-    """c_k(y) `[C, classes]` int32: each client's label counts ("dataset", the paper), or the
-    reference's 1 + the labels of the batches drawn ("drawn_batches"), which `local_train`'s
-    epochs make exactly 1 + num_epochs * the label counts."""
-    counts = jnp.sum(jax.nn.one_hot(batch.y, num_classes, dtype=jnp.int32)
-                     * batch.mask[..., None], axis=1)
-    return 1 + num_epochs * counts if mode == "drawn_batches" else counts
-
-
-def label_weights(label_counts: jax.Array, participating: jax.Array) -> jax.Array:
-    """w_k(y) = c_k(y) / sum_j c_j(y) over participating clients: `[C, classes]`, each label's
-    column summing to 1 (0 for a label no participating client counts)."""
-    counts = jnp.where(participating[:, None], label_counts, 0).astype(jnp.result_type(float))
-    total = jnp.sum(counts, axis=0)
-    return jnp.where(total > 0, counts / jnp.where(total > 0, total, 1), 0)
-
-
-def regularizer_weight(initial: float, round_index, decay: float = 0.98,
-                       floor: float = 1e-4) -> jax.Array:
-    """w_t = max(floor, w_0 decay^t) from round 1 on; 0 in round 0 and whenever w_0 = 0."""
-    if initial == 0:
-        return jnp.zeros((), jnp.result_type(float))
-    round_index = jnp.asarray(round_index)
-    decayed = initial * jnp.asarray(decay, jnp.result_type(float)) ** round_index
-    return jnp.where(round_index > 0, jnp.maximum(floor, decayed), 0.0)
-
-
-def diversity_loss(noise: jax.Array, latents: jax.Array) -> jax.Array:
-    """exp(-mean_ab d_noise(a, b) d_out(a, b)): mean squared noise distance times mean absolute
-    output distance over all pairs; in (0, 1], and 1 when the outputs ignore the noise."""
-    noise_distance = jnp.mean((noise[:, None] - noise[None]) ** 2, axis=-1)
-    latent_distance = jnp.mean(jnp.abs(latents[:, None] - latents[None]), axis=-1)
-    return jnp.exp(-jnp.mean(noise_distance * latent_distance))
+    client_states: FedGenClientState | tuple
 
 
 def fedgen(model: SplitModel, client_optimizer: optax.GradientTransformation, *,
@@ -127,12 +149,12 @@ def fedgen(model: SplitModel, client_optimizer: optax.GradientTransformation, *,
            architecture_of_client: Sequence[int] | None = None, use_generator: bool = True,
            alpha_0: float = 10.0, beta_0: float = 0.0, regularizer_decay: float = 0.98,
            regularizer_floor: float = 1e-4, generated_batch_size: int = 32,
-           noise: str = "gaussian", label_counts: str = "dataset", noise_dim: int = 32,
-           generator_hidden: int = 256, generator_steps: int = 50, generator_batch_size: int = 32,
-           generator_learning_rate: float = 3e-4, generator_weight_decay: float = 1e-2,
-           generator_lr_decay: float = 0.98, teacher_weight: float = 1.0,
-           diversity_weight: float = 1.0, execution: ClientExecution = ClientExecution(),
-           unroll: int = 1) -> Algorithm:
+           noise: str = "gaussian", label_counts: str = "dataset", teacher_loss: str = "paper",
+           noise_dim: int = 32, generator_hidden: int = 256, generator_steps: int = 50,
+           generator_batch_size: int = 32, generator_learning_rate: float = 3e-4,
+           generator_weight_decay: float = 1e-2, generator_lr_decay: float = 0.98,
+           teacher_weight: float = 1.0, diversity_weight: float = 1.0,
+           execution: ClientExecution = ClientExecution(), unroll: int = 1) -> Algorithm:
     """Builds FedGen (defaults: the reference's MNIST settings where the paper is silent).
 
     Args:
@@ -151,14 +173,14 @@ def fedgen(model: SplitModel, client_optimizer: optax.GradientTransformation, *,
             latent KL term (0 turns a term off); decayed as max(floor, w_0 * decay^t) from round 1.
         regularizer_decay, regularizer_floor: that schedule (reference 0.98, 1e-4).
         generated_batch_size: generated latents per local step for the CE term.
-        noise: "gaussian" (paper) or "uniform" on [0, 1) (reference code).
         label_counts: "dataset" (each client's label counts, paper) or "drawn_batches" (1 plus
             the labels of the batches drawn, reference; every epoch draws each example once).
-        noise_dim, generator_hidden: generator sizes (reference MNIST 32, 256).
-        generator_steps, generator_batch_size: server Adam steps per round and their batch.
-        generator_learning_rate, generator_weight_decay, generator_lr_decay: Adam with coupled
-            (PyTorch-style) weight decay, learning rate times decay^t (reference 3e-4, 1e-2, 0.98).
-        teacher_weight, diversity_weight: alpha_gen and eta_div of the generator loss.
+        noise, teacher_loss, noise_dim, generator_hidden, generator_steps, generator_batch_size,
+            generator_learning_rate, generator_weight_decay, generator_lr_decay, teacher_weight,
+            diversity_weight: the generator's options (`fedgen_generator`'s noise, teacher_loss,
+            noise_dim, hidden, steps, batch_size, learning_rate, ...): teacher_loss "paper"
+            weights each generated sample by w_k(y), "reference" is the authors' mean(w_k) *
+            mean(CE) per client; noise "gaussian" (paper) or "uniform" on [0, 1) (reference).
         execution: how clients run. unroll: unroll factor of the local step loop.
 
     Returns:
@@ -168,56 +190,40 @@ def fedgen(model: SplitModel, client_optimizer: optax.GradientTransformation, *,
     if not use_generator and (alpha_0 > 0 or beta_0 > 0):
         raise ValueError(f"use_generator=False needs alpha_0 = beta_0 = 0 (got alpha_0={alpha_0}, "
                          f"beta_0={beta_0}): the client terms sample the generator")
-    if sharing == "all" and (client_architectures is not None or num_clients is not None):
-        raise ValueError("client_architectures and num_clients are for sharing='head'; with "
-                         "sharing='all' every client trains the shared model")
-    if sharing == "head" and num_clients is None:
-        raise ValueError("sharing='head' needs num_clients (each client keeps its extractor)")
-    architectures = tuple(client_architectures or (model,))
-    assignment = _architecture_assignment(architectures, architecture_of_client, num_clients,
-                                          model)
+    if sharing == "all" and (client_architectures, architecture_of_client, num_clients) != (
+            None, None, None):
+        raise ValueError("client_architectures, architecture_of_client and num_clients are for "
+                         "sharing='head'; with sharing='all' every client trains the shared model")
+    if sharing == "head":
+        if num_clients is None:
+            raise ValueError("sharing='head' needs num_clients (each client keeps its extractor)")
+        extractors = client_extractors(model, tuple(client_architectures or (model,)),
+                                       architecture_of_client, num_clients)
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
-    generator = ConditionalGenerator(generator_hidden, model.latent_dim, model.num_classes)
-    generator_optimizer = optax.chain(optax.add_decayed_weights(generator_weight_decay),
-                                      optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8))
+    generator = fedgen_generator(
+        model.head, model.latent_dim, noise=noise, noise_dim=noise_dim, hidden=generator_hidden,
+        steps=generator_steps, batch_size=generator_batch_size,
+        learning_rate=generator_learning_rate, weight_decay=generator_weight_decay,
+        lr_decay=generator_lr_decay, teacher_weight=teacher_weight,
+        diversity_weight=diversity_weight, teacher_loss=teacher_loss, execution=execution)
     uses_generator_on_clients = alpha_0 > 0 or beta_0 > 0
+    add_generator_terms = client_terms(generator, model.head, alpha_0=alpha_0, beta_0=beta_0,
+                                       generated_batch_size=generated_batch_size)
 
     def head_logits(params, latents):
         return model.head.apply(params["head"], latents)
 
-    def sample_noise(key, shape):
-        sampler = jax.random.normal if noise == "gaussian" else jax.random.uniform
-        return sampler(key, shape)
-
-    def generate(variables, key, labels, train=False):
-        eps = sample_noise(key, (labels.shape[0], noise_dim))
-        return eps, generator.apply(variables, eps, labels, train=train,
-                                    mutable=["batch_stats"] if train else False)
-
-    def extract_with(architecture, extractors, x):
-        branches = [lambda p, x, arch=arch, j=j: arch.extractor.apply(p[j], x)
-                    for j, arch in enumerate(architectures)]
-        if len(branches) == 1:
-            return branches[0](extractors, x)
-        return jax.lax.switch(architecture, branches, extractors, x)
-
     def init(key: jax.Array) -> FedGenState:
         params = model.init(key)
-        client_states = None
+        client_states = ()
         if sharing == "head":
-            extractors = tuple(params["extractor"] if j == 0 else
-                               arch.init(jax.random.fold_in(key, j))["extractor"]
-                               for j, arch in enumerate(architectures))
-            client_states = {"extractors": jax.tree.map(
-                lambda p: jnp.repeat(p[None], num_clients, axis=0), extractors)}
+            client_states = extractors.init(params["extractor"], key)
             params = {"head": params["head"]}
-        variables = generator.init(jax.random.fold_in(key, _GENERATOR_INIT_STREAM),
-                                   jnp.zeros((1, noise_dim)), jnp.zeros((1,), jnp.int32),
-                                   train=False)
+        variables, generator_opt_state = generator.init(
+            jax.random.fold_in(key, _GENERATOR_INIT_STREAM))
         empty = jnp.zeros(0)
-        return FedGenState(params, server_optimizer.init(params), variables,
-                           generator_optimizer.init(variables["params"]),
-                           jnp.zeros((), jnp.int32), jax.random.fold_in(key, _SERVER_STREAM),
+        return FedGenState(params, server_optimizer.init(params), variables, generator_opt_state,
+                           jnp.zeros((), jnp.int32),
                            _round_metrics(empty, empty, jnp.zeros(0, jnp.int32),
                                           optax.tree.zeros_like(params), 0.0, 0.0, 0.0, 0.0),
                            client_states)
@@ -226,57 +232,13 @@ def fedgen(model: SplitModel, client_optimizer: optax.GradientTransformation, *,
         if not uses_generator_on_clients:
             return model_loss(model.apply if sharing == "all" else
                               lambda params, x: head_logits(params, extract(params, x)))
-        alpha_t, beta_t = regularizer_weights
 
         def loss(params, x, y, mask, rng):
             logits = head_logits(params, extract(params, x))
-            loss = cross_entropy(logits, y, mask)
-            if alpha_0 > 0:
-                label_key, noise_key = jax.random.split(jax.random.fold_in(rng, _TEACHER_TERM))
-                sampled = jax.random.randint(label_key, (generated_batch_size,), 0,
-                                             model.num_classes)
-                _, latents = generate(variables, noise_key, sampled)
-                loss = loss + alpha_t * jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-                    head_logits(params, latents), sampled))
-            if beta_0 > 0:
-                _, latents = generate(variables, jax.random.fold_in(rng, _LATENT_TERM), y)
-                loss = loss + beta_t * kd_loss(logits, head_logits(params, latents), mask)
-            return loss
+            return add_generator_terms(cross_entropy(logits, y, mask), variables, params["head"],
+                                       logits, y, mask, rng, *regularizer_weights)
 
         return loss
-
-    def train_generator(state, heads, weights, qualified):
-        label_probabilities = qualified / jnp.maximum(jnp.sum(qualified), 1)
-        learning_rate = generator_learning_rate * generator_lr_decay ** state.round.astype(
-            jnp.result_type(float))
-
-        def loss_fn(params, batch_stats, key):
-            label_key, noise_key = jax.random.split(key)
-            labels = jax.random.choice(label_key, model.num_classes, (generator_batch_size,),
-                                       p=label_probabilities)
-            eps, (latents, updates) = generate({"params": params, "batch_stats": batch_stats},
-                                               noise_key, labels, train=True)
-            logits = execution.map(lambda head: model.head.apply(head, latents), heads)
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[None])
-            teacher = jnp.sum(jnp.mean(weights[:, labels] * ce, axis=1))
-            diversity = diversity_loss(eps, latents)
-            total = teacher_weight * teacher + diversity_weight * diversity
-            return total, (updates["batch_stats"], teacher, diversity)
-
-        def step(carry, index):
-            variables, opt_state = carry
-            grads, (batch_stats, teacher, diversity) = jax.grad(loss_fn, has_aux=True)(
-                variables["params"], variables["batch_stats"],
-                jax.random.fold_in(jax.random.fold_in(state.key, state.round), index))
-            updates, opt_state = generator_optimizer.update(grads, opt_state, variables["params"])
-            params = optax.apply_updates(variables["params"],
-                                         optax.tree.scale(-learning_rate, updates))
-            return ({"params": params, "batch_stats": batch_stats}, opt_state), (teacher,
-                                                                                 diversity)
-
-        (variables, opt_state), (teacher, diversity) = jax.lax.scan(
-            step, (state.generator, state.generator_opt_state), jnp.arange(generator_steps))
-        return variables, opt_state, jnp.mean(teacher), jnp.mean(diversity)
 
     def round_fn(state: FedGenState, batch: ClientBatch) -> FedGenState:
         weights_t = tuple(regularizer_weight(w0, state.round, regularizer_decay, regularizer_floor)
@@ -288,8 +250,8 @@ def fedgen(model: SplitModel, client_optimizer: optax.GradientTransformation, *,
             starts = jnp.zeros(batch.num_clients)
         else:
             cohort = gather_clients(state.client_states, batch.client_ids)
-            own_architecture = jnp.asarray(assignment)[batch.client_ids]
-            starts = cohort["extractors"]
+            own_architecture = extractors.architecture_of(batch.client_ids)
+            starts = cohort.extractors
 
         def client_update(client):
             start, architecture, x, y, mask, rng = client
@@ -297,7 +259,8 @@ def fedgen(model: SplitModel, client_optimizer: optax.GradientTransformation, *,
                 start, own_extract = state.params, model.extract
             else:
                 start = {"extractor": start, "head": state.params["head"]}
-                own_extract = lambda params, x: extract_with(architecture, params["extractor"], x)
+                own_extract = lambda params, x: extractors.extract(architecture,
+                                                                   params["extractor"], x)
             loss_fn = client_loss(state.generator, weights_t, own_extract)
             result = local_train(loss_fn, client_optimizer, start, x, y, mask, rng,
                                  num_epochs=num_epochs, batch_size=batch_size, unroll=unroll)
@@ -309,16 +272,17 @@ def fedgen(model: SplitModel, client_optimizer: optax.GradientTransformation, *,
         participating = batch.num_examples > 0
         counts = client_label_counts(batch, model.num_classes, mode=label_counts,
                                      num_epochs=num_epochs)
-        per_label = label_weights(counts, participating)
         # The reference's "qualified" labels (max count > 1 with counts starting at 1): the
         # labels some participating client holds; only they are generated.
         held = client_label_counts(batch, model.num_classes) > 0
         qualified = jnp.any(held & participating[:, None], axis=0)
-        generator, generator_opt_state = state.generator, state.generator_opt_state
+        generator_variables, generator_opt_state = state.generator, state.generator_opt_state
         teacher = diversity = jnp.zeros((), jnp.result_type(float))
         if use_generator:
-            generator, generator_opt_state, teacher, diversity = train_generator(
-                state, trained["head"], per_label, qualified)
+            generator_variables, generator_opt_state, teacher, diversity = generator.train(
+                state.generator, state.generator_opt_state, trained["head"],
+                label_weights(counts, participating), qualified, state.round,
+                _server_key(batch))
 
         shared = state.params
         deltas = optax.tree.sub(shared,
@@ -327,76 +291,49 @@ def fedgen(model: SplitModel, client_optimizer: optax.GradientTransformation, *,
         params, opt_state = server_update(shared, state.opt_state, mean_delta, server_optimizer)
         client_states = state.client_states
         if sharing == "head":
-            kept = _keep_own_architecture(own_architecture, trained["extractor"],
-                                          cohort["extractors"])
+            kept = extractors.keep_own(own_architecture, trained["extractor"], cohort.extractors)
             client_states = scatter_clients(client_states, batch.client_ids,
-                                            {"extractors": kept}, participating)
+                                            FedGenClientState(kept), participating)
         down = tree_bytes(shared) + (tree_bytes(state.generator) if uses_generator_on_clients
                                      else 0)
         up = tree_bytes(shared) + (model.num_classes * counts.dtype.itemsize if use_generator
                                    else 0)
-        return FedGenState(params, opt_state, generator, generator_opt_state, state.round + 1,
-                           state.key, _round_metrics(weights, losses, steps, mean_delta, teacher,
-                                                     diversity, down, up), client_states)
+        return FedGenState(params, opt_state, generator_variables, generator_opt_state,
+                           state.round + 1, _round_metrics(weights, losses, steps, mean_delta,
+                                                           teacher, diversity, down, up),
+                           client_states)
 
     def predict(state: FedGenState, batch: ClientBatch) -> jax.Array:
         if sharing == "all":
             return predict_with(model, state.params, batch.x)
-        extractors = gather_clients(state.client_states["extractors"], batch.client_ids)
 
         def client_logits(client):
             architecture, own, x = client
-            return head_logits(state.params, extract_with(architecture, own, x))
+            return head_logits(state.params, extractors.extract(architecture, own, x))
 
-        return execution.map(client_logits, (jnp.asarray(assignment)[batch.client_ids],
-                                             extractors, batch.x))
+        return execution.map(client_logits, (
+            extractors.architecture_of(batch.client_ids),
+            gather_clients(state.client_states.extractors, batch.client_ids), batch.x))
 
     return Algorithm(init=init, round=round_fn, predict=predict)
 
 
-def _keep_own_architecture(architecture, trained, previous):
-    """Each client's trained extractor of its own architecture `[C]`; its others unchanged."""
-
-    def keep(j, new, old):
-        own = (architecture == j).reshape((-1,) + (1,) * (new.ndim - 1))
-        return jnp.where(own, new, old)
-
-    return tuple(jax.tree.map(lambda new, old, j=j: keep(j, new, old), t, p)
-                 for j, (t, p) in enumerate(zip(trained, previous)))
-
-
-def _architecture_assignment(architectures, architecture_of_client, num_clients, model):
-    for j, arch in enumerate(architectures):
-        if (arch.latent_dim, arch.num_classes, tuple(arch.feature_shape)) != (
-                model.latent_dim, model.num_classes, tuple(model.feature_shape)):
-            raise ValueError(f"client_architectures[{j}] maps {arch.feature_shape} to "
-                             f"{arch.latent_dim} features; expected {model.feature_shape} to "
-                             f"{model.latent_dim} like model")
-    if architecture_of_client is None:
-        if len(architectures) > 1:
-            raise ValueError("client_architectures has several models; give "
-                             "architecture_of_client, one index per client")
-        return np.zeros(num_clients or 1, np.int32)
-    assignment = np.asarray(architecture_of_client)
-    if assignment.shape != (num_clients,) or not np.issubdtype(assignment.dtype, np.integer) \
-            or assignment.min() < 0 or assignment.max() >= len(architectures):
-        raise ValueError(f"architecture_of_client={architecture_of_client!r} is invalid; "
-                         f"expected {num_clients} integers in [0, {len(architectures)})")
-    return assignment.astype(np.int32)
+def _server_key(batch: ClientBatch) -> jax.Array:
+    """The server's key of the round: the first real client's key on a stream of its own, so the
+    run depends only on the experiment key, and not on padding."""
+    first_real = jnp.argmax(batch.num_examples > 0)
+    return jax.random.fold_in(batch.rng[first_real], _SERVER_STREAM)
 
 
 def _validate(options: dict) -> None:
-    choices = {"sharing": SHARINGS, "noise": NOISES, "label_counts": LABEL_COUNTS}
+    choices = {"sharing": SHARINGS, "label_counts": LABEL_COUNTS, "weighting": WEIGHTINGS}
     for name, allowed in choices.items():
         if options[name] not in allowed:
             raise ValueError(f"{name} {options[name]!r} is unknown; allowed: {', '.join(allowed)}")
     for name in ("num_epochs", "generated_batch_size", "noise_dim", "generator_hidden",
                  "generator_steps", "generator_batch_size", "batch_size", "num_clients"):
-        value = options[name]
-        if value is None and name in ("batch_size", "num_clients"):
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} is invalid; expected a positive integer")
+        if options[name] is not None or name not in ("batch_size", "num_clients"):
+            check_positive_int(name, options[name])
     for name in ("alpha_0", "beta_0", "regularizer_floor", "generator_learning_rate",
                  "generator_weight_decay", "teacher_weight", "diversity_weight"):
         if not options[name] >= 0:
@@ -404,20 +341,25 @@ def _validate(options: dict) -> None:
     for name in ("regularizer_decay", "generator_lr_decay"):
         if not 0 < options[name] <= 1:
             raise ValueError(f"{name}={options[name]!r} is invalid; expected 0 < {name} <= 1")
-    client_weights(jnp.ones(1), weighting=options["weighting"])
 
 
 def _round_metrics(weights, losses, steps, mean_delta, teacher, diversity, down,
                    up) -> dict[str, jax.Array]:
-    """The round's scalars; `init` calls it on empty cohorts so the structure never changes."""
+    """The round's scalars; `init` calls it on empty cohorts so the structure never changes.
+    Every cohort client downloads, as in FedAvg; participants upload."""
     dtype = jnp.result_type(float)
-    return {
-        "bytes_down": jnp.asarray(weights.shape[0] * down, dtype),
-        "bytes_up": (jnp.sum(weights > 0) * up).astype(dtype),
-        "train_loss": jnp.sum(weights * losses).astype(dtype),
-        "participants": jnp.sum(weights > 0).astype(jnp.int32),
-        "local_steps": jnp.sum(jnp.where(weights > 0, steps, 0)).astype(jnp.int32),
-        "update_norm": optax.tree.norm(mean_delta).astype(dtype),
-        "generator_teacher_loss": jnp.asarray(teacher, dtype),
-        "generator_diversity_loss": jnp.asarray(diversity, dtype),
-    }
+    return round_metrics(
+        weights, losses, bytes_up=jnp.sum(weights > 0) * up, bytes_down=weights.shape[0] * down,
+        local_steps=jnp.sum(jnp.where(weights > 0, steps, 0)).astype(jnp.int32),
+        update_norm=optax.tree.norm(mean_delta).astype(dtype),
+        generator_teacher_loss=jnp.asarray(teacher, dtype),
+        generator_diversity_loss=jnp.asarray(diversity, dtype))
+
+
+SPECS = (AlgorithmSpec(
+    "fedgen", FedGenConfig, build,
+    paper="Zhu, Hong, Zhou, Data-Free Knowledge Distillation for Heterogeneous Federated "
+          "Learning, ICML 2021, arXiv 2105.10056",
+    summary="FedAvg (or head-only sharing) whose clients also fit latents from a server-trained "
+            "conditional generator, a data-free distillation of the cohort's label knowledge",
+    model_kind="split"),)
