@@ -44,10 +44,10 @@ from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.algorithms.fedmeta import fedavg_meta, fedmeta
 from fedjax_lab.algorithms.perfedavg import perfedavg
 from fedjax_lab.core import experiment_key, init_key
-from fedjax_lab.core.meta import (make_adapted_evaluator, model_data_loss, split_clients,
-                                  with_adaptation)
+from fedjax_lab.core.meta import model_data_loss, split_clients, with_adaptation
 from fedjax_lab.data import ClientData, PaddedClients, digits, train_test_split_per_client
 from fedjax_lab.data.sampling import cohort_batch, sample_cohort
+from fedjax_lab.evaluation import make_adapted_evaluator
 from fedjax_lab.experiment import write_json_atomic
 from fedjax_lab.models import mlp
 
@@ -114,14 +114,14 @@ def dominant_class_clients(seed: int) -> tuple[ClientData, ClientData]:
 def fedmeta_methods(model) -> dict:
     s = FEDMETA
     adam = optax.adam(s["outer_lr"])
-    inner = dict(inner_lr=s["inner_lr"], num_inner_steps=s["num_inner_steps"],
-                 support_fraction=s["support_fraction"])
+    adaptation = dict(inner_lr=s["inner_lr"], num_inner_steps=s["num_inner_steps"])
+    inner = dict(adaptation, support_fraction=s["support_fraction"])
     return {
         "maml": fedmeta(model, adam, variant="maml", **inner),
         "meta_sgd": fedmeta(model, adam, variant="meta_sgd", **inner),
         "fomaml": fedmeta(model, adam, variant="fomaml", **inner),
         "fedavg_meta": fedavg_meta(model, optax.sgd(s["fedavg_lr"]), batch_size=s["batch_size"],
-                                   **inner),
+                                   **adaptation),
         "fedavg": fedavg(model, optax.sgd(s["fedavg_lr"]), batch_size=s["batch_size"]),
     }
 
