@@ -11,7 +11,9 @@ import pytest
 
 from common import NUM_CLASSES, NUM_FEATURES, assert_trees_close, assert_trees_equal, \
     make_clients, stack_clients
-from fedjax_lab.algorithms.pfedhn import hypernetwork_generator, pfedhn
+from fedjax_lab.algorithms.pfedhn import PFedHNConfig, build, hypernetwork_generator, pfedhn
+from fedjax_lab.core.types import DataInfo
+from fedjax_lab.options import OptionError, from_dict
 from fedjax_lab.core import client_weights, local_train, model_loss
 from fedjax_lab.models import mlp
 from fedjax_lab.models.split import split_mlp
@@ -56,7 +58,7 @@ def test_vjp_update_is_the_gradient_of_regressing_onto_the_trained_weights(perso
 
         generate, _ = hypernetwork_generator(TARGET, personal_head=personal_head,
                                              hidden=HN["hidden"], num_hidden=HN["num_hidden"])
-        network, embeddings = state.hypernetwork["network"], state.hypernetwork["embeddings"]
+        network, embeddings = state.hypernetwork.network, state.hypernetwork.embeddings
         train = jax.jit(lambda params, k: local_train(
             model_loss(TARGET.apply), client_optimizer, params, batch.x[k], batch.y[k],
             batch.mask[k], batch.rng[k], num_epochs=2, batch_size=3).params)
@@ -65,7 +67,7 @@ def test_vjp_update_is_the_gradient_of_regressing_onto_the_trained_weights(perso
             theta = generate(network, embeddings[i])
             if personal_head:
                 result = train({"extractor": theta, "head": jax.tree.map(
-                    lambda h: h[i], state.client_states)}, k)
+                    lambda h: h[i], state.client_states.head)}, k)
                 trained.append(result["extractor"])
                 heads.append(result["head"])
             else:
@@ -85,18 +87,21 @@ def test_vjp_update_is_the_gradient_of_regressing_onto_the_trained_weights(perso
                                   for i, target in zip(COHORT, trained)]
 
         expected_network, expected_embeddings = expected(network, embeddings, trained)
-        assert_trees_close(grads["network"], expected_network, rtol=1e-10, atol=1e-12)
+        assert_trees_close(grads.network, expected_network, rtol=1e-10, atol=1e-12)
         for i, expected_embedding in zip(COHORT, expected_embeddings):
-            np.testing.assert_allclose(grads["embeddings"][i], expected_embedding, rtol=1e-10,
+            np.testing.assert_allclose(grads.embeddings[i], expected_embedding, rtol=1e-10,
                                        atol=1e-12)
         # Plain server SGD: client 1 (not sampled) keeps its embedding and its head.
-        np.testing.assert_array_equal(new.hypernetwork["embeddings"][1],
-                                      state.hypernetwork["embeddings"][1])
-        assert np.all(np.asarray(grads["embeddings"])[COHORT] != 0)
-        for i, head in zip(COHORT, heads):
-            assert_trees_close(jax.tree.map(lambda h: h[i], new.client_states), head)
-        assert_trees_equal(jax.tree.map(lambda h: h[1], new.client_states),
-                           jax.tree.map(lambda h: h[1], state.client_states))
+        np.testing.assert_array_equal(new.hypernetwork.embeddings[1],
+                                      state.hypernetwork.embeddings[1])
+        assert np.all(np.asarray(grads.embeddings)[COHORT] != 0)
+        if personal_head:
+            for i, head in zip(COHORT, heads):
+                assert_trees_close(jax.tree.map(lambda h: h[i], new.client_states.head), head)
+            assert_trees_equal(jax.tree.map(lambda h: h[1], new.client_states.head),
+                               jax.tree.map(lambda h: h[1], state.client_states.head))
+        else:
+            assert new.client_states == ()
 
         # Each cohort client downloads its generated weights and uploads Delta of the same size
         # (float64 here); the hypernetwork and the private heads never travel.
@@ -126,7 +131,7 @@ def test_one_sgd_step_is_alpha_times_the_end_to_end_gradient(personal_head, jit)
             params = generate(network, embedding)
             if personal_head:
                 params = {"extractor": params,
-                          "head": jax.tree.map(lambda h: h[COHORT[k]], state.client_states)}
+                          "head": jax.tree.map(lambda h: h[COHORT[k]], state.client_states.head)}
             return loss(params, batch.x[k], batch.y[k], batch.mask[k], None)
 
         @jax.jit
@@ -136,12 +141,12 @@ def test_one_sgd_step_is_alpha_times_the_end_to_end_gradient(personal_head, jit)
             return network_grad, [jax.grad(client_loss, 1)(network, embeddings[i], k)
                                   for k, i in enumerate(COHORT)]
 
-        expected_network, expected_embeddings = end_to_end(state.hypernetwork["network"],
-                                                            state.hypernetwork["embeddings"])
-        assert_trees_close(grads["network"], jax.tree.map(lambda g: alpha * g, expected_network),
+        expected_network, expected_embeddings = end_to_end(state.hypernetwork.network,
+                                                            state.hypernetwork.embeddings)
+        assert_trees_close(grads.network, jax.tree.map(lambda g: alpha * g, expected_network),
                            rtol=1e-8, atol=1e-10)
         for i, expected_embedding in zip(COHORT, expected_embeddings):
-            np.testing.assert_allclose(grads["embeddings"][i], alpha * expected_embedding,
+            np.testing.assert_allclose(grads.embeddings[i], alpha * expected_embedding,
                                        rtol=1e-8, atol=1e-10)
 
 
@@ -163,15 +168,15 @@ def test_frozen_hypernetwork_fits_a_new_client_through_its_embedding_only():
     frozen = pfedhn(TARGET, optax.sgd(0.1), num_clients=2, **HN, batch_size=8,
                     freeze_network=True, server_optimizer=optax.sgd(0.5))
     # The network another run trained; here, one drawn from another key.
-    network = frozen.init(jax.random.key(0)).hypernetwork["network"]
+    network = frozen.init(jax.random.key(0)).hypernetwork.network
     state = frozen.init(jax.random.key(1))
-    state = state._replace(hypernetwork={**state.hypernetwork, "network": network})
+    state = state._replace(hypernetwork=state.hypernetwork._replace(network=network))
     round_fn = jax.jit(frozen.round)
     losses = []
     for t in range(8):
         state = round_fn(state, stack_clients(xs, ys, round_index=t))
         losses.append(float(state.metrics["train_loss"]))
-    assert_trees_equal(state.hypernetwork["network"], network)
+    assert_trees_equal(state.hypernetwork.network, network)
     assert losses[-1] < losses[0]
 
 
@@ -185,3 +190,15 @@ def test_bad_hyperparameters_are_refused_in_one_line():
                personal_head=True)
     with pytest.raises(ValueError, match="weighting 'size' is unknown"):
         pfedhn(TARGET, optax.sgd(0.1), num_clients=4, weighting="size")
+
+
+def test_the_registry_builder_refuses_pfedhn_pc_on_a_model_without_a_head():
+    info = DataInfo(4, NUM_CLASSES, (NUM_FEATURES,), 12)
+    config = from_dict(PFedHNConfig, {"personal_head": True})
+    with pytest.raises(OptionError, match=r"algorithm.personal_head=True .*needs a split model"):
+        build(config, mlp((NUM_FEATURES,), NUM_CLASSES), info)
+    algorithm = build(from_dict(PFedHNConfig, {"personal_head": True, "client": {"epochs": 2}}),
+                      TARGET, info)
+    state = algorithm.init(jax.random.key(0))
+    assert state.hypernetwork.embeddings.shape == (4, 2)  # the reference's m = 1 + N // 4
+    assert jax.tree.leaves(state.client_states.head)[0].shape[0] == 4

@@ -26,6 +26,7 @@ reshuffled data rather than K independently drawn batches; the client optimiser 
 head's too) restarts each round, where the reference keeps the head's SGD momentum.
 """
 
+import dataclasses
 import math
 from typing import Any, NamedTuple, Sequence
 
@@ -34,12 +35,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              gather_clients, local_train, model_loss, scatter_clients,
                              server_update, tree_bytes)
+from fedjax_lab.core.aggregation import WEIGHTINGS
+from fedjax_lab.core.metrics import round_metrics
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_positive_int
 from fedjax_lab.models import Model
 from fedjax_lab.models.split import SplitModel
+from fedjax_lab.options import (OptionError, non_negative_int, one_of, option, optional,
+                                optional_positive_int, positive, positive_int)
 
 PyTree = Any
 # Sub-streams of the init key.
@@ -48,18 +55,73 @@ _EMBEDDING_STREAM = 1
 _HEAD_STREAM = 2
 
 
+@dataclasses.dataclass(frozen=True)
+class PFedHNConfig:
+    """pFedHN's options; defaults are the reference's (AvivSham/pFedHN): hypernetwork hidden 100
+    with 3 hidden layers, embeddings of 1 + N // 4, its server optimiser (SGD momentum 0.9, weight
+    decay 1e-3, clip 50, lr 1e-2 or 5e-2 for pFedHN-PC), batches of 64 and K = 50 inner steps,
+    which on the ~29-example digits clients are 50 full-batch epochs. The registry's clients run
+    plain SGD at 0.05 where the reference runs SGD 5e-3 with momentum 0.9 (the same long-run
+    step) and weight decay; `pfedhn` takes any optax optimiser for the reference's exactly."""
+
+    client: ClientTraining = option(ClientTraining(lr=0.05, epochs=50, batch_size=64),
+                                    "inner training of the generated models")
+    server_lr: float | None = option(None, "hypernetwork SGD rate; none = 1e-2 (5e-2 with "
+                                     "personal_head)", optional(positive), sweepable=True)
+    embedding_dim: int | None = option(None, "client embedding size m; none = 1 + N // 4",
+                                       optional_positive_int)
+    hidden: int = option(100, "hypernetwork hidden width", positive_int)
+    num_hidden: int = option(3, "hypernetwork hidden-to-hidden layers", non_negative_int)
+    personal_head: bool = option(False, "pFedHN-PC: generate the extractor only, each client "
+                                 "keeps a private head (needs a split model)")
+    weighting: str = option("uniform", "weights p_i of the hypernetwork update",
+                            one_of(*WEIGHTINGS))
+
+
+def build(config: PFedHNConfig, model: Model | SplitModel, data: DataInfo,
+          execution: ClientExecution = ClientExecution()) -> Algorithm:
+    if config.personal_head and not isinstance(model, SplitModel):
+        raise OptionError("algorithm.personal_head", True,
+                          "pFedHN-PC generates the feature extractor and keeps a private head "
+                          "per client, so it needs a split model (extractor + head); choose one "
+                          "that `fedjax-lab list` marks [split], or set personal_head false")
+    server_optimizer = None
+    if config.server_lr is not None:
+        server_optimizer = reference_server_optimizer(config.server_lr)
+    return pfedhn(model, config.client.optimizer(), num_clients=data.num_clients,
+                  embedding_dim=config.embedding_dim, hidden=config.hidden,
+                  num_hidden=config.num_hidden, server_optimizer=server_optimizer,
+                  personal_head=config.personal_head, num_epochs=config.client.epochs,
+                  batch_size=config.client.batch_size, weighting=config.weighting,
+                  execution=execution)
+
+
+class HyperNetworkParams(NamedTuple):
+    """Attributes: network (phi, the MLP's parameters); embeddings (`[num_clients, m]`, one
+    e_i per client). Both live on the server and are trained by its optimiser."""
+
+    network: PyTree
+    embeddings: jax.Array
+
+
+class PFedHNClientState(NamedTuple):
+    """Attributes: head, pFedHN-PC's private heads (leaves `[num_clients, ...]`)."""
+
+    head: PyTree
+
+
 class PFedHNState(NamedTuple):
     """Attributes:
-        hypernetwork: `{"network": phi, "embeddings": [num_clients, m]}`, all server-side.
+        hypernetwork: a `HyperNetworkParams`, all server-side.
         opt_state: the server optimiser's state over `hypernetwork`.
-        client_states: pFedHN-PC's private heads stacked over the population; () for pFedHN.
+        client_states: a `PFedHNClientState` for pFedHN-PC; () for pFedHN.
         round: int32.
         metrics: the round's scalars.
     """
 
-    hypernetwork: PyTree
+    hypernetwork: HyperNetworkParams
     opt_state: PyTree
-    client_states: PyTree
+    client_states: PFedHNClientState | tuple
     round: jax.Array
     metrics: dict[str, jax.Array]
 
@@ -136,7 +198,7 @@ def pfedhn(target: Model | SplitModel, client_optimizer: optax.GradientTransform
     if freeze_network:
         server_optimizer = optax.multi_transform(
             {"frozen": optax.set_to_zero(), "trained": server_optimizer},
-            {"network": "frozen", "embeddings": "trained"})
+            HyperNetworkParams(network="frozen", embeddings="trained"))
 
     generate, network_module = hypernetwork_generator(target, personal_head=personal_head,
                                                       hidden=hidden, num_hidden=num_hidden)
@@ -155,12 +217,12 @@ def pfedhn(target: Model | SplitModel, client_optimizer: optax.GradientTransform
         # torch's nn.Embedding draws N(0, 1), as the reference's embeddings do.
         embeddings = jax.random.normal(jax.random.fold_in(key, _EMBEDDING_STREAM),
                                        (num_clients, embedding_dim), jnp.float32)
-        hypernetwork = {"network": network, "embeddings": embeddings}
+        hypernetwork = HyperNetworkParams(network, embeddings)
         client_states = ()
         if personal_head:
             head_key = jax.random.fold_in(key, _HEAD_STREAM)
-            client_states = jax.vmap(lambda i: target.init(jax.random.fold_in(head_key, i))[
-                "head"])(jnp.arange(num_clients))
+            client_states = PFedHNClientState(jax.vmap(lambda i: target.init(
+                jax.random.fold_in(head_key, i))["head"])(jnp.arange(num_clients)))
         empty = jnp.zeros((0,), jnp.float32)
         return PFedHNState(hypernetwork, server_optimizer.init(hypernetwork), client_states,
                            jnp.zeros((), jnp.int32),
@@ -169,9 +231,9 @@ def pfedhn(target: Model | SplitModel, client_optimizer: optax.GradientTransform
 
     def round_fn(state: PFedHNState, batch: ClientBatch) -> PFedHNState:
         hypernetwork = state.hypernetwork
-        thetas, pullback = jax.vjp(generate_cohort, hypernetwork["network"],
-                                   hypernetwork["embeddings"][batch.client_ids])
-        heads = gather_clients(state.client_states, batch.client_ids)
+        thetas, pullback = jax.vjp(generate_cohort, hypernetwork.network,
+                                   hypernetwork.embeddings[batch.client_ids])
+        heads = _heads(state.client_states, batch.client_ids)
 
         def client_update(client):
             theta, head, x, y, mask, rng = client
@@ -189,23 +251,22 @@ def pfedhn(target: Model | SplitModel, client_optimizer: optax.GradientTransform
         network_grad, _ = pullback(jax.tree.map(
             lambda delta: _per_client(weights, delta) * delta, deltas))
         _, embedding_grads = pullback(deltas)
-        grads = {"network": network_grad,
-                 "embeddings": jnp.zeros_like(hypernetwork["embeddings"]).at[
-                     batch.client_ids].add(embedding_grads)}
+        grads = HyperNetworkParams(network_grad, jnp.zeros_like(hypernetwork.embeddings).at[
+            batch.client_ids].add(embedding_grads))
         hypernetwork, opt_state = server_update(hypernetwork, state.opt_state, grads,
                                                 server_optimizer)
         client_states = state.client_states
         if personal_head:
-            client_states = scatter_clients(client_states, batch.client_ids, new_heads,
-                                            batch.num_examples > 0)
+            client_states = scatter_clients(client_states, batch.client_ids,
+                                            PFedHNClientState(new_heads), batch.num_examples > 0)
         return PFedHNState(hypernetwork, opt_state, client_states, state.round + 1,
                            _round_metrics(weights, losses, steps, batch.num_clients,
                                           _one_client(thetas), grads))
 
     def predict(state: PFedHNState, batch: ClientBatch) -> jax.Array:
-        thetas = generate_cohort(state.hypernetwork["network"],
-                                 state.hypernetwork["embeddings"][batch.client_ids])
-        heads = gather_clients(state.client_states, batch.client_ids)
+        thetas = generate_cohort(state.hypernetwork.network,
+                                 state.hypernetwork.embeddings[batch.client_ids])
+        heads = _heads(state.client_states, batch.client_ids)
 
         def client_logits(client):
             theta, head, x = client
@@ -243,6 +304,11 @@ def _generated_template(target, personal_head: bool) -> PyTree:
     return template["extractor"] if personal_head else template
 
 
+def _heads(client_states: PFedHNClientState | tuple, client_ids: jax.Array) -> PyTree:
+    """The cohort's private heads (pFedHN-PC), or () for pFedHN."""
+    return gather_clients(client_states.head, client_ids) if client_states else ()
+
+
 def _one_client(stacked: PyTree) -> PyTree:
     """Shapes and dtypes of one client's slice of a stacked pytree."""
     return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), stacked)
@@ -261,13 +327,17 @@ def _round_metrics(weights, losses, steps, cohort_size, generated,
     Delta of the same size. pFedHN-PC's private heads never travel.
     """
     dtype = jnp.result_type(float)
-    participants = jnp.sum(weights > 0)
     generated_bytes = tree_bytes(generated)
-    return {
-        "bytes_down": jnp.asarray(cohort_size * generated_bytes, dtype),
-        "bytes_up": (participants * generated_bytes).astype(dtype),
-        "train_loss": jnp.sum(weights * losses).astype(dtype),
-        "participants": participants.astype(jnp.int32),
-        "local_steps": jnp.sum(jnp.where(weights > 0, steps, 0)).astype(jnp.int32),
-        "update_norm": optax.tree.norm(grads).astype(dtype),
-    }
+    return round_metrics(
+        weights, losses, bytes_down=cohort_size * generated_bytes,
+        bytes_up=jnp.sum(weights > 0) * generated_bytes,
+        local_steps=jnp.sum(jnp.where(weights > 0, steps, 0)).astype(jnp.int32),
+        update_norm=optax.tree.norm(grads).astype(dtype))
+
+
+SPECS = (AlgorithmSpec(
+    "pfedhn", PFedHNConfig, build,
+    paper="Shamsian, Navon, Fetaya, Chechik, Personalized Federated Learning using Hypernetworks, "
+          "ICML 2021, arXiv 2103.04628",
+    summary="a server hypernetwork generates each client's model from a learned embedding "
+            "(pFedHN-PC: personal_head, split models)"),)
