@@ -49,7 +49,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
                              scatter_clients, server_update, tree_bytes, weighted_mean)
 from fedjax_lab.core.aggregation import WEIGHTINGS
 from fedjax_lab.core.metrics import round_metrics
-from fedjax_lab.core.types import DataInfo
+from fedjax_lab.core.types import DataInfo, server_key
 from fedjax_lab.core.validation import check_positive_int
 from fedjax_lab.models.split import SplitModel
 from fedjax_lab.options import OptionError, non_negative, one_of, option, positive_int
@@ -63,10 +63,8 @@ PyTree = Any
 SHARINGS = ("all", "head")
 REFERENCE_OPTIONS = {"noise": "uniform", "label_counts": "drawn_batches", "beta_0": 10.0,
                      "teacher_loss": "reference"}
-# Key sub-streams: of the init key, the generator's init; of the round's first real client key,
-# the server's (above every `ClientStream` tag local training uses).
+# Sub-stream of the init key for the generator's initial parameters.
 _GENERATOR_INIT_STREAM = 1
-_SERVER_STREAM = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,7 +280,7 @@ def fedgen(model: SplitModel, client_optimizer: optax.GradientTransformation, *,
             generator_variables, generator_opt_state, teacher, diversity = generator.train(
                 state.generator, state.generator_opt_state, trained["head"],
                 label_weights(counts, participating), qualified, state.round,
-                _server_key(batch))
+                server_key(batch))
 
         shared = state.params
         deltas = optax.tree.sub(shared,
@@ -317,12 +315,6 @@ def fedgen(model: SplitModel, client_optimizer: optax.GradientTransformation, *,
 
     return Algorithm(init=init, round=round_fn, predict=predict)
 
-
-def _server_key(batch: ClientBatch) -> jax.Array:
-    """The server's key of the round: the first real client's key on a stream of its own, so the
-    run depends only on the experiment key, and not on padding."""
-    first_real = jnp.argmax(batch.num_examples > 0)
-    return jax.random.fold_in(batch.rng[first_real], _SERVER_STREAM)
 
 
 def _validate(options: dict) -> None:

@@ -35,7 +35,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
                              cross_entropy, gather_clients, local_train, scatter_clients)
 from fedjax_lab.core.distillation import kd_loss
 from fedjax_lab.core.metrics import round_metrics
-from fedjax_lab.core.types import DataInfo
+from fedjax_lab.core.types import DataInfo, server_key
 from fedjax_lab.core.validation import check_positive_int
 from fedjax_lab.models import Model, get_model
 from fedjax_lab.models.split import SplitModel
@@ -47,8 +47,6 @@ PREDICTIONS = ("server", "client")
 # Sub-streams of the init key: client models, server model.
 _CLIENT_INIT_STREAM = 0
 _SERVER_INIT_STREAM = 1
-# The server's stream of a client's round key, above every `ClientStream` tag local training uses.
-_SERVER_STREAM = 100
 _BYTES_METRICS = ("bytes_up", "bytes_down", "bytes_features", "bytes_logits", "bytes_parameters")
 
 
@@ -232,7 +230,7 @@ def fedgkt(client_model: SplitModel, server_model: Model,
 
         server = local_train(server_loss, server_optimizer, state.params,
                              jnp.arange(num_cohort * padded_length, dtype=jnp.int32),
-                             flat(batch.y), flat(batch.mask), _server_key(batch),
+                             flat(batch.y), flat(batch.mask), server_key(batch),
                              num_epochs=server_epochs, batch_size=server_batch_size,
                              unroll=unroll)
         server_logits = server_model.apply(
@@ -264,12 +262,6 @@ def fedgkt(client_model: SplitModel, server_model: Model,
 
     return Algorithm(init=init, round=round_fn, predict=predict)
 
-
-def _server_key(batch: ClientBatch) -> jax.Array:
-    """The server's key of the round: the first real client's key on a stream of its own, so the
-    run depends only on the experiment key, and not on padding."""
-    first_real = jnp.argmax(batch.num_examples > 0)
-    return jax.random.fold_in(batch.rng[first_real], _SERVER_STREAM)
 
 
 def _client_loss(client_model: SplitModel, x: jax.Array, own: FedGKTClientState, alpha: float,

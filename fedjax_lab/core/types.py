@@ -32,6 +32,8 @@ class ClientStream(enum.IntEnum):
     STEP = 1
     STRAGGLER = 2
     STRAGGLER_EPOCHS = 3
+    # The server's own draws (`server_key`), kept far from the clients' streams.
+    SERVER = 100
 
 
 class ClientBatch(NamedTuple):
@@ -126,6 +128,17 @@ def client_key(key: jax.Array, round_index, client_id) -> jax.Array:
 def client_keys(key: jax.Array, round_index, client_ids: jax.Array) -> jax.Array:
     """`client_key` for each id in `client_ids` `[C]`, stacked to `[C]` keys."""
     return jax.vmap(client_key, in_axes=(None, None, 0))(key, round_index, client_ids)
+
+
+def server_key(batch: ClientBatch) -> jax.Array:
+    """The server's key of a round: the first real client's key on the SERVER stream.
+
+    Server-side randomness (a shuffle of uploaded features, a generator's noise) comes from the
+    round's keys rather than a key kept in the state, so a run depends only on the experiment
+    key; taking the first client with examples keeps it independent of padding.
+    """
+    first_real = jnp.argmax(batch.num_examples > 0)
+    return jax.random.fold_in(batch.rng[first_real], ClientStream.SERVER)
 
 
 def gather_clients(population_state: PyTree, client_ids: jax.Array) -> PyTree:
