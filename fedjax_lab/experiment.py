@@ -182,7 +182,9 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
     Args:
         algorithm: the algorithm to run.
         dataset: a `FederatedDataset`; training clients are sampled from `dataset.train`, and
-            evaluation scores `algorithm.predict` on every client of `dataset.test`.
+            evaluation scores `algorithm.predict` on every client of `dataset.test` (plus the
+            "global" view of `predict_global`, and the "adapted" view of `adapted_predict`:
+            each client adapts on its `dataset.train` examples and is scored on its test ones).
         num_rounds: rounds to run (in total, counting rounds run before a resume).
         cohort_size: clients per round.
         seed: the experiment seed; the same seed gives the same run, bit for bit.

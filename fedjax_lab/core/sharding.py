@@ -181,4 +181,5 @@ def on_mesh(algorithm, mesh: Mesh):
         return lambda *args: jax.lax.with_sharding_constraint(predict(*args), replicated)
 
     return algorithm._replace(round=round_fn, predict=replicate(algorithm.predict),
-                              predict_global=replicate(algorithm.predict_global))
+                              predict_global=replicate(algorithm.predict_global),
+                              adapted_predict=replicate(algorithm.adapted_predict))
