@@ -28,19 +28,21 @@ round, and the bytes each method moves per round.
 """
 
 import os
-import time
 
 import numpy as np
 import optax
 
-from experiments.common import experiment_parser, parse_args, pyplot
+from experiments.claims import Check, Claim, Measured, pm, print_claims, seeds_text
+from experiments.common import (SCORE_KEYS, Method, choose, client_scores, experiment_parser,
+                                parse_args, pyplot, save_figure, start, summarize_by_method,
+                                write_results)
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.algorithms.fedproto import fedproto
 from fedjax_lab.algorithms.pfedhn import pfedhn
 from fedjax_lab.core import experiment_key
 from fedjax_lab.data import digits
 from fedjax_lab.evaluation import make_evaluator
-from fedjax_lab.experiment import run_experiment, write_json_atomic
+from fedjax_lab.experiment import run_experiment
 from fedjax_lab.models.split import split_mlp
 
 FEDPROTO = dict(num_clients=20, ways=3, shots=15, stdev=1, test_fraction=1 / 3, lam=1.0,
@@ -53,13 +55,6 @@ PFEDHN = dict(num_clients=20, classes_per_client=2, test_fraction=0.2, hidden=(6
               cohort_size=5, learning_rate=0.02, momentum=0.9, weight_decay=5e-5, clip=50.0,
               num_epochs=2, batch_size=16, embedding_dim=6, hn_hidden=64, hn_num_hidden=3)
 PFEDHN_METHODS = ("local", "fedavg", "pfedhn", "pfedhn_pc")
-SCORE_KEYS = ("mean", "worst10", "std", "pooled")
-
-
-def _scores(evaluation: dict) -> dict:
-    return {"mean": evaluation["client_accuracy_mean"],
-            "worst10": evaluation["client_accuracy_worst10"],
-            "std": evaluation["client_accuracy_std"], "pooled": evaluation["accuracy"]}
 
 
 def _communication(history: list[dict]) -> dict:
@@ -89,7 +84,7 @@ def _train_and_score(builders: dict, dataset, seed: int, rounds: int, cohort_siz
         for score_name, predictor in predictors.items():
             evaluation = (result.summary["final"]["test"] if predictor is algorithm
                           else make_evaluator(predictor, test, key)(result.state))
-            scores[score_name] = {**_scores(evaluation), "curve": curve,
+            scores[score_name] = {**client_scores(evaluation), "curve": curve,
                                   **_communication(result.history)}
     return scores
 
@@ -141,6 +136,35 @@ def run_fedproto(seed: int, rounds: int, methods=FEDPROTO_METHODS, eval_every: i
             "test_examples": dataset.test.num_examples.tolist()}
 
 
+def _pfedhn_optimizer():
+    """The reference's inner optimiser: SGD with momentum, weight decay and clipping."""
+    s = PFEDHN
+    return optax.chain(optax.clip_by_global_norm(s["clip"]),
+                       optax.add_decayed_weights(s["weight_decay"]),
+                       optax.sgd(s["learning_rate"], momentum=s["momentum"]))
+
+
+def _pfedhn(**options):
+    s = PFEDHN
+    return lambda model, data: pfedhn(
+        model, _pfedhn_optimizer(), num_clients=data.num_clients,
+        embedding_dim=s["embedding_dim"], hidden=s["hn_hidden"], num_hidden=s["hn_num_hidden"],
+        num_epochs=s["num_epochs"], batch_size=s["batch_size"], **options)
+
+
+# The pFedHN comparison, each `build(model, dataset)`.
+PFEDHN_TRAINED = (
+    Method("local", lambda model, data: fedproto(
+        model, _pfedhn_optimizer(), num_clients=data.num_clients, lam=0.0,
+        num_epochs=PFEDHN["num_epochs"], batch_size=PFEDHN["batch_size"])),
+    Method("fedavg", lambda model, data: fedavg(model, _pfedhn_optimizer(),
+                                                num_epochs=PFEDHN["num_epochs"],
+                                                batch_size=PFEDHN["batch_size"])),
+    Method("pfedhn", _pfedhn()),
+    Method("pfedhn_pc", _pfedhn(personal_head=True)),
+)
+
+
 def run_pfedhn(seed: int, rounds: int, methods=PFEDHN_METHODS, eval_every: int = 10) -> dict:
     """pFedHN and pFedHN-PC vs Local and FedAvg with two classes per client.
 
@@ -151,24 +175,10 @@ def run_pfedhn(seed: int, rounds: int, methods=PFEDHN_METHODS, eval_every: int =
                      classes_per_client=settings["classes_per_client"],
                      test_fraction=settings["test_fraction"], seed=seed)
     model = split_mlp(dataset.feature_shape, dataset.num_classes, hidden=settings["hidden"])
-    optimizer = optax.chain(optax.clip_by_global_norm(settings["clip"]),
-                            optax.add_decayed_weights(settings["weight_decay"]),
-                            optax.sgd(settings["learning_rate"], momentum=settings["momentum"]))
-    local = dict(num_epochs=settings["num_epochs"], batch_size=settings["batch_size"])
-    hypernetwork = dict(num_clients=dataset.num_clients, embedding_dim=settings["embedding_dim"],
-                        hidden=settings["hn_hidden"], num_hidden=settings["hn_num_hidden"])
-    constructors = {
-        "local": lambda: fedproto(model, optimizer, num_clients=dataset.num_clients, lam=0.0,
-                                  **local),
-        "fedavg": lambda: fedavg(model, optimizer, **local),
-        "pfedhn": lambda: pfedhn(model, optimizer, **hypernetwork, **local),
-        "pfedhn_pc": lambda: pfedhn(model, optimizer, personal_head=True, **hypernetwork,
-                                    **local),
-    }
     builders = {}
-    for name in methods:
-        algorithm = constructors[name]()
-        builders[name] = (algorithm, {name: algorithm})
+    for method in (method for method in PFEDHN_TRAINED if method.name in methods):
+        algorithm = method.build(model, dataset)
+        builders[method.name] = (algorithm, {method.name: algorithm})
     scores = _train_and_score(builders, dataset, seed, rounds, settings["cohort_size"],
                               eval_every)
     return {"scores": {method: _no_traffic_if_local(method, score)
@@ -177,25 +187,10 @@ def run_pfedhn(seed: int, rounds: int, methods=PFEDHN_METHODS, eval_every: int =
             "test_examples": dataset.test.num_examples.tolist()}
 
 
-def _mean_std(values) -> dict:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)),
-            "min": float(np.min(values)), "max": float(np.max(values))}
-
-
-def summarize_runs(runs: dict) -> dict:
-    """Mean, std, min and max over seeds (the keys of `runs`) of each method's scores."""
-    methods = next(iter(runs.values()))["scores"]
-    return {method: {key: _mean_std([run["scores"][method][key] for run in runs.values()])
-                     for key in SCORE_KEYS + ("bytes_up", "bytes_down")} for method in methods}
-
-
-def _check_methods(name: str, methods, allowed) -> tuple:
-    methods = tuple(methods)
-    unknown = [m for m in methods if m not in allowed]
-    if unknown or not methods:
-        raise ValueError(f"{name}={methods!r} is invalid; expected a non-empty subset of "
-                         f"{', '.join(allowed)}")
-    return methods
+def _summary(runs: dict) -> dict:
+    """Each method's scores and bytes, mean ± std over seeds."""
+    return summarize_by_method({seed: run["scores"] for seed, run in runs.items()},
+                               SCORE_KEYS + ("bytes_up", "bytes_down"))
 
 
 def run(rounds: int = 100, seeds=(0,), output: str = "results/fedproto_pfedhn", *,
@@ -214,15 +209,13 @@ def run(rounds: int = 100, seeds=(0,), output: str = "results/fedproto_pfedhn", 
     Returns:
         The results dict written to results.json.
     """
-    fedproto_methods = _check_methods("fedproto_methods", fedproto_methods, FEDPROTO_METHODS)
-    pfedhn_methods = _check_methods("pfedhn_methods", pfedhn_methods, PFEDHN_METHODS)
+    fedproto_methods = choose("fedproto_methods", fedproto_methods, FEDPROTO_METHODS)
+    pfedhn_methods = choose("pfedhn_methods", pfedhn_methods, PFEDHN_METHODS)
     for name, value in (("rounds", rounds), ("pfedhn_rounds", pfedhn_rounds),
                         ("eval_every", eval_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} is invalid; expected a positive integer")
-    os.makedirs(output, exist_ok=True)
-    seeds = [int(seed) for seed in seeds]
-    start = time.perf_counter()
+    seeds, started = start(output, seeds)
     fedproto_runs = {str(seed): run_fedproto(seed, rounds, fedproto_methods, eval_every)
                      for seed in seeds}
     pfedhn_runs = {str(seed): run_pfedhn(seed, pfedhn_rounds, pfedhn_methods, eval_every)
@@ -245,15 +238,13 @@ def run(rounds: int = 100, seeds=(0,), output: str = "results/fedproto_pfedhn", 
                 "evenly among holders (reference: proportions ~U(0.4, 0.6))",
             ],
         },
-        "fedproto": {"runs": fedproto_runs, "summary": summarize_runs(fedproto_runs)},
-        "pfedhn": {"runs": pfedhn_runs, "summary": summarize_runs(pfedhn_runs)},
+        "fedproto": {"runs": fedproto_runs, "summary": _summary(fedproto_runs)},
+        "pfedhn": {"runs": pfedhn_runs, "summary": _summary(pfedhn_runs)},
     }
-    results["settings"]["wall_seconds"] = time.perf_counter() - start
-    write_json_atomic(os.path.join(output, "results.json"), results)
+    write_results(output, results, started)
     plot(results, "fedproto", os.path.join(output, "fedproto.png"))
     plot(results, "pfedhn", os.path.join(output, "pfedhn.png"))
     return results
-
 
 
 TITLES = {
@@ -296,32 +287,67 @@ def plot(results: dict, experiment: str, path: str) -> None:
     bars.grid(axis="y", alpha=0.3)
     bars.legend(loc="upper right", ncol=2, fontsize=8)
     fig.suptitle(f"{TITLES[experiment]}; seeds {results['settings']['seeds']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def print_table(results: dict) -> None:
-    seeds = results["settings"]["seeds"]
-    for experiment, rounds in (("fedproto", results["settings"]["rounds"]),
-                               ("pfedhn", results["settings"]["pfedhn_rounds"])):
-        print(f"{TITLES[experiment]}; {rounds} rounds, seeds {seeds}: client test accuracy, "
-              "mean ± std over seeds")
-        print(f"{'method':<31} {'mean':>17} {'worst 10%':>17} {'bytes up/round':>15}")
-        for method, score in results[experiment]["summary"].items():
-            mean, worst = score["mean"], score["worst10"]
-            print(f"{method:<31} {mean['mean']:>8.4f} ± {mean['std']:<6.4f} "
-                  f"{worst['mean']:>8.4f} ± {worst['std']:<6.4f} "
-                  f"{score['bytes_up']['mean']:>15.0f}")
-        print()
-    print(f"wall time {results['settings']['wall_seconds']:.1f} s")
+
+
+def measure_fedproto(results: dict) -> Measured:
+    s, summary = results["settings"], results["fedproto"]["summary"]
+    labels = {"fedproto_head": "FedProto (head)", "fedproto_prototype": "FedProto (prototype)",
+              "local": "Local", "fedavg": "FedAvg"}
+    numbers = ["mean client accuracy (bytes up per round): " + ", ".join(
+        f"{label} {pm(summary[m]['mean'])} ({summary[m]['bytes_up']['mean']:,.0f})"
+        for m, label in labels.items())]
+    mean = lambda m: summary[m]["mean"]["mean"]
+    checks = [
+        Check("FedProto (head) ≥ Local", mean("fedproto_head") >= mean("local")),
+        Check("nearest-prototype inference within 0.01 of head inference",
+              abs(mean("fedproto_prototype") - mean("fedproto_head")) <= 0.01),
+        Check("FedProto uploads < 1/10 of FedAvg's bytes",
+              summary["fedproto_head"]["bytes_up"]["mean"]
+              < summary["fedavg"]["bytes_up"]["mean"] / 10)]
+    p = s["fedproto"]
+    setting = (f"digits, {p['num_clients']} clients, ways/shots ({p['ways']} ± {p['stdev']} "
+               f"classes, {p['shots']} shots), MLP 64-32 (embedding 32), every client every "
+               f"round, λ = {p['lam']:g}; {s['rounds']} rounds, {seeds_text(s)}")
+    return Measured(setting, numbers, checks)
+
+
+def measure_pfedhn(results: dict) -> Measured:
+    s, summary = results["settings"], results["pfedhn"]["summary"]
+    labels = {"pfedhn": "pFedHN", "pfedhn_pc": "pFedHN-PC", "fedavg": "FedAvg", "local": "Local"}
+    numbers = ["mean client accuracy: " + ", ".join(
+        f"{label} {pm(summary[m]['mean'])}" for m, label in labels.items())]
+    mean = lambda m: summary[m]["mean"]["mean"]
+    checks = [
+        Check("both HN variants beat FedAvg by ≥ 0.02",
+              min(mean("pfedhn"), mean("pfedhn_pc")) - mean("fedavg") >= 0.02),
+        Check("both match (within 0.01) or beat Local",
+              min(mean("pfedhn"), mean("pfedhn_pc")) >= mean("local") - 0.01)]
+    p = s["pfedhn"]
+    setting = (f"digits, {p['num_clients']} clients × {p['classes_per_client']} classes, MLP "
+               f"64-32-10 target, HN embedding {p['embedding_dim']}, {p['cohort_size']} per "
+               f"round; {s['pfedhn_rounds']} rounds, {seeds_text(s)}")
+    return Measured(setting, numbers, checks)
+
+
+CLAIMS = (
+    Claim("FedProto", "FedProto ≥ Local accuracy (typically +1–3 points), with nearest-prototype "
+          "inference within a point of head inference, while sending about C·D floats per client.",
+          ("fedproto.png",), measure_fedproto),
+    Claim("pFedHN", "pFedHN and pFedHN-PC beat FedAvg by a wide margin under 2-class skew and "
+          "match or beat Local.",
+          ("pfedhn.png",), measure_pfedhn),
+)
 
 
 def main(argv=None) -> None:
     parser = experiment_parser(__doc__, rounds=100, seeds=[0], output="results/fedproto_pfedhn")
     parser.add_argument("--pfedhn-rounds", type=int, default=100)
     args = parse_args(parser, argv, counts=("rounds", "pfedhn_rounds"))
-    print_table(run(args.rounds, args.seeds, args.output, pfedhn_rounds=args.pfedhn_rounds))
+    print_claims(CLAIMS, run(args.rounds, args.seeds, args.output,
+                             pfedhn_rounds=args.pfedhn_rounds))
 
 
 if __name__ == "__main__":

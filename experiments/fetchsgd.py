@@ -25,15 +25,16 @@ compression ratios are uncompressed momentum SGD's total bytes over each method'
 """
 
 import os
-import time
 
 import jax
 import numpy as np
 
-from experiments.common import experiment_parser, parse_args, pyplot
-from fedjax_lab.algorithms.fetchsgd import fetchsgd, local_topk, momentum_sgd, true_topk
+from experiments.claims import NEAR, Check, Claim, Measured, pm, print_claims, seeds_text
+from experiments.common import (Method, band, chosen, experiment_parser, finals, mean_std,
+                                parse_args, pyplot, save_figure, start, sweep, write_results)
+from fedjax_lab.algorithms import fetchsgd, local_topk, momentum_sgd, true_topk
 from fedjax_lab.data import digits
-from fedjax_lab.experiment import run_experiment, write_json_atomic
+from fedjax_lab.experiment import run_experiment
 from fedjax_lab.models import mlp
 
 NUM_CLIENTS = 100
@@ -43,42 +44,41 @@ SHARDS_PER_CLIENT = 1
 NUM_ROWS = 5
 
 
-def methods(*, learning_rate: float, num_columns: int, k: int) -> dict:
-    """Name -> factory(model) for every compared method."""
+def methods(*, learning_rate: float, num_columns: int, k: int) -> list[Method]:
+    """Every compared method, each `build(model)`."""
     matched_k = NUM_ROWS * num_columns // 2  # k values + k int32 indices = the sketch's bytes
     common = dict(learning_rate=learning_rate, momentum=0.9, num_clients=NUM_CLIENTS)
     sketch = dict(num_rows=NUM_ROWS, num_columns=num_columns, k=k)
-    return {
-        "uncompressed": lambda model: momentum_sgd(model, **common),
-        "true_topk": lambda model: true_topk(model, k=k, **common),
-        "fetchsgd": lambda model: fetchsgd(model, **sketch, **common),
-        "fetchsgd_zero": lambda model: fetchsgd(model, error_update="zero", **sketch, **common),
-        "fetchsgd_zero_second_round": lambda model: fetchsgd(
-            model, error_update="zero", second_round_candidates=2 * k, **sketch, **common),
-        "fetchsgd_zero_one_row": lambda model: fetchsgd(
+    return [
+        Method("uncompressed", lambda model: momentum_sgd(model, **common)),
+        Method("true_topk", lambda model: true_topk(model, k=k, **common)),
+        Method("fetchsgd", lambda model: fetchsgd(model, **sketch, **common)),
+        Method("fetchsgd_zero", lambda model: fetchsgd(model, error_update="zero", **sketch,
+                                                       **common)),
+        Method("fetchsgd_zero_second_round", lambda model: fetchsgd(
+            model, error_update="zero", second_round_candidates=2 * k, **sketch, **common)),
+        Method("fetchsgd_zero_one_row", lambda model: fetchsgd(
             model, error_update="zero", num_rows=1, num_columns=NUM_ROWS * num_columns, k=k,
-            **common),
-        "local_topk_ef": lambda model: local_topk(model, k=k, **common),
-        "local_topk_no_ef": lambda model: local_topk(model, k=k, error_feedback=False, **common),
-        "local_topk_no_ef_upload_matched": lambda model: local_topk(
-            model, k=matched_k, error_feedback=False, **common),
-    }
+            **common)),
+        Method("local_topk_ef", lambda model: local_topk(model, k=k, **common)),
+        Method("local_topk_no_ef", lambda model: local_topk(model, k=k, error_feedback=False,
+                                                            **common)),
+        Method("local_topk_no_ef_upload_matched", lambda model: local_topk(
+            model, k=matched_k, error_feedback=False, **common)),
+    ]
 
 
 def run(rounds: int = 300, seeds=(0,), output: str = "results/fetchsgd", *,
         learning_rate: float = 0.1, column_fraction: float = 1 / 20,
         k_fraction: float = 1 / 100, method_names=None) -> dict:
     """Runs every method and seed; writes results.json and fetchsgd.png into `output`."""
-    os.makedirs(output, exist_ok=True)
-    seeds = [int(seed) for seed in seeds]
+    seeds, started = start(output, seeds)
     dataset = digits(NUM_CLIENTS, partition="shards", shards_per_client=SHARDS_PER_CLIENT)
     model = mlp(dataset.feature_shape, dataset.num_classes, hidden=HIDDEN)
     dim = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(model.init(jax.random.key(0))))
     num_columns, k = max(int(dim * column_fraction), 1), max(int(dim * k_fraction), 1)
-    factories = methods(learning_rate=learning_rate, num_columns=num_columns, k=k)
-    if method_names is not None:
-        factories = {name: factories[name] for name in method_names}
-    start = time.perf_counter()
+    compared = chosen(methods(learning_rate=learning_rate, num_columns=num_columns, k=k),
+                      method_names)
     results = {"settings": {
         "paper": "Rothchild et al., ICML 2020, arXiv 2007.07682", "rounds": rounds,
         "seeds": seeds, "num_clients": NUM_CLIENTS, "cohort_size": COHORT_SIZE,
@@ -88,46 +88,40 @@ def run(rounds: int = 300, seeds=(0,), output: str = "results/fetchsgd", *,
         "momentum": 0.9, "client_update": "one gradient of all the client's training images",
         "download_accounting": "changes since the client last took part (reference code)",
         "data": dataset.metadata}, "methods": {}}
-    for name, make in factories.items():
-        runs = {}
-        for seed in seeds:
-            # The paper's subtraction can diverge at this sketch size (the reference code's
-            # comment says so); record that instead of stopping the experiment.
-            result = run_experiment(make(model), dataset, num_rounds=rounds,
-                                    cohort_size=COHORT_SIZE, seed=seed,
-                                    eval_every=max(rounds // 30, 1), progress=False,
-                                    allow_divergence=True)
-            runs[str(seed)] = {
-                "test_accuracy": [e["test"]["accuracy"] for e in result.evaluations],
+
+    def run_seed(method, seed):
+        # The paper's subtraction can diverge at this sketch size (the reference code's comment
+        # says so); record that instead of stopping the experiment.
+        result = run_experiment(method.build(model), dataset, num_rounds=rounds,
+                                cohort_size=COHORT_SIZE, seed=seed,
+                                eval_every=max(rounds // 30, 1), progress=False,
+                                allow_divergence=True)
+        return {"test_accuracy": [e["test"]["accuracy"] for e in result.evaluations],
                 "eval_rounds": [e["round"] for e in result.evaluations],
                 "bytes_up": float(sum(row["bytes_up"] for row in result.history)),
                 "bytes_down": float(sum(row["bytes_down"] for row in result.history)),
                 "diverged": not all(np.isfinite(row["update_norm"]) for row in result.history),
-                "seconds": result.seconds,
-            }
-        results["methods"][name] = {"runs": runs}
+                "seconds": result.seconds}
+
+    results["methods"] = {name: {"runs": runs}
+                          for name, runs in sweep(compared, seeds, run_seed).items()}
     _summarize(results)
-    results["settings"]["wall_seconds"] = time.perf_counter() - start
-    write_json_atomic(os.path.join(output, "results.json"), results)
+    write_results(output, results, started)
     plot(results, os.path.join(output, "fetchsgd.png"))
     return results
 
 
 def _summarize(results: dict) -> None:
     """Final accuracy (mean, std over seeds) and compression against uncompressed."""
+    mean_bytes = lambda method, key: float(np.mean([run[key] for run in method["runs"].values()]))
     reference = results["methods"].get("uncompressed")
     for method in results["methods"].values():
-        runs = list(method["runs"].values())
-        final = [run["test_accuracy"][-1] for run in runs]
-        up = float(np.mean([run["bytes_up"] for run in runs]))
-        down = float(np.mean([run["bytes_down"] for run in runs]))
-        summary = {"final_test_accuracy": {"mean": float(np.mean(final)),
-                                           "std": float(np.std(final))},
+        up, down = mean_bytes(method, "bytes_up"), mean_bytes(method, "bytes_down")
+        summary = {"final_test_accuracy": mean_std(finals(method["runs"], "test_accuracy")),
                    "bytes_up": up, "bytes_down": down}
         if reference is not None:
-            ref_runs = list(reference["runs"].values())
-            ref_up = float(np.mean([run["bytes_up"] for run in ref_runs]))
-            ref_down = float(np.mean([run["bytes_down"] for run in ref_runs]))
+            ref_up, ref_down = mean_bytes(reference, "bytes_up"), mean_bytes(reference,
+                                                                             "bytes_down")
             summary.update(upload_compression=ref_up / up, download_compression=ref_down / down,
                            total_compression=(ref_up + ref_down) / (up + down))
         method["summary"] = summary
@@ -136,7 +130,6 @@ def _summarize(results: dict) -> None:
 def plot(results: dict, path: str) -> None:
     """Test accuracy per round (mean over seeds, min-max band) and accuracy vs total bytes."""
     plt = pyplot()
-
     fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(13, 4.8))
     rounds_total = results["settings"]["rounds"]
     for name, method in results["methods"].items():
@@ -146,10 +139,7 @@ def plot(results: dict, path: str) -> None:
         summary = method["summary"]
         label = name + (f" ({summary['total_compression']:.1f}x)"
                         if "total_compression" in summary else "")
-        line, = by_round.plot(rounds, curves.mean(0), label=label)
-        if len(curves) > 1:
-            by_round.fill_between(rounds, curves.min(0), curves.max(0), color=line.get_color(),
-                                  alpha=0.2, linewidth=0)
+        line = band(by_round, rounds, curves, label)
         total = (summary["bytes_up"] + summary["bytes_down"]) * rounds / rounds_total / 1e6
         by_bytes.plot(total, curves.mean(0), color=line.get_color(), label=name)
     by_round.set(xlabel="round", ylabel="test accuracy", title="accuracy (legend: total "
@@ -162,30 +152,52 @@ def plot(results: dict, path: str) -> None:
     s = results["settings"]
     fig.suptitle(f"digits, {s['shards_per_client']} shard(s)/client, MLP d={s['dim']}, "
                  f"r={s['num_rows']}, c={s['num_columns']}, k={s['k']}, seeds {s['seeds']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def print_table(results: dict) -> None:
-    print(f"{'method':<32} {'final test acc':>16} {'up MB':>8} {'down MB':>8} {'up x':>6} "
-          f"{'down x':>7} {'total x':>8}")
-    for name, method in results["methods"].items():
-        s = method["summary"]
-        acc = s["final_test_accuracy"]
-        print(f"{name:<32} {acc['mean']:>8.4f} ± {acc['std']:<6.4f}"
-              f"{s['bytes_up'] / 1e6:>8.2f} {s['bytes_down'] / 1e6:>8.2f} "
-              f"{s.get('upload_compression', float('nan')):>6.2f} "
-              f"{s.get('download_compression', float('nan')):>7.2f} "
-              f"{s.get('total_compression', float('nan')):>8.2f}")
-    print(f"wall time {results['settings']['wall_seconds']:.1f} s")
+
+
+def measure_fetchsgd(results: dict) -> Measured:
+    s, methods = results["settings"], results["methods"]
+    summary = lambda m: methods[m]["summary"]
+    accuracy = lambda m: summary(m)["final_test_accuracy"]["mean"]
+    labels = {"uncompressed": "uncompressed", "true_topk": "true top-k",
+              "fetchsgd_zero": "FetchSGD (reference zeroing)",
+              "fetchsgd": "FetchSGD (paper's subtraction)",
+              "local_topk_no_ef": "local top-k, no EF"}
+    numbers = ["test accuracy (total compression): " + ", ".join(
+        f"{label} {pm(summary(m)['final_test_accuracy'])} ({summary(m)['total_compression']:.1f}×)"
+        for m, label in labels.items())]
+    checks = [
+        Check(f"FetchSGD (reference) within {NEAR:g} of uncompressed",
+              accuracy("uncompressed") - accuracy("fetchsgd_zero") <= NEAR),
+        Check(f"FetchSGD (paper's subtraction) within {NEAR:g} of uncompressed",
+              accuracy("uncompressed") - accuracy("fetchsgd") <= NEAR),
+        Check(f"true top-k within {NEAR:g} of uncompressed",
+              accuracy("uncompressed") - accuracy("true_topk") <= NEAR),
+        Check(f"local top-k without EF more than {NEAR:g} below FetchSGD (reference)",
+              accuracy("fetchsgd_zero") - accuracy("local_topk_no_ef") > NEAR)]
+    setting = (f"digits, {s['num_clients']} clients of one label shard, MLP 64-128-10 "
+               f"(d = {s['dim']}), {s['cohort_size']} per round, one gradient each, momentum "
+               f"{s['momentum']:g}; sketch {s['num_rows']} × {s['num_columns']}, k = {s['k']}; "
+               f"{s['rounds']} rounds, {seeds_text(s)}")
+    return Measured(setting, numbers, checks)
+
+
+CLAIMS = (
+    Claim("FetchSGD", "Sketched momentum and error feedback on the server keep accuracy close to "
+          "uncompressed SGD and true top-k at high compression, where local top-k without error "
+          "feedback loses more.",
+          ("fetchsgd.png",), measure_fetchsgd),
+)
 
 
 def main(argv=None) -> None:
     parser = experiment_parser(__doc__, rounds=300, seeds=[0], output="results/fetchsgd")
     parser.add_argument("--learning-rate", type=float, default=0.1)
     args = parse_args(parser, argv)
-    print_table(run(args.rounds, args.seeds, args.output, learning_rate=args.learning_rate))
+    print_claims(CLAIMS, run(args.rounds, args.seeds, args.output,
+                             learning_rate=args.learning_rate))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ test accuracy after a fixed number of rounds.
 """
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,12 +27,14 @@ import numpy as np
 import optax
 from jax.scipy.stats import norm
 
-from experiments.common import experiment_parser, parse_args, pyplot
+from experiments.claims import Check, Claim, Measured, pm, print_claims, seeds_text
+from experiments.common import (Method, band, chosen, experiment_parser, finals, mean_std,
+                                parse_args, pyplot, save_figure, start, sweep, write_results)
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.algorithms.median_mean import median_sgd, sign_sgd
 from fedjax_lab.core import ClientBatch, client_keys, experiment_key
 from fedjax_lab.data import digits
-from fedjax_lab.experiment import run_experiment, write_json_atomic
+from fedjax_lab.experiment import run_experiment
 from fedjax_lab.models import Model, logistic_regression
 
 TARGETS = (0.0, 0.0, 3.0)
@@ -147,7 +148,7 @@ def run_one_dimensional(noise_scales=NOISE_SCALES_1D, num_steps: int = 200_000,
             runs = [monte_carlo_fixed_point(rule, b, num_steps=num_steps, seed=s) for s in seeds]
             means, errors = zip(*runs)
             row[f"{rule}_monte_carlo"] = dict(
-                _mean_std(means), per_seed=list(means),
+                mean_std(means), per_seed=list(means),
                 standard_error=float(np.sqrt(np.sum(np.square(errors))) / len(errors)))
         rows[f"{b:g}"] = row
     return rows
@@ -155,16 +156,16 @@ def run_one_dimensional(noise_scales=NOISE_SCALES_1D, num_steps: int = 200_000,
 
 # ---- Part 2: one class per node on digits ------------------------------------------------------
 
-def data_methods(learning_rates: dict) -> dict:
-    """Name -> factory(model) of the compared algorithms (b relative to the first median |g|)."""
-    methods = {"mean_gd": lambda model: fedavg(model, optax.sgd(learning_rates["mean"]),
-                                               num_epochs=1, batch_size=None,
-                                               weighting="uniform")}
+def data_methods(learning_rates: dict) -> list[Method]:
+    """The compared algorithms, each `build(model)` (b relative to the first median |g|)."""
+    methods = [Method("mean_gd", lambda model: fedavg(model, optax.sgd(learning_rates["mean"]),
+                                                      num_epochs=1, batch_size=None,
+                                                      weighting="uniform"))]
     for rule, make in (("sign", sign_sgd), ("median", median_sgd)):
-        for b in RELATIVE_NOISE_SCALES:
-            methods[f"{rule}_b{b:g}"] = (
-                lambda model, make=make, b=b, lr=learning_rates[rule]: make(
-                    model, learning_rate=lr, noise_scale=b, noise_reference="median_gradient"))
+        methods += [Method(f"{rule}_b{b:g}", lambda model, make=make, b=b, lr=learning_rates[rule]:
+                           make(model, learning_rate=lr, noise_scale=b,
+                                noise_reference="median_gradient"))
+                    for b in RELATIVE_NOISE_SCALES]
     return methods
 
 
@@ -172,36 +173,34 @@ def run_data(rounds: int, seeds, learning_rates: dict, method_names=None) -> dic
     """Every method on the one-class-per-node digits; final pooled test accuracy per seed."""
     dataset = digits(10, partition="classes", classes_per_client=1)
     model = logistic_regression(dataset.feature_shape, dataset.num_classes)
+
+    def run_seed(method, seed):
+        result = run_experiment(method.build(model), dataset, num_rounds=rounds, cohort_size=10,
+                                seed=seed, eval_every=max(rounds // 30, 1), progress=False)
+        return {"curve": [e["test"]["accuracy"] for e in result.evaluations],
+                "eval_rounds": [e["round"] for e in result.evaluations],
+                "bytes_up_per_round": result.history[-1]["bytes_up"],
+                "noise_scale_absolute": result.history[-1].get("noise_scale", 0.0)}
+
     results = {}
-    methods = data_methods(learning_rates)
-    for name in methods if method_names is None else method_names:
-        make = methods[name]
-        accuracies, curves = [], []
-        for seed in seeds:
-            result = run_experiment(make(model), dataset, num_rounds=rounds, cohort_size=10,
-                                    seed=seed, eval_every=max(rounds // 30, 1), progress=False)
-            accuracies.append(result.evaluations[-1]["test"]["accuracy"])
-            curves.append([e["test"]["accuracy"] for e in result.evaluations])
-        results[name] = {"final_test_accuracy": _mean_std(accuracies), "accuracies": accuracies,
-                         "eval_rounds": [e["round"] for e in result.evaluations],
-                         "curves": curves,
-                         "bytes_up_per_round": result.history[-1]["bytes_up"],
-                         "noise_scale_absolute": result.history[-1].get("noise_scale", 0.0)}
+    for name, runs in sweep(chosen(data_methods(learning_rates), method_names), seeds,
+                            run_seed).items():
+        last = list(runs.values())[-1]
+        results[name] = {"final_test_accuracy": mean_std(finals(runs, "curve")),
+                         "accuracies": finals(runs, "curve"),
+                         "eval_rounds": last["eval_rounds"],
+                         "curves": [run["curve"] for run in runs.values()],
+                         "bytes_up_per_round": last["bytes_up_per_round"],
+                         "noise_scale_absolute": last["noise_scale_absolute"]}
     return results
-
-
-def _mean_std(values) -> dict:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
 
 
 def run(rounds: int = 300, seeds=(0,), output: str = "results/median_mean_bridge", *,
         monte_carlo_steps: int = 200_000, noise_scales=NOISE_SCALES_1D,
         learning_rates=None, curve_points: int = 13, method_names=None) -> dict:
     """Both parts; writes results.json and median_mean_bridge.png into `output`."""
-    os.makedirs(output, exist_ok=True)
-    seeds = [int(seed) for seed in seeds]
+    seeds, started = start(output, seeds)
     learning_rates = dict(LEARNING_RATES, **(learning_rates or {}))
-    start = time.perf_counter()
     with jax.enable_x64(True):
         one_dimensional = run_one_dimensional(noise_scales, monte_carlo_steps, seeds)
         curve_b = np.geomspace(0.1, 30.0, curve_points)
@@ -221,8 +220,7 @@ def run(rounds: int = 300, seeds=(0,), output: str = "results/median_mean_bridge
         "fixed_point_curve": {"b": curve_b.tolist(), **curve},
         "data": run_data(rounds, seeds, learning_rates, method_names),
     }
-    results["settings"]["wall_seconds"] = time.perf_counter() - start
-    write_json_atomic(os.path.join(output, "results.json"), results)
+    write_results(output, results, started)
     plot(results, os.path.join(output, "median_mean_bridge.png"))
     return results
 
@@ -230,7 +228,6 @@ def run(rounds: int = 300, seeds=(0,), output: str = "results/median_mean_bridge
 def plot(results: dict, path: str) -> None:
     """Fixed point against b (exact curve, Monte Carlo points) and digits accuracy per round."""
     plt = pyplot()
-
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     curve = results["fixed_point_curve"]
     for rule, marker in (("sign", "o"), ("median", "s")):
@@ -245,38 +242,56 @@ def plot(results: dict, path: str) -> None:
                 title="a = (0, 0, 3): the fixed point moves from median to mean")
     for ax, rule in ((axes[1], "sign"), (axes[2], "median")):
         for name, method in results["data"].items():
-            if not (name.startswith(rule) or name == "mean_gd"):
-                continue
-            curves = np.asarray(method["curves"])
-            line, = ax.plot(method["eval_rounds"], curves.mean(0), label=name)
-            if len(curves) > 1:
-                ax.fill_between(method["eval_rounds"], curves.min(0), curves.max(0),
-                                color=line.get_color(), alpha=0.2, linewidth=0)
+            if name.startswith(rule) or name == "mean_gd":
+                band(ax, method["eval_rounds"], method["curves"], name)
         ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1),
                title=f"one class per node: {rule}SGD, b x first median |g|")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def print_table(results: dict) -> None:
-    print("1-D example a = (0, 0, 3): fixed point x*(b)")
-    print(f"{'b':>6} {'sign exact':>11} {'sign MC (± s.e.)':>19} {'median exact':>13} "
-          f"{'median MC (± s.e.)':>19}")
-    for b, row in results["one_dimensional"].items():
-        sign, median = row["sign_monte_carlo"], row["median_monte_carlo"]
-        print(f"{b:>6} {row['sign_exact']:>11.4f} {sign['mean']:>10.4f} ± "
-              f"{sign['standard_error']:<6.4f} {row['median_exact']:>13.4f} "
-              f"{median['mean']:>10.4f} ± {median['standard_error']:.4f}")
-    print("digits, one class per node: final test accuracy")
-    for name, method in results["data"].items():
-        acc = method["final_test_accuracy"]
-        print(f"{name:<12} {acc['mean']:.4f} ± {acc['std']:.4f}   "
-              f"up {method['bytes_up_per_round']:.0f} B/round")
-    print(f"wall time {results['settings']['wall_seconds']:.1f} s")
+
+
+def measure_median_mean(results: dict) -> Measured:
+    s, one_d, data = results["settings"], results["one_dimensional"], results["data"]
+    scales = sorted(one_d, key=float)
+    numbers = ["1-D fixed point x*(b), exact (Monte Carlo) sign / median: " + "; ".join(
+                   f"b = {b}: {one_d[b]['sign_exact']:.3f} "
+                   f"({one_d[b]['sign_monte_carlo']['mean']:.3f}) / "
+                   f"{one_d[b]['median_exact']:.3f} "
+                   f"({one_d[b]['median_monte_carlo']['mean']:.3f})" for b in scales),
+               "digits test accuracy: " + ", ".join(
+                   f"{name.replace('_b', '(b=') + ')' if '_b' in name else 'mean GD'} "
+                   f"{pm(data[name]['final_test_accuracy'])}"
+                   for name in ("sign_b0", "sign_b3", "median_b0", "median_b3", "mean_gd"))]
+    exact = {kind: [one_d[b][f"{kind}_exact"] for b in scales] for kind in ("sign", "median")}
+    accuracy = lambda name: data[name]["final_test_accuracy"]["mean"]
+    checks = [
+        Check("noiseless fixed point is the median 0 (sign and median)",
+              max(abs(exact[kind][0]) for kind in exact) < 1e-6),
+        Check("x*(b) grows with b and is within 0.01 of the mean 1 at the largest b",
+              all(np.all(np.diff(v) > 0) and abs(v[-1] - 1) <= 0.01 for v in exact.values())),
+        Check("Monte Carlo runs within 0.02 of the exact fixed points",
+              all(abs(one_d[b][f"{kind}_monte_carlo"]["mean"] - one_d[b][f"{kind}_exact"])
+                  <= 0.02 for b in scales for kind in ("sign", "median"))),
+        Check("noisy (b = 3) beats noiseless on digits, sign and median",
+              accuracy("sign_b3") > accuracy("sign_b0")
+              and accuracy("median_b3") > accuracy("median_b0"))]
+    setting = (f"f_i(x) = (x - a_i)²/2, a = (0, 0, 3), Gaussian noise; digits with one class per "
+               f"node (10 nodes), softmax regression, full gradients, b in "
+               f"{{{', '.join(f'{b:g}' for b in s['relative_noise_scales'])}}} × median |g|; "
+               f"{s['rounds']} rounds, {seeds_text(s)}")
+    return Measured(setting, numbers, checks)
+
+
+CLAIMS = (
+    Claim("Noisy signSGD / medianSGD", "Sign and median of heterogeneous gradients converge to "
+          "the wrong point (the median's); noise added to each local gradient bridges them to the "
+          "mean as its scale b grows, and noisy versions beat noiseless ones on skewed data.",
+          ("median_mean_bridge.png",), measure_median_mean),
+)
 
 
 def main(argv=None) -> None:
@@ -284,8 +299,8 @@ def main(argv=None) -> None:
                                output="results/median_mean_bridge")
     parser.add_argument("--monte-carlo-steps", type=int, default=200_000)
     args = parse_args(parser, argv, counts=("rounds", "monte_carlo_steps"))
-    print_table(run(args.rounds, args.seeds, args.output,
-                    monte_carlo_steps=args.monte_carlo_steps))
+    print_claims(CLAIMS, run(args.rounds, args.seeds, args.output,
+                             monte_carlo_steps=args.monte_carlo_steps))
 
 
 if __name__ == "__main__":

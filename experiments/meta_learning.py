@@ -29,9 +29,8 @@ classes, held-out clients, initial model and cohorts. Reported numbers are final
     python -m experiments.meta_learning [--rounds 1000] [--seeds 0 1 2 3 4] [--output DIR]
 """
 
+import functools
 import os
-import time
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +38,9 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from experiments.common import experiment_parser, parse_args, pyplot
+from experiments.claims import NEAR, Check, Claim, Measured, pm, print_claims, seeds_text
+from experiments.common import (Method, band, experiment_parser, parse_args, pyplot,
+                                save_figure, start, summarize, sweep, write_results)
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.algorithms.fedmeta import fedavg_meta, fedmeta
 from fedjax_lab.algorithms.perfedavg import perfedavg
@@ -48,7 +49,6 @@ from fedjax_lab.core.meta import model_data_loss, split_clients, with_adaptation
 from fedjax_lab.data import ClientData, PaddedClients, digits, train_test_split_per_client
 from fedjax_lab.data.sampling import cohort_batch, sample_cohort
 from fedjax_lab.evaluation import make_adapted_evaluator
-from fedjax_lab.experiment import write_json_atomic
 from fedjax_lab.models import mlp
 
 HIDDEN = (64, 32)
@@ -111,31 +111,37 @@ def dominant_class_clients(seed: int) -> tuple[ClientData, ClientData]:
                                        s["test_fraction"], rng)
 
 
-def fedmeta_methods(model) -> dict:
+def fedmeta_methods() -> list[Method]:
+    """The FedMeta comparison, each `build(model)`."""
     s = FEDMETA
     adam = optax.adam(s["outer_lr"])
     adaptation = dict(inner_lr=s["inner_lr"], num_inner_steps=s["num_inner_steps"])
     inner = dict(adaptation, support_fraction=s["support_fraction"])
-    return {
-        "maml": fedmeta(model, adam, variant="maml", **inner),
-        "meta_sgd": fedmeta(model, adam, variant="meta_sgd", **inner),
-        "fomaml": fedmeta(model, adam, variant="fomaml", **inner),
-        "fedavg_meta": fedavg_meta(model, optax.sgd(s["fedavg_lr"]), batch_size=s["batch_size"],
-                                   **adaptation),
-        "fedavg": fedavg(model, optax.sgd(s["fedavg_lr"]), batch_size=s["batch_size"]),
-    }
+    return [Method(variant, lambda model, variant=variant: fedmeta(model, adam, variant=variant,
+                                                                   **inner))
+            for variant in ("maml", "meta_sgd", "fomaml")] + [
+        Method("fedavg_meta", lambda model: fedavg_meta(model, optax.sgd(s["fedavg_lr"]),
+                                                        batch_size=s["batch_size"],
+                                                        **adaptation)),
+        Method("fedavg", lambda model: fedavg(model, optax.sgd(s["fedavg_lr"]),
+                                              batch_size=s["batch_size"])),
+    ]
 
 
-def perfedavg_methods(model, alpha: float) -> dict:
+def perfedavg_methods(alpha: float) -> list[Method]:
+    """The Per-FedAvg comparison at personalisation step `alpha`, each `build(model)`."""
     s = PERFEDAVG
     options = dict(beta=s["beta"], delta=s["delta"], num_local_steps=s["num_local_steps"],
                    batch_size=s["batch_size"])
-    methods = {variant: perfedavg(model, variant=variant, alpha=alpha, **options)
-               for variant in ("hf", "maml", "fo")}
-    fedavg_steps = perfedavg(model, variant="fo", alpha=0.0, **options)
-    methods["fedavg_one_step"] = with_adaptation(fedavg_steps, model, inner_lr=alpha)
-    methods["fedavg_no_step"] = fedavg_steps  # its personalisation step has alpha = 0
-    return methods
+    # Per-FedAvg with alpha = 0 in training is FedAvg with the same local steps.
+    fedavg_steps = lambda model: perfedavg(model, variant="fo", alpha=0.0, **options)
+    return [Method(variant, lambda model, variant=variant: perfedavg(
+                model, variant=variant, alpha=alpha, **options))
+            for variant in ("hf", "maml", "fo")] + [
+        Method("fedavg_one_step", lambda model: with_adaptation(fedavg_steps(model), model,
+                                                                inner_lr=alpha)),
+        Method("fedavg_no_step", fedavg_steps),  # its personalisation step has alpha = 0
+    ]
 
 
 def make_round_runner(algorithm, num_clients: int, cohort_size: int):
@@ -145,7 +151,7 @@ def make_round_runner(algorithm, num_clients: int, cohort_size: int):
     its own program; here the key is an argument and one compilation serves every seed.
     """
 
-    @partial(jax.jit, static_argnums=3)
+    @functools.partial(jax.jit, static_argnums=3)
     def run_rounds(state, population, key, num_rounds):
         def one_round(state, _):
             ids = sample_cohort(key, state.round, num_clients, cohort_size)
@@ -192,17 +198,12 @@ def pad_to(data: ClientData, length: int) -> PaddedClients:
                          padded.num_examples)
 
 
-def _spread(values) -> dict:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)),
-            "min": float(np.min(values)), "max": float(np.max(values))}
-
-
 def _setups() -> dict:
-    """Experiment name -> (methods factory, data factory, settings)."""
-    setups = {"fedmeta": (fedmeta_methods, permuted_label_clients, FEDMETA)}
+    """Experiment name -> (methods, data factory, settings)."""
+    setups = {"fedmeta": (fedmeta_methods(), permuted_label_clients, FEDMETA)}
     for alpha in PERFEDAVG["alphas"]:
-        setups[f"perfedavg_alpha{alpha:g}"] = (partial(perfedavg_methods, alpha=alpha),
-                                               _perfedavg_data, PERFEDAVG)
+        setups[f"perfedavg_alpha{alpha:g}"] = (perfedavg_methods(alpha), _perfedavg_data,
+                                               PERFEDAVG)
     return setups
 
 
@@ -214,8 +215,7 @@ def run(rounds: int = 1000, seeds=(0, 1, 2, 3, 4), output: str = "results/meta_l
     "perfedavg" runs one experiment per alpha in `PERFEDAVG["alphas"]`. `methods` optionally
     maps an experiment name to the subset of its methods to run (smoke tests).
     """
-    os.makedirs(output, exist_ok=True)
-    seeds = [int(seed) for seed in seeds]
+    seeds, started = start(output, seeds)
     model = mlp((64,), 10, hidden=HIDDEN)
     results = {"settings": {"rounds": rounds, "seeds": seeds, "model": "mlp 64-32-10",
                             "fedmeta": FEDMETA, "perfedavg": PERFEDAVG,
@@ -224,9 +224,10 @@ def run(rounds: int = 1000, seeds=(0, 1, 2, 3, 4), output: str = "results/meta_l
                "experiments": {}}
     every = max(1, rounds // num_evals)
     curvature = make_curvature(model, PERFEDAVG["power_iterations"])
-    start = time.perf_counter()
-    for name, (make_methods, make_data, settings) in _setups().items():
-        if name.split("_alpha")[0] not in experiments:
+    for name, (compared, make_data, settings) in _setups().items():
+        compared = [method for method in compared
+                    if methods is None or method.name in methods.get(name, ())]
+        if name.split("_alpha")[0] not in experiments or not compared:
             continue
         data = {seed: make_data(seed) for seed in seeds}
         # One padded length per role across seeds, so each method compiles once.
@@ -234,40 +235,41 @@ def run(rounds: int = 1000, seeds=(0, 1, 2, 3, 4), output: str = "results/meta_l
                    for role in range(3)]
         padded = {seed: [pad_to(part, length) for part, length in zip(data[seed], lengths)]
                   for seed in seeds}
-        chosen = {method: algorithm for method, algorithm in make_methods(model).items()
-                  if methods is None or method in methods.get(name, ())}
-        if not chosen:
-            continue
-        summary = {}
-        for method, algorithm in chosen.items():
-            run_rounds = make_round_runner(algorithm, data[seeds[0]][0].num_clients,
-                                           settings["cohort_size"])
-            evaluate = make_adapted_evaluator(algorithm)
-            runs = {}
-            for seed in seeds:
-                key = experiment_key(seed)
-                train, support, query = padded[seed]
-                population = jax.device_put(train)
-                state, curve, done = algorithm.init(init_key(key)), [], 0
-                while done < rounds:
-                    block = min(every, rounds - done)
-                    state = run_rounds(state, population, key, block)
-                    done += block
-                    curve.append({"round": done, **evaluate(state, support, query, key)})
-                runs[str(seed)] = {"curve": curve, "final": curve[-1]}
-                if name.startswith("perfedavg"):
-                    # alpha * curvature > 1 makes (I - alpha H) flip high-curvature directions.
-                    runs[str(seed)]["largest_curvature_median"] = float(
-                        np.median(curvature(state.params, support)))
-            summary[method] = {
-                "runs": runs,
-                "final_accuracy": _spread([r["final"]["accuracy"] for r in runs.values()]),
-                "final_client_accuracy_p10": _spread([r["final"]["client_accuracy_p10"]
-                                                      for r in runs.values()]),
-            }
-        results["experiments"][name] = {"methods": summary}
-    results["settings"]["wall_seconds"] = time.perf_counter() - start
-    write_json_atomic(os.path.join(output, "results.json"), results)
+
+        @functools.cache
+        def programs(method):
+            """The method's algorithm, jitted rounds and evaluator, shared by every seed."""
+            algorithm = method.build(model)
+            return (algorithm, make_round_runner(algorithm, data[seeds[0]][0].num_clients,
+                                                 settings["cohort_size"]),
+                    make_adapted_evaluator(algorithm))
+
+        def run_seed(method, seed):
+            algorithm, run_rounds, evaluate = programs(method)
+            key = experiment_key(seed)
+            train, support, query = padded[seed]
+            population = jax.device_put(train)
+            state, curve, done = algorithm.init(init_key(key)), [], 0
+            while done < rounds:
+                block = min(every, rounds - done)
+                state = run_rounds(state, population, key, block)
+                done += block
+                curve.append({"round": done, **evaluate(state, support, query, key)})
+            record = {"curve": curve, "final": curve[-1]}
+            if name.startswith("perfedavg"):
+                # alpha * curvature > 1 makes (I - alpha H) flip high-curvature directions.
+                record["largest_curvature_median"] = float(
+                    np.median(curvature(state.params, support)))
+            return record
+
+        results["experiments"][name] = {"methods": {
+            method: {"runs": runs,
+                     **summarize([{"final_accuracy": r["final"]["accuracy"],
+                                   "final_client_accuracy_p10": r["final"]["client_accuracy_p10"]}
+                                  for r in runs.values()],
+                                 ("final_accuracy", "final_client_accuracy_p10"))}
+            for method, runs in sweep(compared, seeds, run_seed).items()}}
+    write_results(output, results, started)
     for name, experiment in results["experiments"].items():
         plot(name, experiment, os.path.join(output, f"{name}.png"))
     return results
@@ -281,15 +283,12 @@ def _perfedavg_data(seed: int):
 def plot(name: str, experiment: dict, path: str) -> None:
     """Accuracy on the scored clients per round (mean over seeds, min-max band)."""
     plt = pyplot()
-
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, result in experiment["methods"].items():
-        curves = np.array([[point["accuracy"] for point in run["curve"]]
-                           for run in result["runs"].values()])
-        rounds = [point["round"] for point in next(iter(result["runs"].values()))["curve"]]
-        line, = ax.plot(rounds, curves.mean(axis=0), marker="o", markersize=3, label=method)
-        ax.fill_between(rounds, curves.min(axis=0), curves.max(axis=0), color=line.get_color(),
-                        alpha=0.15, linewidth=0)
+        runs = list(result["runs"].values())
+        band(ax, [point["round"] for point in runs[0]["curve"]],
+             [[point["accuracy"] for point in run["curve"]] for run in runs], method,
+             marker="o", markersize=3)
     if name == "fedmeta":
         title = ("FedMeta, digits with per-client label permutations: unseen clients after "
                  "adaptation")
@@ -300,21 +299,63 @@ def plot(name: str, experiment: dict, path: str) -> None:
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def print_table(results: dict) -> None:
-    for name, experiment in results["experiments"].items():
-        print(f"{name}: final accuracy on scored clients, mean ± std over seeds "
-              f"{results['settings']['seeds']}")
-        print(f"  {'method':<16} {'accuracy':>16} {'client p10':>16}")
-        for method, result in experiment["methods"].items():
-            acc, p10 = result["final_accuracy"], result["final_client_accuracy_p10"]
-            print(f"  {method:<16} {acc['mean']:>7.4f} ± {acc['std']:<6.4f} "
-                  f"{p10['mean']:>7.4f} ± {p10['std']:<6.4f}")
-    print(f"wall time {results['settings']['wall_seconds']:.1f} s")
+
+
+def measure_fedmeta(results: dict) -> Measured:
+    s, methods = results["settings"], results["experiments"]["fedmeta"]["methods"]
+    labels = {"maml": "MAML", "meta_sgd": "Meta-SGD", "fomaml": "FOMAML",
+              "fedavg_meta": "FedAvg(Meta)", "fedavg": "FedAvg"}
+    accuracy = lambda m: methods[m]["final_accuracy"]["mean"]
+    numbers = ["unseen clients' accuracy after adaptation: " + ", ".join(
+        f"{label} {pm(methods[m]['final_accuracy'])}" for m, label in labels.items())]
+    checks = [
+        Check(f"MAML ≈ Meta-SGD (within {NEAR:g})",
+              abs(accuracy("maml") - accuracy("meta_sgd")) <= NEAR),
+        Check("MAML and Meta-SGD > FOMAML",
+              min(accuracy("maml"), accuracy("meta_sgd")) > accuracy("fomaml")),
+        Check("FOMAML ≥ FedAvg(Meta)", accuracy("fomaml") >= accuracy("fedavg_meta")),
+        Check("FedAvg(Meta) > FedAvg", accuracy("fedavg_meta") > accuracy("fedavg"))]
+    f = s["fedmeta"]
+    setting = (f"digits, {f['num_clients']} IID clients with per-client label permutations, "
+               f"{f['unseen_fraction']:.0%} unseen, MLP 64-32-10, {f['cohort_size']} per round, "
+               f"{f['num_inner_steps']} inner step (α = {f['inner_lr']:g}); {s['rounds']} "
+               f"rounds, {seeds_text(s)}")
+    return Measured(setting, numbers, checks)
+
+
+def measure_perfedavg(results: dict) -> Measured:
+    s, experiments = results["settings"], results["experiments"]
+    labels = {"hf": "HF", "maml": "MAML", "fo": "FO", "fedavg_one_step": "FedAvg + 1 step"}
+    numbers, checks = [], []
+    for alpha in s["perfedavg"]["alphas"]:
+        methods = experiments[f"perfedavg_alpha{alpha:g}"]["methods"]
+        accuracy = lambda m: methods[m]["final_accuracy"]["mean"]
+        numbers.append(f"α = {alpha:g}, accuracy after one step: " + ", ".join(
+            f"{label} {pm(methods[m]['final_accuracy'])}" for m, label in labels.items()))
+        checks += [
+            Check(f"α = {alpha:g}: HF ≈ MAML (within 0.01)",
+                  abs(accuracy("hf") - accuracy("maml")) <= 0.01),
+            Check(f"α = {alpha:g}: MAML ≥ FO", accuracy("maml") >= accuracy("fo")),
+            Check(f"α = {alpha:g}: FO > FedAvg + 1 step",
+                  accuracy("fo") > accuracy("fedavg_one_step"))]
+    p = s["perfedavg"]
+    setting = (f"digits, {p['num_clients']} clients with {p['dominant_classes']} dominant classes "
+               f"({p['dominant_share']:.0%} of examples), MLP 64-32-10, {p['cohort_size']} per "
+               f"round, {p['num_local_steps']} local steps (β = {p['beta']:g}); {s['rounds']} "
+               f"rounds, {seeds_text(s)}")
+    return Measured(setting, numbers, checks)
+
+
+CLAIMS = (
+    Claim("FedMeta (MAML, Meta-SGD, FOMAML)", "On unseen clients, accuracy after adaptation: MAML "
+          "≈ Meta-SGD > FOMAML ≥ FedAvg(Meta) > FedAvg.",
+          ("fedmeta.png",), measure_fedmeta),
+    Claim("Per-FedAvg", "After one personalisation step: HF ≈ MAML ≥ FO > FedAvg.",
+          ("perfedavg_alpha0.1.png", "perfedavg_alpha0.01.png"), measure_perfedavg),
+)
 
 
 def main(argv=None) -> None:
@@ -323,7 +364,7 @@ def main(argv=None) -> None:
     parser.add_argument("--experiments", nargs="+", default=["fedmeta", "perfedavg"],
                         choices=["fedmeta", "perfedavg"])
     args = parse_args(parser, argv)
-    print_table(run(args.rounds, args.seeds, args.output, args.experiments))
+    print_claims(CLAIMS, run(args.rounds, args.seeds, args.output, args.experiments))
 
 
 if __name__ == "__main__":

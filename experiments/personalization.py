@@ -9,10 +9,10 @@ sub-folder of `--output` with its JSON and PNGs, and writes a combined `results.
     python -m experiments.personalization [--rounds 100] [--seeds 0 1 2] [--output DIR]
 """
 
-import argparse
 import os
 
 from experiments import ditto_fedamp, fedproto_pfedhn
+from experiments.common import experiment_parser, parse_args
 from fedjax_lab.experiment import write_json_atomic
 
 
@@ -32,13 +32,10 @@ def run(rounds: int = 100, seeds=(0,), output: str = "results/personalization", 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=100)
+    parser = experiment_parser(__doc__, rounds=100, seeds=[0], output="results/personalization")
     parser.add_argument("--fedamp-rounds", type=int, default=40)
     parser.add_argument("--pfedhn-rounds", type=int, default=100)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--output", default="results/personalization")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv, counts=("rounds", "fedamp_rounds", "pfedhn_rounds"))
     run(args.rounds, args.seeds, args.output, fedamp_rounds=args.fedamp_rounds,
         pfedhn_rounds=args.pfedhn_rounds)
     print(f"results in {args.output}/ (ditto_fedamp/, fedproto_pfedhn/, results.json)")

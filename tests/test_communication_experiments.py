@@ -30,7 +30,8 @@ def test_median_mean_bridge_writes_fixed_points_accuracies_and_figure(tmp_path):
     assert row["median_exact"] == pytest.approx(0.549, abs=1e-3)
     assert results["one_dimensional"]["0"]["sign_exact"] == 0.0
     assert set(results["data"]) == set(names)
-    assert set(median_mean_bridge.data_methods(median_mean_bridge.LEARNING_RATES)) == {
+    assert {method.name for method in median_mean_bridge.data_methods(
+        median_mean_bridge.LEARNING_RATES)} == {
         "mean_gd", *(f"{rule}_b{b:g}" for rule in ("sign", "median")
                      for b in median_mean_bridge.RELATIVE_NOISE_SCALES)}
     for method in results["data"].values():

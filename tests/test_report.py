@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from experiments.report import (OUTPUT, ROOT, ROWS, Check, main, measure_rows, render,
-                                verdict)
+from experiments.claims import Check, verdict
+from experiments.report import EXPERIMENTS, OUTPUT, ROOT, ROWS, main, measure_rows, render
 
 ALGORITHMS = ["FedAvg", "FedProx", "Noisy signSGD / medianSGD", "FetchSGD", "Robust aggregation",
               "Ditto", "FedAMP", "FedProto", "pFedHN", "FedMeta (MAML, Meta-SGD, FOMAML)",
@@ -55,6 +55,8 @@ def test_missing_results_are_named_and_stale_page_detected(tmp_path, capsys):
     assert stale.read_text() == render()
 
 
-@pytest.mark.parametrize("experiment", sorted({row.experiment for row in ROWS}))
-def test_each_experiment_has_recorded_results(experiment):
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_each_experiment_declares_claims_and_has_recorded_results(experiment):
+    assert any(row.experiment == experiment for row in ROWS)
     assert os.path.isfile(os.path.join(ROOT, "docs", "results", experiment, "results.json"))
+    assert os.path.isfile(os.path.join(ROOT, "experiments", f"{experiment}.py"))
