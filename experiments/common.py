@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from fedjax_lab.core import ClientExecution
-from fedjax_lab.core.types import DataInfo
 from fedjax_lab.experiment import write_json_atomic
 
 
@@ -57,13 +56,6 @@ class Method:
     build: Callable[..., Any]
 
 
-def data_info(dataset) -> DataInfo:
-    """What a registry builder may know of `dataset` before it sees a batch."""
-    return DataInfo(num_clients=dataset.num_clients, num_classes=dataset.num_classes,
-                    feature_shape=tuple(dataset.feature_shape),
-                    max_examples=int(dataset.train.num_examples.max(initial=1)))
-
-
 def registry_method(name: str, algorithm: str, **overrides) -> Method:
     """A Method building the registered `algorithm` from its paper defaults changed by
     `overrides` (option groups as dicts: `client={"lr": 0.05}`); `build(model, dataset)`.
@@ -75,7 +67,7 @@ def registry_method(name: str, algorithm: str, **overrides) -> Method:
 
     spec = get_algorithm(algorithm)
     config = from_dict(spec.config, overrides, "algorithm.")
-    return Method(name, lambda model, dataset: spec.build(config, model, data_info(dataset),
+    return Method(name, lambda model, dataset: spec.build(config, model, dataset.info(),
                                                           ClientExecution()))
 
 

@@ -36,7 +36,6 @@ from fedjax_lab import models as model_layer
 from fedjax_lab import options
 from fedjax_lab.algorithms import REGISTRY as ALGORITHMS
 from fedjax_lab.core.client_execution import STRATEGIES, ClientExecution
-from fedjax_lab.core.types import DataInfo
 from fedjax_lab.experiment import ExperimentResult, run_experiment
 from fedjax_lab.options import (OptionError, one_of, option, optional, optional_positive_int,
                                 positive_int)
@@ -225,11 +224,8 @@ def build(config: Config):
                           f"expected at most {dataset.num_clients}, the number of clients of "
                           f"data set {config.data.name!r}")
     model = model_spec.build(config.model.options, dataset.feature_shape, dataset.num_classes)
-    info = DataInfo(num_clients=dataset.num_clients, num_classes=dataset.num_classes,
-                    feature_shape=tuple(dataset.feature_shape),
-                    max_examples=int(dataset.train.num_examples.max(initial=1)))
     execution = ClientExecution(config.run.execution, config.run.chunk_size)
-    algorithm = algorithm_spec.build(config.algorithm.options, model, info, execution)
+    algorithm = algorithm_spec.build(config.algorithm.options, model, dataset.info(), execution)
     return algorithm, dataset, model
 
 

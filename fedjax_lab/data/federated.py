@@ -21,6 +21,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from fedjax_lab.core.types import DataInfo
+
 
 class PaddedClients(NamedTuple):
     """All clients of a `ClientData`, stacked and padded to a common `n_max`."""
@@ -171,6 +173,12 @@ class FederatedDataset:
     @property
     def feature_shape(self) -> tuple:
         return self.train.feature_shape
+
+    def info(self) -> DataInfo:
+        """What an algorithm's builder may know of this data set before it sees a batch."""
+        return DataInfo(num_clients=self.num_clients, num_classes=int(self.num_classes),
+                        feature_shape=tuple(self.feature_shape),
+                        max_examples=int(self.train.num_examples.max(initial=1)))
 
 
 def train_test_split_per_client(x_list, y_list, names, test_fraction: float,
