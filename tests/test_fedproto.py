@@ -14,7 +14,10 @@ from common import NUM_CLASSES, NUM_FEATURES, assert_trees_close, assert_trees_e
     make_clients, stack_clients
 from fedjax_lab.algorithms.fedproto import (aggregate_prototypes, fedproto, local_prototypes,
                                             prototype_logits, prototype_loss)
+from fedjax_lab.algorithms.fedproto import FedProtoConfig, build
 from fedjax_lab.core import client_key, experiment_key, local_train, model_loss
+from fedjax_lab.core.types import DataInfo
+from fedjax_lab.options import from_dict
 from fedjax_lab.models.split import split_mlp
 
 SIZES = [9, 4, 13, 6]
@@ -61,7 +64,7 @@ def test_lambda_zero_is_independent_local_training():
                 state = round_fn(state, stack_clients([data[i] for i in ids],
                                                       [ys[i] for i in ids], padded_length=16,
                                                       round_index=t, client_ids=ids))
-            finals.append(state.client_states[0])
+            finals.append(state.client_states.models[0])
         others = np.array([0, 2, 3])
         assert_trees_equal(row(finals[0], others), row(finals[1], others))
 
@@ -85,7 +88,7 @@ def test_positive_lambda_couples_clients_through_the_prototypes():
         state = algorithm.init(jax.random.key(0))
         for t in range(2):
             state = round_fn(state, stack_clients(data, ys, round_index=t))
-        finals.append(state.client_states[0])
+        finals.append(state.client_states.models[0])
     others = np.array([0, 2, 3])
     changed = jax.tree.map(lambda a, b: not np.array_equal(a[others], b[others]), *finals)
     assert any(jax.tree.leaves(changed))
@@ -136,18 +139,20 @@ def test_round_prototypes_come_from_trained_embeddings_jitted_or_not_in_any_orde
 
     # Uniform weighting: the mean over clients of each client's class mean of its embeddings
     # under its trained model.
-    features = [np.asarray(NARROW.extract(row(new.client_states[0], i), batch.x[i]))[:len(y)]
+    trained = new.client_states.models[0]
+    features = [np.asarray(NARROW.extract(row(trained, i), batch.x[i]))[:len(y)]
                 for i, y in enumerate(ys)]
     for c in range(NUM_CLASSES):
         class_means = [f[y == c].mean(0) for f, y in zip(features, ys) if c in y]
         np.testing.assert_allclose(new.prototypes[c], np.mean(class_means, 0), rtol=1e-5,
                                    atol=1e-6)
     assert bool(np.all(new.prototype_mask))
-    np.testing.assert_array_equal(new.client_classes,
+    np.testing.assert_array_equal(new.client_states.classes,
                                   [[c in y for c in range(NUM_CLASSES)] for y in ys])
 
     # Nearest-prototype inference over all classes vs over the client's own classes only.
-    only_class_0 = new._replace(client_classes=new.client_classes.at[0].set([True, False, False]))
+    only_class_0 = new._replace(client_states=new.client_states._replace(
+        classes=new.client_states.classes.at[0].set([True, False, False])))
     predictions = {inference: np.argmax(jax.jit(fedproto(
         NARROW, optax.sgd(0.1), num_clients=4, inference=inference).predict)(
             only_class_0, batch)[0, :SIZES[0]], -1)
@@ -194,21 +199,21 @@ def test_two_architectures_train_in_one_round_and_share_prototypes():
     algorithm = fedproto(models, optax.sgd(0.1), num_clients=5, architecture_of=architecture_of,
                          batch_size=4)
     state = algorithm.init(jax.random.key(3))
-    assert [jax.tree.leaves(s)[0].shape[0] for s in state.client_states] == [2, 3]
+    # Each architecture's stack spans the population; rows are client ids.
+    assert [jax.tree.leaves(s)[0].shape[0] for s in state.client_states.models] == [5, 5]
     ids = [4, 0, 1, 3]
     batch = stack_clients([xs[i] for i in ids], [ys[i] for i in ids], client_ids=ids)
     new = jax.jit(algorithm.round)(state, batch)
-    # Client 2 (architecture 0, row 1) was not sampled; every other client was.
-    assert_trees_equal(row(state.client_states[0], 1), row(new.client_states[0], 1))
-    for g, rows in ((0, [0]), (1, [0, 1, 2])):
+    # Client 2 (architecture 0) was not sampled; every other client was.
+    assert_trees_equal(row(state.client_states.models[0], 2), row(new.client_states.models[0], 2))
+    for g, rows in ((0, [0]), (1, [1, 3, 4])):
         for r in rows:
-            assert not np.array_equal(row(state.client_states[g], r)["head"]["Dense_0"]["bias"],
-                                      row(new.client_states[g], r)["head"]["Dense_0"]["bias"])
+            head_bias = lambda s: row(s.client_states.models[g], r)["head"]["Dense_0"]["bias"]
+            assert not np.array_equal(head_bias(state), head_bias(new))
     assert int(new.metrics["participants"]) == 4 and int(new.metrics["num_prototypes"]) == 3
 
-    rows = {0: 0, 1: 0, 2: 1, 3: 1, 4: 2}
     reports = [local_prototypes(models[architecture_of[i]].extract(
-        row(new.client_states[architecture_of[i]], rows[i]), batch.x[k]), batch.y[k],
+        row(new.client_states.models[architecture_of[i]], i), batch.x[k]), batch.y[k],
         batch.mask[k], NUM_CLASSES) for k, i in enumerate(ids)]
     expected, _ = aggregate_prototypes(jnp.stack([p for p, _ in reports]),
                                        jnp.stack([c for _, c in reports]))
@@ -218,8 +223,8 @@ def test_two_architectures_train_in_one_round_and_share_prototypes():
     evaluation = stack_clients([xs[1], xs[0], xs[1]], [ys[1], ys[0], ys[1]], client_ids=[1, 0, 1])
     head_logits = jax.jit(algorithm.predict)(new, evaluation)
     np.testing.assert_allclose(head_logits[:2],
-                               [WIDE.apply(row(new.client_states[1], 0), evaluation.x[0]),
-                                NARROW.apply(row(new.client_states[0], 0), evaluation.x[1])],
+                               [WIDE.apply(row(new.client_states.models[1], 1), evaluation.x[0]),
+                                NARROW.apply(row(new.client_states.models[0], 0), evaluation.x[1])],
                                rtol=1e-6)
     prototype_predict = fedproto(models, optax.sgd(0.1), num_clients=5,
                                  architecture_of=architecture_of,
@@ -250,3 +255,15 @@ def test_bad_hyperparameters_are_refused_in_one_line():
         fedproto([NARROW, WIDE], optax.sgd(0.1), num_clients=2, architecture_of=[0, 0])
     with pytest.raises(ValueError, match="architecture_of has shape"):
         fedproto(NARROW, optax.sgd(0.1), num_clients=3, architecture_of=[0, 0])
+
+
+def test_the_registry_builder_runs_a_round_on_one_architecture():
+    xs, ys = make_clients(SIZES)
+    config = from_dict(FedProtoConfig, {"lam": 0.5, "inference": "prototype"})
+    algorithm = build(config, NARROW, DataInfo(6, NUM_CLASSES, (NUM_FEATURES,), 16))
+    state = jax.jit(algorithm.round)(algorithm.init(jax.random.key(0)),
+                                     stack_clients(xs, ys, client_ids=[5, 0, 2, 3]))
+    assert int(state.metrics["participants"]) == 4
+    assert np.asarray(state.client_states.classes)[[1, 4]].sum() == 0
+    logits = algorithm.predict(state, stack_clients(xs, ys, client_ids=[5, 0, 2, 3]))
+    assert logits.shape == (4, max(SIZES), NUM_CLASSES) and bool(jnp.all(jnp.isfinite(logits)))

@@ -10,9 +10,13 @@ class without a global prototype; it then sends P_i^j = mean of e_i(x) over its 
 The server sets G^j = sum_{i in N_j} w_ij P_i^j over the clients N_j holding class j, w uniform
 (the reference code) or proportional to |D_ij| (the paper's formula), an explicit option.
 
-Clients may have different architectures with the same embedding size D: each architecture's
-models are stacked over its own clients, every architecture runs its cohort clients through
-`ClientExecution.map` in the same round, and their prototypes are aggregated together.
+Clients may have different architectures with the same embedding size D: `client_states.models`
+holds one stack per architecture, each over the WHOLE population (so every per-client row is
+addressed by client id, like any algorithm's; a client's row in another architecture's stack is
+never read or written, a memory cost of one model per client and extra architecture); every
+architecture runs its cohort clients through `ClientExecution.map` in the same round, and their
+prototypes are aggregated together. The command line runs one architecture (the registry's
+model); mixed architectures are `fedproto`'s Python API.
 
 Pitfalls avoided (ALGORITHMS.md section 4f): the regulariser pulls each sample's own embedding
 (not the client's class mean) and looks classes up by integer index (FL-bench#76's loss was always
@@ -24,6 +28,7 @@ reference, this is the reference's rule); the client optimiser restarts each rou
 reference re-creates it.
 """
 
+import dataclasses
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -31,11 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              cross_entropy, gather_clients, local_train, masked_mean,
                              scatter_clients, tree_bytes, weighted_mean)
+from fedjax_lab.core.aggregation import WEIGHTINGS
+from fedjax_lab.core.metrics import round_metrics
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_positive_int
 from fedjax_lab.models.split import SplitModel
+from fedjax_lab.options import non_negative, one_of, option
 
 PyTree = Any
 INFERENCES = ("head", "prototype", "local_prototype")
@@ -43,22 +53,55 @@ INFERENCES = ("head", "prototype", "local_prototype")
 _EXCLUDED_LOGIT = -1e9
 
 
+@dataclasses.dataclass(frozen=True)
+class FedProtoConfig:
+    """FedProto's options; defaults are the reference code's MNIST setting: lam = 1, one local
+    epoch of batches of 4, uniform prototype averaging, head inference. The registry's clients
+    run plain SGD at the library's default rate 0.05 where the reference runs SGD 0.01 with
+    momentum 0.5 (a long-run step of 0.02); `fedproto` takes any optax optimiser for the
+    reference's exactly."""
+
+    client: ClientTraining = option(ClientTraining(lr=0.05, epochs=1, batch_size=4),
+                                    "local training")
+    lam: float = option(1.0, "weight of the prototype regulariser (0 = local training)",
+                        non_negative, sweepable=True)
+    weighting: str = option("uniform", "prototype weights: uniform (reference code) or "
+                            "num_examples (the paper's |D_ij|)", one_of(*WEIGHTINGS))
+    inference: str = option("head", "what predict uses", one_of(*INFERENCES))
+
+
+def build(config: FedProtoConfig, model: SplitModel, data: DataInfo,
+          execution: ClientExecution = ClientExecution()) -> Algorithm:
+    return fedproto(model, config.client.optimizer(), num_clients=data.num_clients,
+                    lam=config.lam, weighting=config.weighting, num_epochs=config.client.epochs,
+                    batch_size=config.client.batch_size, inference=config.inference,
+                    execution=execution)
+
+
+class FedProtoClientState(NamedTuple):
+    """Attributes:
+        models: one entry per architecture, its model parameters stacked over the population
+            (rows of other architectures' clients unused).
+        classes: `[num_clients, classes]` bool, the classes of each client's training data as it
+            last reported them (the reference's per-client class list).
+    """
+
+    models: tuple
+    classes: jax.Array
+
+
 class FedProtoState(NamedTuple):
     """Attributes:
-        client_states: one entry per architecture, that architecture's model parameters stacked
-            over its clients (in population order).
+        client_states: a `FedProtoClientState`.
         prototypes: `[classes, D]` the global prototypes G^j.
         prototype_mask: `[classes]` bool, True for classes some client has reported.
-        client_classes: `[num_clients, classes]` bool, the classes of each client's training data
-            as it last reported them (the reference's per-client class list).
         round: int32.
         metrics: the round's scalars.
     """
 
-    client_states: tuple
+    client_states: FedProtoClientState
     prototypes: jax.Array
     prototype_mask: jax.Array
-    client_classes: jax.Array
     round: jax.Array
     metrics: dict[str, jax.Array]
 
@@ -102,28 +145,24 @@ def fedproto(models: SplitModel | Sequence[SplitModel],
     client_weights(jnp.ones(1), weighting=weighting)
     num_classes, latent_dim = models[0].num_classes, models[0].latent_dim
     members = [np.flatnonzero(architecture == g) for g in range(len(models))]
-    row_in_architecture = np.zeros(num_clients, np.int32)
-    for rows in members:
-        row_in_architecture[rows] = np.arange(len(rows))
 
     def slots_of(g, client_ids, capacity):
-        """Positions in the cohort of architecture g's clients (first `capacity`), their rows."""
+        """Positions in the cohort of architecture g's clients (first `capacity`), their ids."""
         is_member = jnp.asarray(architecture)[client_ids] == g
         slots = jnp.argsort(jnp.logical_not(is_member).astype(jnp.int32), stable=True)[:capacity]
         valid = is_member[slots]
-        rows = jnp.where(valid, jnp.asarray(row_in_architecture)[client_ids[slots]], 0)
-        return slots, rows, valid
+        return slots, jnp.where(valid, client_ids[slots], 0), valid
 
     def init(key: jax.Array) -> FedProtoState:
-        client_states = tuple(
-            jax.vmap(lambda i, m=model: m.init(jax.random.fold_in(key, i)))(jnp.asarray(rows))
-            for model, rows in zip(models, members))
-        dtype = jax.tree.leaves(client_states)[0].dtype
+        population = jnp.arange(num_clients)
+        stacks = tuple(jax.vmap(lambda i, m=model: m.init(jax.random.fold_in(key, i)))(population)
+                       for model in models)
+        dtype = jax.tree.leaves(stacks)[0].dtype
         prototypes = jnp.zeros((num_classes, latent_dim), dtype)
         prototype_mask = jnp.zeros((num_classes,), bool)
         empty = jnp.zeros((0,), dtype)
-        return FedProtoState(client_states, prototypes, prototype_mask,
-                             jnp.zeros((num_clients, num_classes), bool), jnp.zeros((), jnp.int32),
+        client_states = FedProtoClientState(stacks, jnp.zeros((num_clients, num_classes), bool))
+        return FedProtoState(client_states, prototypes, prototype_mask, jnp.zeros((), jnp.int32),
                              _round_metrics(empty, empty, jnp.zeros(0, jnp.int32), 0,
                                             (prototypes, prototype_mask),
                                             (prototypes, jnp.zeros((num_classes,), jnp.int32)),
@@ -131,7 +170,7 @@ def fedproto(models: SplitModel | Sequence[SplitModel],
 
     def round_fn(state: FedProtoState, batch: ClientBatch) -> FedProtoState:
         cohort_size = batch.num_clients
-        client_states, reports = [], []
+        stacks, reports = [], []
         for g, model in enumerate(models):
             # A round's cohort holds distinct clients, at most min(C, n_g) of architecture g.
             slots, rows, valid = slots_of(g, batch.client_ids, min(cohort_size, len(members[g])))
@@ -147,9 +186,9 @@ def fedproto(models: SplitModel | Sequence[SplitModel],
 
             mask = batch.mask[slots] & valid[:, None]
             params, prototypes, counts, losses, steps = execution.map(
-                client_update, (gather_clients(state.client_states[g], rows), batch.x[slots],
-                                batch.y[slots], mask, batch.rng[slots]))
-            client_states.append(scatter_clients(state.client_states[g], rows, params, valid))
+                client_update, (gather_clients(state.client_states.models[g], rows),
+                                batch.x[slots], batch.y[slots], mask, batch.rng[slots]))
+            stacks.append(scatter_clients(state.client_states.models[g], rows, params, valid))
             reports.append((prototypes, counts, losses, steps, batch.client_ids[slots],
                             jnp.where(valid, batch.num_examples[slots], 0), valid))
         prototypes, counts, losses, steps, ids, sizes, valid = (
@@ -158,10 +197,10 @@ def fedproto(models: SplitModel | Sequence[SplitModel],
         global_prototypes, present = aggregate_prototypes(prototypes, counts, weighting=weighting)
         global_prototypes = jnp.where(present[:, None], global_prototypes.astype(
             state.prototypes.dtype), state.prototypes)
-        client_classes = scatter_clients(state.client_classes, ids, counts > 0, valid)
+        classes = scatter_clients(state.client_states.classes, ids, counts > 0, valid)
         prototype_mask = state.prototype_mask | present
-        return FedProtoState(tuple(client_states), global_prototypes, prototype_mask,
-                             client_classes, state.round + 1,
+        return FedProtoState(FedProtoClientState(tuple(stacks), classes), global_prototypes,
+                             prototype_mask, state.round + 1,
                              _round_metrics(client_weights(sizes), losses, steps, cohort_size,
                                             (state.prototypes, state.prototype_mask),
                                             (prototypes[0], counts[0]), prototype_mask))
@@ -186,8 +225,8 @@ def fedproto(models: SplitModel | Sequence[SplitModel],
                                         allowed).astype(logits.dtype)
 
             group_logits = execution.map(
-                client_logits, (gather_clients(state.client_states[g], rows), batch.x[slots],
-                                state.client_classes[batch.client_ids[slots]]))
+                client_logits, (gather_clients(state.client_states.models[g], rows),
+                                batch.x[slots], state.client_states.classes[rows]))
             logits = scatter_clients(logits, slots, group_logits, valid)
         return logits
 
@@ -269,13 +308,17 @@ def _round_metrics(weights, losses, steps, cohort_size, download, upload,
     participating client uploads `upload` (its prototypes and class counts: the C * D floats the
     paper counts, plus C counts).
     """
-    dtype = jnp.result_type(float)
-    participants = jnp.sum(weights > 0)
-    return {
-        "bytes_down": jnp.asarray(cohort_size * tree_bytes(download), dtype),
-        "bytes_up": (participants * tree_bytes(upload)).astype(dtype),
-        "train_loss": jnp.sum(weights * losses).astype(dtype),
-        "participants": participants.astype(jnp.int32),
-        "local_steps": jnp.sum(jnp.where(weights > 0, steps, 0)).astype(jnp.int32),
-        "num_prototypes": jnp.sum(prototype_mask).astype(jnp.int32),
-    }
+    return round_metrics(
+        weights, losses, bytes_down=cohort_size * tree_bytes(download),
+        bytes_up=jnp.sum(weights > 0) * tree_bytes(upload),
+        local_steps=jnp.sum(jnp.where(weights > 0, steps, 0)).astype(jnp.int32),
+        num_prototypes=jnp.sum(prototype_mask).astype(jnp.int32))
+
+
+SPECS = (AlgorithmSpec(
+    "fedproto", FedProtoConfig, build,
+    paper="Tan et al., FedProto: Federated Prototype Learning across Heterogeneous Clients, "
+          "AAAI 2022, arXiv 2105.00243",
+    summary="clients share per-class prototypes (mean embeddings), never weights; a regulariser "
+            "pulls embeddings to the global prototypes",
+    model_kind="split"),)
