@@ -17,7 +17,7 @@ over the benign clients, final round.
 FedAMP: 12 clients in 3 hidden groups (digits split IID, 60% of each client held out for test;
 each group relabels the classes by its own permutation, so the groups hold conflicting tasks),
 logistic regression, every client every round, E = 3 epochs of SGD (lr 0.1, B = 10),
-sigma = 10, lam = 0.2 and the default step alpha_k = sigma / (N - 1); HeurFedAMP's self-weight
+sigma = 10, lam = 0.2 and the step alpha_k = sigma / (N - 1) (both); HeurFedAMP's self-weight
 is 0.5. Methods: FedAMP, HeurFedAMP, FedAvg's global model, Local (FedAMP with lam = 0).
 Reported: client accuracy and the final attention matrix xi (heatmap, clients sorted by group).
 FedAMP is sensitive to lam: in short 40-round sweeps on seed 0's groups, lam = 0.3 and 1
@@ -173,8 +173,10 @@ def _fedamp(**options):
 # The FedAMP comparison, each `build(model, dataset)`.
 FEDAMP_TRAINED = (
     Method("fedamp", _fedamp(lam=FEDAMP["lam"])),
-    Method("heurfedamp", _fedamp(lam=FEDAMP["lam"], attention="heuristic",
-                                 self_weight=FEDAMP["self_weight"])),
+    # The step sigma / (N - 1) is FedAMP's default; HeurFedAMP's default is 1 (fedamp.py).
+    Method("heurfedamp", lambda model, data: _fedamp(
+        lam=FEDAMP["lam"], attention="heuristic", self_weight=FEDAMP["self_weight"],
+        alpha_k=FEDAMP["sigma"] / (data.num_clients - 1))(model, data)),
     Method("fedavg", lambda model, data: fedavg(model, optax.sgd(FEDAMP["learning_rate"]),
                                                 num_epochs=FEDAMP["num_epochs"],
                                                 batch_size=FEDAMP["batch_size"])),
