@@ -18,8 +18,9 @@ Where it is exact (same mathematics as `local_train`; float64 tests agree to rou
 - optionally a proximal term `mu/2 ||w - w_t||^2` (FedProx), whose kernel part only scales the
   accumulated change by `1 - lr mu` each step, so the factors stay exact;
 - the server aggregates with the weighted mean (no robust aggregator, no attack).
-Anything else (momentum or Adam clients, other local terms, robust aggregation) falls back to
-the per-client `local_train`; `fedavg(..., dense_update=...)` says which path ran and why.
+Anything else (momentum or Adam clients, other local terms, robust aggregation, models with
+dropout or BatchNorm: `Model.has_train_mode`) falls back to the per-client `local_train`;
+`fedavg(..., dense_update=...)` says which path ran and why.
 """
 
 from typing import Any, NamedTuple
@@ -59,6 +60,9 @@ def unsupported_reason(model, client_optimizer, local_regularizer) -> str | None
     """Why the factored update cannot run this configuration exactly, or None if it can."""
     if getattr(model, "dense_split", None) is None:
         return "the model has no DenseSplit (no single large dense layer to factor)"
+    if getattr(model, "has_train_mode", False):
+        return ("the model trains differently from inference (dropout or batch statistics), "
+                "which the factored update's inference-mode passes do not reproduce")
     if not isinstance(client_optimizer, PlainSGD):
         return ("the client optimiser is not fedjax_lab.core.factored.sgd (plain SGD with a "
                 "declared learning rate)")

@@ -12,20 +12,30 @@ the padded length, so a padded client trains exactly as the same client unpadded
 
 Algorithms add their terms through the loss closure: FedProx adds `mu/2 ||w - w_t||^2`, Ditto
 its personal proximal term, and so on.
+
+Each step's key goes to the loss (`model_loss` gives it to the model's dropout). A loss that
+returns the model's updated mutable collections (`losses.LossWithState`: BatchNorm running
+statistics, which live inside the parameters pytree) has them written back into the parameters
+after the step; they are statistics, not parameters, so their gradient is zeroed before the
+optimiser sees it (a regulariser's pull on them, weight decay or a global-norm clip never
+involves them) and the optimiser's update of them is replaced by the new values.
 """
 
 import math
+from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_lab.core.losses import split_loss
 from fedjax_lab.core.types import ClientStream
 
 PyTree = Any
-# loss_fn(params, x_batch, y_batch, mask_batch, rng) -> scalar mean loss over the real examples.
-LossFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+# loss_fn(params, x_batch, y_batch, mask_batch, rng) -> scalar mean loss over the real examples
+# (or a `LossWithState` carrying the model's updated statistics).
+LossFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array, jax.Array], Any]
 
 
 class LocalTrainingResult(NamedTuple):
@@ -114,7 +124,8 @@ def local_train(loss_fn: LossFn, optimizer: optax.GradientTransformation, params
 
     Args:
         loss_fn: `loss_fn(params, x_batch, y_batch, mask_batch, rng)`; the mean over real examples
-            of the batch, plus whatever term the algorithm adds.
+            of the batch, plus whatever term the algorithm adds (a `LossWithState` for models
+            with statistics, written back after each step). `rng` is the step's own key.
         optimizer: the client optimiser; its state starts fresh from `optimizer.init(params)`.
         params: starting parameters (usually the round's global model).
         x: `[N, *feature_shape]` the client's examples, padded to N.
@@ -134,24 +145,39 @@ def local_train(loss_fn: LossFn, optimizer: optax.GradientTransformation, params
                               active_epochs=active_epochs)
     batch_size = schedule.batch_size
 
+    def loss_and_state(*args):
+        return split_loss(loss_fn(*args))
+
     def step(carry, step_index):
         params, opt_state, loss_sum = carry
         indices, batch_mask, batch_key, active = schedule.at(step_index)
-        loss, grads = jax.value_and_grad(loss_fn)(params, x[indices], y[indices], batch_mask,
-                                                  batch_key)
+        (loss, state), grads = jax.value_and_grad(loss_and_state, has_aux=True)(
+            params, x[indices], y[indices], batch_mask, batch_key)
+        grads = replace_subtrees(grads, jax.tree.map(jnp.zeros_like, state))
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
+        new_params = replace_subtrees(optax.apply_updates(params, updates), state)
         keep_if_inactive = lambda new, old: jnp.where(active, new, old)
         params = jax.tree.map(keep_if_inactive, new_params, params)
         opt_state = jax.tree.map(keep_if_inactive, new_opt_state, opt_state)
         loss_sum = loss_sum + jnp.where(active, loss, jnp.zeros_like(loss))
         return (params, opt_state, loss_sum), active
 
-    loss_dtype = jax.eval_shape(loss_fn, params, x[:batch_size], y[:batch_size],
-                                mask[:batch_size], rng).dtype
+    loss_dtype = jax.eval_shape(lambda *args: loss_and_state(*args)[0], params, x[:batch_size],
+                                y[:batch_size], mask[:batch_size], rng).dtype
     init = (params, optimizer.init(params), jnp.zeros((), loss_dtype))
     (params, _, loss_sum), active_steps = jax.lax.scan(
         step, init, jnp.arange(schedule.num_steps), unroll=unroll)
     num_steps = jnp.sum(active_steps, dtype=jnp.int32)
     mean_loss = loss_sum / jnp.maximum(num_steps, 1).astype(loss_sum.dtype)
     return LocalTrainingResult(params=params, mean_loss=mean_loss, num_steps=num_steps)
+
+
+def replace_subtrees(tree: PyTree, replacements: PyTree) -> PyTree:
+    """`tree` with the subtrees that the nested dict `replacements` names replaced by its values
+    (cast to the replaced leaves' dtypes, so a scan carry keeps its type)."""
+    if isinstance(replacements, Mapping):
+        if not replacements:
+            return tree
+        return {**tree, **{key: replace_subtrees(tree[key], value)
+                           for key, value in replacements.items()}}
+    return jax.tree.map(lambda old, new: jnp.asarray(new, old.dtype), tree, replacements)

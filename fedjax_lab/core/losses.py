@@ -1,5 +1,14 @@
-"""Masked losses: padded examples contribute exactly nothing."""
+"""Masked losses: padded examples contribute exactly nothing.
 
+`model_loss` runs the model in training mode (dropout from the step's key, batch statistics over
+the batch's real examples). A model with mutable collections (BatchNorm statistics) also returns
+their new values: its loss is then a `LossWithState`, which behaves as the scalar loss under
+the arithmetic algorithms use to add their terms (`base_loss(...) + prox(...)`) and carries the
+statistics to `local_train`, which writes them back after the step (`split_loss`).
+"""
+
+import dataclasses
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -20,12 +29,88 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.
     return masked_mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), mask)
 
 
-def model_loss(apply_fn: Callable[[PyTree, jax.Array], jax.Array]):
-    """The supervised loss `loss(params, x, y, mask, rng)` of a model, for `local_train`."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LossWithState:
+    """A scalar training loss and the model's updated mutable collections (`Model.apply`'s
+    state, shaped like part of the parameters).
+
+    Adding, subtracting, multiplying or dividing by a number or array acts on `value` and keeps
+    `state`, so a regulariser added to a model loss keeps its statistics. Two of them do not
+    combine: which statistics would win is ambiguous.
+    """
+
+    value: jax.Array
+    state: PyTree
+
+    def _combine(self, other, operation):
+        if isinstance(other, LossWithState):
+            raise TypeError("two losses that both carry model state cannot be combined; compute "
+                            "the second one in inference mode or from a scalar loss")
+        return LossWithState(operation(self.value, other), self.state)
+
+    def __add__(self, other):
+        return self._combine(other, lambda a, b: a + b)
+
+    def __radd__(self, other):
+        return self._combine(other, lambda a, b: b + a)
+
+    def __sub__(self, other):
+        return self._combine(other, lambda a, b: a - b)
+
+    def __rsub__(self, other):
+        return self._combine(other, lambda a, b: b - a)
+
+    def __mul__(self, other):
+        return self._combine(other, lambda a, b: a * b)
+
+    def __rmul__(self, other):
+        return self._combine(other, lambda a, b: b * a)
+
+    def __truediv__(self, other):
+        return self._combine(other, lambda a, b: a / b)
+
+    def __neg__(self):
+        return LossWithState(-self.value, self.state)
+
+
+def split_loss(loss) -> tuple[jax.Array, PyTree]:
+    """`(scalar loss, updated model state)` of a loss function's output (`{}` for a scalar)."""
+    if isinstance(loss, LossWithState):
+        return loss.value, loss.state
+    return loss, {}
+
+
+def _takes_training_options(apply_fn) -> bool:
+    try:
+        parameters = inspect.signature(apply_fn).parameters
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return True
+    return {"train", "rng", "mask", "return_state"} <= set(parameters)
+
+
+def model_loss(apply_fn: Callable[..., Any]):
+    """The supervised loss `loss(params, x, y, mask, rng)` of a model, for `local_train`.
+
+    `apply_fn` is a `Model.apply`, run in training mode: dropout draws from `rng` (the step's
+    key) and batch statistics are taken over the real examples (`mask`). The loss is the mean
+    cross-entropy over the real examples, a `LossWithState` when the model's statistics moved.
+    Any other `apply_fn(params, x) -> logits` (a function without the training keywords) is
+    called as it is and `rng` is unused.
+    """
+    if not _takes_training_options(apply_fn):
+        def loss(params, x, y, mask, rng):
+            del rng
+            return cross_entropy(apply_fn(params, x), y, mask)
+
+        return loss
 
     def loss(params, x, y, mask, rng):
-        del rng
-        return cross_entropy(apply_fn(params, x), y, mask)
+        logits, state = apply_fn(params, x, train=True, rng=rng, mask=mask, return_state=True)
+        value = cross_entropy(logits, y, mask)
+        return LossWithState(value, state) if state else value
 
     return loss
 

@@ -15,6 +15,8 @@ Both are the exact gradients (same sums, another order of accumulation); tests c
 `jax.grad` of `lax.conv` in float64. Odd kernel sizes only, so "SAME" padding is symmetric.
 """
 
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -58,6 +60,7 @@ class Conv(nn.Module):
 
     features: int
     kernel_size: tuple[int, int]
+    kernel_init: Callable = nn.initializers.lecun_normal()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -65,7 +68,7 @@ class Conv(nn.Module):
         if kh % 2 == 0 or kw % 2 == 0:
             raise ValueError(f"kernel_size={self.kernel_size} is invalid; conv2d_same needs odd "
                              "sizes (symmetric SAME padding)")
-        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+        kernel = self.param("kernel", self.kernel_init,
                             (kh, kw, x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)

@@ -9,6 +9,16 @@
   `conv.Conv` (flax's parameters, a backward pass that stays fast inside loops on XLA:CPU) and
   pooling reshapes and takes a max instead of `reduce_window`, whose backward pass is slow on
   XLA:CPU (shared/XLA_CPU.md).
+- CIFAR-10 CNN of pfl-research's benchmarks (Granqvist et al., "pfl-research: simulation
+  framework for accelerating research in Private Federated Learning", arXiv 2404.06430;
+  `benchmarks/model/pytorch/cnn.py: simple_cnn`): 3x3 conv 32, 3x3 conv 64 (both "VALID"), 2x2 max
+  pool, dropout 0.25, dense 128, dropout 0.5, dense classes, Glorot-uniform kernels. The
+  reference for dropout in training and not in evaluation.
+
+Options that change what training does: `mlp(dropout=...)` (after each hidden layer) and
+`mlp(batch_norm=True)` (BatchNorm between each hidden dense layer and its ReLU, with PyTorch's
+momentum, batch statistics over the real examples only). See `model.py` for how the training
+flag, the dropout key and the BatchNorm statistics reach the modules.
 """
 
 import math
@@ -30,21 +40,46 @@ class LogisticRegression(nn.Module):
         return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
 
 
+def batch_norm(x: jax.Array, train: bool, mask: jax.Array | None) -> jax.Array:
+    """BatchNorm over the batch axis (call inside a compact method).
+
+    Training normalises with the statistics of the real examples (`mask`), so padding never
+    changes a client's model, and moves the running statistics by 0.1 of the batch's
+    (PyTorch's default, `momentum=0.9` in flax's convention: few local steps per round);
+    inference uses the running statistics, so one example's prediction never depends on the
+    others in its batch.
+    """
+    if mask is not None:
+        # A batch without a real example (a step local_train discards) takes its statistics over
+        # all rows, so that the discarded step stays finite (no 0/0 in gradients through it).
+        mask = (mask | ~jnp.any(mask)).reshape((-1,) + (1,) * (x.ndim - 1))
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9)(x, mask=mask)
+
+
 class MLP(nn.Module):
     hidden: Sequence[int]
     num_classes: int
+    dropout: float = 0.0
+    batch_norm: bool = False
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, train: bool = False, mask=None):
         x = x.reshape(x.shape[0], -1)
         for width in self.hidden:
-            x = nn.relu(nn.Dense(width)(x))
+            # A bias before BatchNorm is cancelled by its mean subtraction.
+            x = nn.Dense(width, use_bias=not self.batch_norm)(x)
+            if self.batch_norm:
+                x = batch_norm(x, train, mask)
+            x = nn.relu(x)
+            if self.dropout:
+                x = nn.Dropout(self.dropout)(x, deterministic=not train)
         return nn.Dense(self.num_classes)(x)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2 max pooling with stride 2 on NHWC input with even height and width."""
+    """2x2 max pooling with stride 2 on NHWC input (an odd last row or column is dropped)."""
     n, h, w, c = x.shape
+    x = x[:, :h // 2 * 2, :w // 2 * 2]
     return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
@@ -71,14 +106,48 @@ class FemnistCNN(nn.Module):
         return self.head(self.Dense_0(self.features(x)))
 
 
+class CifarCNN(nn.Module):
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    conv_dropout: float = 0.25
+    dense_dropout: float = 0.5
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.reshape((x.shape[0],) + self.image_shape)
+        for features in (32, 64):
+            # A "VALID" 3x3 convolution is the "SAME" one without its border: the same sums,
+            # on the convolution whose backward pass stays fast inside loops (conv.py).
+            x = Conv(features, (3, 3), nn.initializers.glorot_uniform())(x)[:, 1:-1, 1:-1]
+            x = nn.relu(x)
+        x = nn.Dropout(self.conv_dropout)(max_pool_2x2(x), deterministic=not train)
+        x = nn.relu(nn.Dense(128, kernel_init=nn.initializers.glorot_uniform())(
+            x.reshape(x.shape[0], -1)))
+        x = nn.Dropout(self.dense_dropout)(x, deterministic=not train)
+        return nn.Dense(self.num_classes, kernel_init=nn.initializers.glorot_uniform())(x)
+
+
+def check_rate(name: str, rate: float) -> None:
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name}={rate!r} is invalid; expected a dropout rate in [0, 1)")
+
+
 def logistic_regression(feature_shape, num_classes: int) -> Model:
     """Multinomial logistic regression (FedProx's "mclr")."""
     return from_flax(LogisticRegression(num_classes), feature_shape, num_classes)
 
 
-def mlp(feature_shape, num_classes: int, hidden: Sequence[int] = (200, 200)) -> Model:
-    """ReLU multilayer perceptron; the default widths are McMahan et al.'s 2NN."""
-    return from_flax(MLP(tuple(hidden), num_classes), feature_shape, num_classes)
+def mlp(feature_shape, num_classes: int, hidden: Sequence[int] = (200, 200), *,
+        dropout: float = 0.0, batch_norm: bool = False) -> Model:
+    """ReLU multilayer perceptron; the default widths are McMahan et al.'s 2NN.
+
+    `dropout` drops hidden units at this rate in training; `batch_norm` adds BatchNorm to each
+    hidden layer (the model's parameters then hold its running statistics, `Model.mutable`).
+    Without either, the parameters are exactly those of the plain MLP.
+    """
+    check_rate("dropout", dropout)
+    return from_flax(MLP(tuple(hidden), num_classes, dropout, batch_norm), feature_shape,
+                     num_classes, has_train_mode=dropout > 0 or batch_norm)
 
 
 def image_shape(feature_shape) -> tuple[int, int, int]:
@@ -95,11 +164,29 @@ def image_shape(feature_shape) -> tuple[int, int, int]:
     return (side, side, 1)
 
 
-def femnist_cnn(feature_shape, num_classes: int) -> Model:
-    """LEAF's FEMNIST CNN: two 5x5 convolutions (32, 64) with pooling, dense 2048."""
+def femnist_image_shape(feature_shape) -> tuple[int, int, int]:
+    """The image shape of the FEMNIST CNN's examples, which it pools twice by 2."""
     shape = image_shape(feature_shape)
     if shape[0] % 4 or shape[1] % 4:
         raise ValueError(f"the CNN pools twice by 2; image shape {shape[:2]} must be "
                          "divisible by 4")
-    return from_flax(FemnistCNN(num_classes, shape), feature_shape, num_classes,
-                     dense_layer="Dense_0")
+    return shape
+
+
+def femnist_cnn(feature_shape, num_classes: int) -> Model:
+    """LEAF's FEMNIST CNN: two 5x5 convolutions (32, 64) with pooling, dense 2048."""
+    return from_flax(FemnistCNN(num_classes, femnist_image_shape(feature_shape)), feature_shape,
+                     num_classes, dense_layer="Dense_0")
+
+
+def cifar_cnn(feature_shape, num_classes: int, *, conv_dropout: float = 0.25,
+              dense_dropout: float = 0.5) -> Model:
+    """pfl-research's CIFAR-10 benchmark CNN (two dropout layers) for image examples."""
+    check_rate("conv_dropout", conv_dropout)
+    check_rate("dense_dropout", dense_dropout)
+    shape = image_shape(feature_shape)
+    if shape[0] < 6 or shape[1] < 6:
+        raise ValueError(f"the CIFAR CNN's two 3x3 VALID convolutions and 2x2 pooling need "
+                         f"images of at least 6x6; got {shape[:2]}")
+    return from_flax(CifarCNN(num_classes, shape, conv_dropout, dense_dropout), feature_shape,
+                     num_classes, has_train_mode=conv_dropout > 0 or dense_dropout > 0)

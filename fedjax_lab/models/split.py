@@ -11,6 +11,8 @@ with the two parts as `Model`s of their own: `extractor.apply(params["extractor"
 
 `split_mlp(hidden=(64, 32))` has the layers of `mlp(hidden=(64, 32))`: the features are the last
 hidden layer's ReLU output, as in FedProto's reference CNNs, and the head is one dense layer.
+`split_cnn()` is the FEMNIST CNN (networks.py) split the same way: its features are the ReLU
+output of the dense 2048 layer.
 """
 
 from typing import Any, Callable, NamedTuple, Sequence
@@ -18,7 +20,9 @@ from typing import Any, Callable, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 
+from fedjax_lab.models.conv import Conv
 from fedjax_lab.models.model import Model, from_flax
+from fedjax_lab.models.networks import check_rate, femnist_image_shape, max_pool_2x2
 
 PyTree = Any
 
@@ -28,8 +32,11 @@ class SplitModel(NamedTuple):
 
     Attributes:
         init: `init(key) -> {"extractor": ..., "head": ...}`.
-        apply: `apply(params, x [B, *feature_shape]) -> logits [B, num_classes]`, the head
-            applied to the extractor's features.
+        apply: `apply(params, x [B, *feature_shape], *, train=False, rng=None, mask=None,
+            return_state=False) -> logits [B, num_classes]`, the head applied to the
+            extractor's features; the keywords are `Model.apply`'s (the parts draw from two
+            halves of `rng`; the state is `{"extractor": ..., "head": ...}` with the parts'
+            updated collections, empty parts left out).
         feature_shape: the shape of one example.
         num_classes: the number of output logits.
         extractor: the `Model` from examples to features `[B, latent_dim]`.
@@ -38,16 +45,34 @@ class SplitModel(NamedTuple):
     """
 
     init: Callable[[jax.Array], PyTree]
-    apply: Callable[[PyTree, jax.Array], jax.Array]
+    apply: Callable[..., Any]
     feature_shape: tuple[int, ...]
     num_classes: int
     extractor: Model
     head: Model
     latent_dim: int
 
+    @property
+    def has_train_mode(self) -> bool:
+        """Whether training differs from inference in either part (`Model.has_train_mode`)."""
+        return self.extractor.has_train_mode or self.head.has_train_mode
+
+    @property
+    def has_state(self) -> bool:
+        """Whether either part's parameters hold mutable collections (`Model.has_state`)."""
+        return self.extractor.has_state or self.head.has_state
+
     def extract(self, params: PyTree, x: jax.Array) -> jax.Array:
         """The features (embeddings) `[B, latent_dim]` of examples `x` under full `params`."""
         return self.extractor.apply(params["extractor"], x)
+
+
+def _apply_part(part: Model, params: PyTree, x: jax.Array, train: bool, rng, mask):
+    """`(output, updated collections)` of one part; a part without a training mode may be a
+    hand-written `apply(params, x)`, so it is called with those two arguments only."""
+    if not part.has_train_mode:
+        return part.apply(params, x), {}
+    return part.apply(params, x, train=train, rng=rng, mask=mask, return_state=True)
 
 
 def split_model(extractor: Model, head: Model) -> SplitModel:
@@ -60,8 +85,14 @@ def split_model(extractor: Model, head: Model) -> SplitModel:
         extractor_key, head_key = jax.random.split(key)
         return {"extractor": extractor.init(extractor_key), "head": head.init(head_key)}
 
-    def apply(params, x):
-        return head.apply(params["head"], extractor.apply(params["extractor"], x))
+    def apply(params, x, *, train=False, rng=None, mask=None, return_state=False):
+        keys = (None, None) if rng is None else tuple(jax.random.split(rng))
+        features, extractor_state = _apply_part(extractor, params["extractor"], x, train,
+                                                keys[0], mask)
+        logits, head_state = _apply_part(head, params["head"], features, train, keys[1], mask)
+        state = {part: updated for part, updated in (("extractor", extractor_state),
+                                                     ("head", head_state)) if updated}
+        return (logits, state) if return_state else logits
 
     return SplitModel(init=init, apply=apply, feature_shape=tuple(extractor.feature_shape),
                       num_classes=head.num_classes, extractor=extractor, head=head,
@@ -77,12 +108,15 @@ def split_from_flax(extractor: nn.Module, head: nn.Module, feature_shape, latent
 
 class MLPExtractor(nn.Module):
     hidden: Sequence[int]
+    dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, train: bool = False):
         x = x.reshape(x.shape[0], -1)
         for width in self.hidden:
             x = nn.relu(nn.Dense(width)(x))
+            if self.dropout:
+                x = nn.Dropout(self.dropout)(x, deterministic=not train)
         return x
 
 
@@ -94,11 +128,38 @@ class LinearHead(nn.Module):
         return nn.Dense(self.num_classes)(features)
 
 
-def split_mlp(feature_shape, num_classes: int, hidden: Sequence[int] = (64, 32)) -> SplitModel:
-    """ReLU MLP whose last hidden layer (width `hidden[-1]`) gives the features; linear head."""
+def split_mlp(feature_shape, num_classes: int, hidden: Sequence[int] = (64, 32), *,
+              dropout: float = 0.0) -> SplitModel:
+    """ReLU MLP whose last hidden layer (width `hidden[-1]`) gives the features; linear head.
+
+    `dropout` drops the extractor's hidden units (the features included) at this rate in
+    training.
+    """
     hidden = tuple(hidden)
     if not hidden or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in hidden):
         raise ValueError(f"hidden={hidden!r} is invalid; expected one or more positive widths "
                          "(the last is the feature size)")
-    return split_from_flax(MLPExtractor(hidden), LinearHead(num_classes), feature_shape,
-                           hidden[-1], num_classes)
+    check_rate("dropout", dropout)
+    extractor = from_flax(MLPExtractor(hidden, dropout), feature_shape, hidden[-1],
+                          has_train_mode=dropout > 0)
+    return split_model(extractor, from_flax(LinearHead(num_classes), (hidden[-1],), num_classes))
+
+
+class CNNExtractor(nn.Module):
+    image_shape: tuple[int, int, int]
+    latent_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape((x.shape[0],) + self.image_shape)
+        for features in (32, 64):
+            x = max_pool_2x2(nn.relu(Conv(features, (5, 5))(x)))
+        return nn.relu(nn.Dense(self.latent_dim)(x.reshape(x.shape[0], -1)))
+
+
+def split_cnn(feature_shape, num_classes: int, latent_dim: int = 2048) -> SplitModel:
+    """The FEMNIST CNN with its dense layer's ReLU output (width `latent_dim`) as the features."""
+    if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
+        raise ValueError(f"latent_dim={latent_dim!r} is invalid; expected a positive integer")
+    return split_from_flax(CNNExtractor(femnist_image_shape(feature_shape), latent_dim),
+                           LinearHead(num_classes), feature_shape, latent_dim, num_classes)
