@@ -63,7 +63,7 @@ def _without_metrics(state):
 
 
 def _close(a, b):
-    chex.assert_trees_all_close(a, b, rtol=2e-5, atol=2e-6)
+    chex.assert_trees_all_close(a, b, rtol=2e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module", params=sorted(REGISTRY))

@@ -29,7 +29,7 @@ _MODULES = ("fedavg", "fedprox", "median_mean", "fetchsgd", "topk", "ditto", "fe
 REGISTRY: dict[str, AlgorithmSpec] = {
     spec.name: spec
     for module in _MODULES
-    for spec in getattr(importlib.import_module(f"fedjax_lab.algorithms.{module}"), "SPECS", ())}
+    for spec in importlib.import_module(f"fedjax_lab.algorithms.{module}").SPECS}
 
 
 def get_algorithm(name: str) -> AlgorithmSpec:
