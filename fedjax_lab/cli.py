@@ -164,6 +164,8 @@ def _list(argv: list[str]) -> int:
             tags = []
             if section == "algorithm" and spec.model_kind == "split":
                 tags.append("needs a split model")
+            if section == "algorithm" and spec.trains_model_state:
+                tags.append("trains dropout and BatchNorm models")
             if section == "model" and spec.kind == "split":
                 tags.append("split")
             tag = f" [{', '.join(tags)}]" if tags else ""

@@ -224,6 +224,7 @@ def build(config: Config):
                           f"expected at most {dataset.num_clients}, the number of clients of "
                           f"data set {config.data.name!r}")
     model = model_spec.build(config.model.options, dataset.feature_shape, dataset.num_classes)
+    algorithm_spec.check_model(config.model.name, model)
     execution = ClientExecution(config.run.execution, config.run.chunk_size)
     algorithm = algorithm_spec.build(config.algorithm.options, model, dataset.info(), execution)
     return algorithm, dataset, model

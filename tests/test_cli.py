@@ -76,6 +76,8 @@ def test_a_toml_file_with_command_line_overrides(tmp_path, capsys):
      "--algorithm.stragglers 0.5 is invalid; stragglers run 1..E-1 epochs"),
     (["--execution", "chunked"], "--chunk-size None is invalid"),
     (["--rounds"], "--rounds needs a value"),
+    (["--algorithm", "sign_sgd", "--model.batch_norm", "true"],
+     "--model 'mlp' is invalid; this model has a training mode (dropout or BatchNorm)"),
 ])
 def test_bad_options_give_one_line_errors_and_write_nothing(argv, message, capsys, tmp_path):
     out = tmp_path / "never"

@@ -287,4 +287,5 @@ SPECS = (AlgorithmSpec(
     paper="Li, Hu, Beirami, Smith, Ditto: Fair and Robust Federated Learning Through "
           "Personalization, ICML 2021, arXiv 2012.04221",
     summary="FedAvg's global model plus a personal model per client pulled to it by "
-            "(lam/2)||v - w_t||^2"),)
+            "(lam/2)||v - w_t||^2",
+    trains_model_state=True),)

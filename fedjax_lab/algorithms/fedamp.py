@@ -308,4 +308,5 @@ SPECS = (AlgorithmSpec(
     paper="Huang et al., Personalized Cross-Silo Federated Learning on Non-IID Data, AAAI 2021, "
           "arXiv 2007.03797",
     summary="one model per client, pulled to a cloud model that attends to similar clients' "
-            "models (HeurFedAMP: attention heuristic)"),)
+            "models (HeurFedAMP: attention heuristic)",
+    trains_model_state=True),)

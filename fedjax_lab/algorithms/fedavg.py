@@ -240,4 +240,5 @@ SPECS = (AlgorithmSpec(
     paper="McMahan et al., Communication-Efficient Learning of Deep Networks from Decentralized "
           "Data, AISTATS 2017, arXiv 1602.05629",
     summary="local SGD, server averages the deltas (FedSGD: client.epochs 1, batch_size none; "
-            "FedAdam/FedYogi: server.optimizer)"),)
+            "FedAdam/FedYogi: server.optimizer)",
+    trains_model_state=True),)

@@ -79,4 +79,5 @@ SPECS = (AlgorithmSpec(
     "fedprox", FedProxConfig, build,
     paper="Li et al., Federated Optimization in Heterogeneous Networks, MLSys 2020, "
           "arXiv 1812.06127",
-    summary="FedAvg whose clients add (mu/2)||w - w_t||^2 and keep stragglers' partial work"),)
+    summary="FedAvg whose clients add (mu/2)||w - w_t||^2 and keep stragglers' partial work",
+    trains_model_state=True),)

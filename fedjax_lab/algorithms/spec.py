@@ -67,6 +67,10 @@ class AlgorithmSpec:
         paper: authors, title, venue and arXiv id, one line.
         summary: what it does, one line.
         model_kind: "any" or "split" (needs an extractor + head `SplitModel`).
+        trains_model_state: whether its clients train through `model_loss` and `local_train`, so
+            models with a training mode (dropout keys, BatchNorm statistics) train as they
+            should; the others refuse such models rather than silently run them in inference
+            mode.
     """
 
     name: str
@@ -75,11 +79,21 @@ class AlgorithmSpec:
     paper: str
     summary: str
     model_kind: str = "any"
+    trains_model_state: bool = False
 
     def __post_init__(self):
         if self.model_kind not in MODEL_KINDS:
             raise ValueError(f"model_kind {self.model_kind!r} is unknown; allowed: "
                              f"{', '.join(MODEL_KINDS)}")
+
+    def check_model(self, model_name: str, model) -> None:
+        """Raises `OptionError` naming the model when it has a training mode this algorithm
+        does not run (see `trains_model_state`)."""
+        if getattr(model, "has_train_mode", False) and not self.trains_model_state:
+            raise OptionError("model.name", model_name,
+                              f"this model has a training mode (dropout or BatchNorm), which "
+                              f"algorithm {self.name!r} does not run; use it without them, or "
+                              "with an algorithm that trains through model_loss (fedavg, ...)")
 
     def check_model_kind(self, model_name: str, model_kind: str) -> None:
         """Raises `OptionError` naming the model when this algorithm cannot use its kind
