@@ -1,6 +1,5 @@
 """Exact resume after SIGKILL, corrupted checkpoints, divergence, refused configuration changes."""
 
-import dataclasses
 import json
 import os
 import random
@@ -23,12 +22,11 @@ from fedjax_lab.data import ClientData, FederatedDataset, digits
 from fedjax_lab.experiment import ConfigMismatchError, DivergenceError, run_experiment
 from fedjax_lab.models import logistic_regression
 
-LONG = small_digits_config(**{"run.rounds": 1000, "run.eval_every": 25,
-                               "run.checkpoint_every": 25})
+LONG = {"run.rounds": 1000, "run.eval_every": 25, "run.checkpoint_every": 25}
 
 
-def _with_output(config: Config, folder: str) -> Config:
-    return dataclasses.replace(config, run=dataclasses.replace(config.run, output=folder))
+def _long(folder: str) -> Config:
+    return small_digits_config(**LONG, **{"run.output": folder})
 
 
 def _cli(config: Config, resume: bool) -> list[str]:
@@ -49,7 +47,8 @@ def _files(folder: str) -> dict[str, str]:
             for name in ("metrics.jsonl", "evaluations.jsonl")}
 
 
-def _final_state(folder: str, config: Config):
+def _final_state(config: Config):
+    folder = config.run.output
     template = build(config)[0].init(jax.random.key(0))
     return checkpoint.load_latest(os.path.join(folder, "checkpoints"), template).state
 
@@ -57,7 +56,7 @@ def _final_state(folder: str, config: Config):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("reference") / "run")
-    run(_with_output(LONG, folder), progress=False)
+    run(_long(folder), progress=False)
     return folder
 
 
@@ -74,22 +73,22 @@ def _kill_when(process, condition):
 
 
 def test_sigkill_between_checkpoints_then_resume_is_bit_identical(tmp_path, uninterrupted):
-    config = _with_output(LONG, str(tmp_path / "run"))
+    config = _long(str(tmp_path / "run"))
     process = subprocess.Popen(_cli(config, resume=False), stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "run" / "checkpoints"
     _kill_when(process, lambda: len(checkpoint.list_checkpoints(str(checkpoints))) >= 2)
     assert process.returncode == -signal.SIGKILL
     newest = checkpoint.list_checkpoints(str(checkpoints))[-1]
-    assert int(os.path.basename(newest)[6:14]) < LONG.run.rounds, "the run ended before the kill"
+    assert int(os.path.basename(newest)[6:14]) < LONG["run.rounds"], "the run ended before the kill"
 
     resumed = run(config, progress=False, resume=True)
     assert _files(config.run.output) == _files(uninterrupted)
-    assert_trees_equal(resumed.state, _final_state(uninterrupted, LONG))
+    assert_trees_equal(resumed.state, _final_state(_long(uninterrupted)))
 
 
 def test_random_kills_in_a_row_then_resume_equal_the_uninterrupted_run(tmp_path, uninterrupted):
     """Each launch is killed at a random moment after it has written a new checkpoint."""
-    config = _with_output(LONG, str(tmp_path / "run"))
+    config = _long(str(tmp_path / "run"))
     folder = os.path.join(config.run.output, "checkpoints")
     chance = random.Random(1234)
     rounds_reached = []
@@ -104,10 +103,10 @@ def test_random_kills_in_a_row_then_resume_equal_the_uninterrupted_run(tmp_path,
         process.wait()
         assert process.returncode == -signal.SIGKILL
         rounds_reached.append(int(os.path.basename(checkpoint.list_checkpoints(folder)[-1])[6:14]))
-    assert rounds_reached == sorted(rounds_reached) and rounds_reached[-1] < LONG.run.rounds
+    assert rounds_reached == sorted(rounds_reached) and rounds_reached[-1] < LONG["run.rounds"]
     run(config, progress=False, resume=True)
     assert _files(config.run.output) == _files(uninterrupted)
-    assert_trees_equal(_final_state(config.run.output, LONG), _final_state(uninterrupted, LONG))
+    assert_trees_equal(_final_state(config), _final_state(_long(uninterrupted)))
 
 
 def _small(folder, **dotted):
