@@ -1,5 +1,6 @@
 """Small hand-built clients shared by the engine and algorithm tests."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,14 +45,13 @@ def float64_params(model, seed=0):
     return jax.tree.map(lambda p: p.astype(jnp.float64), model.init(jax.random.key(seed)))
 
 
-def assert_trees_equal(a, b):
-    """Bit-for-bit equality of two pytrees."""
-    jax.tree.map(lambda u, v: np.testing.assert_array_equal(np.asarray(u), np.asarray(v)), a, b)
+# Bit-for-bit equality of two pytrees.
+assert_trees_equal = chex.assert_trees_all_equal
 
 
 def assert_trees_close(a, b, rtol=1e-12, atol=1e-12):
-    jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v),
-                                                         rtol=rtol, atol=atol), a, b)
+    """Closeness at the float64 tolerances the exactness tests claim."""
+    chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
 
 
 def run_config(**dotted):
