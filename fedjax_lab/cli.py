@@ -93,7 +93,7 @@ def parse_overrides(pairs, base: dict) -> dict:
                                   "`fedjax-lab run --help`")
             dotted = f"run.{_RUN_FIELDS[name]}"
         try:
-            annotation = run_config.override_annotation(None, dotted, mapping)
+            annotation = run_config.override_annotation(dotted, mapping)
         except OptionError as error:
             raise OptionError(error.path, text, error.expected) from None
         if text is None:

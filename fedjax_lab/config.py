@@ -128,17 +128,15 @@ def config_from_dict(mapping: dict) -> Config:
         raise OptionError(unknown[0], mapping[unknown[0]], "unknown section; allowed: "
                           f"{', '.join(SECTIONS + ('run',))}")
     chosen = {}
-    for section in ("algorithm", "data", "model"):
+    for section in SECTIONS:
         table = mapping.get(section, {})
         if isinstance(table, str):
             table = {"name": table}
         if not isinstance(table, dict):
             raise OptionError(section, table, "expected a table with a name and options")
-        table = dict(table)
-        if section == "model" and "name" not in table:
-            table["name"] = DEFAULT_MODEL[chosen["algorithm"][0].model_kind]
-        spec = _spec(section, table.pop("name", DEFAULT_NAMES.get(section)))
-        chosen[section] = (spec, options.from_dict(spec.config, table, f"{section}."))
+        spec = _spec(section, chosen_name(section, mapping))
+        values = {key: value for key, value in table.items() if key != "name"}
+        chosen[section] = (spec, options.from_dict(spec.config, values, f"{section}."))
     run = options.from_dict(RunOptions, mapping.get("run", {}), "run.")
     algorithm_spec, model_spec = chosen["algorithm"][0], chosen["model"][0]
     algorithm_spec.check_model_kind(model_spec.name, model_spec.kind)
@@ -194,21 +192,26 @@ def default_config() -> Config:
     return config_from_dict({})
 
 
-def override_annotation(config: Config | None, dotted: str, mapping: dict):
-    """The type of option `dotted` (e.g. "algorithm.lam") given the names chosen so far."""
+def chosen_name(section: str, mapping: dict) -> str:
+    """The registry name a nested mapping chooses for `section`, defaults applied (a model
+    defaults to the kind the chosen algorithm needs)."""
+    table = mapping.get(section, {})
+    name = table.get("name") if isinstance(table, dict) else table
+    if name is not None:
+        return name
+    if section == "model":
+        return DEFAULT_MODEL[_spec("algorithm", chosen_name("algorithm", mapping)).model_kind]
+    return DEFAULT_NAMES[section]
+
+
+def override_annotation(dotted: str, mapping: dict):
+    """The type of option `dotted` (e.g. "algorithm.lam") given the names `mapping` chooses."""
     section, _, rest = dotted.partition(".")
     if section == "run":
         return options.field_annotation(RunOptions, rest, "run.")
     if section not in SECTIONS or not rest:
         raise OptionError(dotted, "", f"unknown option; sections: {', '.join(SECTIONS)}, run")
-    table = mapping.get(section, {})
-    name = table.get("name") if isinstance(table, dict) else table
-    if name is None:
-        name = getattr(config, section).name if config is not None else None
-    if name is None and section == "model":
-        algorithm = mapping.get("algorithm", {}).get("name", DEFAULT_NAMES["algorithm"])
-        name = DEFAULT_MODEL[_spec("algorithm", algorithm).model_kind]
-    spec = _spec(section, name if name is not None else DEFAULT_NAMES[section])
+    spec = _spec(section, chosen_name(section, mapping))
     return options.field_annotation(spec.config, rest, f"{section}.")
 
 

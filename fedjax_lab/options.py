@@ -238,7 +238,7 @@ def parse_text(path: str, text: str, annotation) -> Any:
 def field_annotation(config_type: type, dotted: str, prefix: str = ""):
     """The annotation of the (possibly nested) field `dotted` of `config_type`, or raises."""
     head, _, rest = dotted.partition(".")
-    fields = {field.name for field in dataclasses.fields(config_type)}
+    fields = field_names(config_type)
     if head not in fields:
         raise OptionError(prefix + dotted, "", f"unknown option; allowed: {', '.join(fields)}")
     annotation = _hints(config_type)[head]
