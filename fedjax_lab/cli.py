@@ -77,6 +77,9 @@ def parse_overrides(pairs, base: dict) -> dict:
     `base` (the config file's mapping, or a saved run's) tells which algorithm, data set and model
     the typed options belong to when the command line does not name them.
     """
+    # `--model.name X` is another spelling of `--model X`.
+    pairs = [(name[:-len(".name")] if name.endswith(".name") and name[:-len(".name")] in SECTIONS
+              else name, value) for name, value in pairs]
     names = {}
     for name, value in pairs:
         if name in SECTIONS:

@@ -133,7 +133,7 @@ def test_corrupted_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_p
 
 
 def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
-    run(_small(str(tmp_path / "run"), rounds=2), progress=False)
+    run(_small(str(tmp_path / "run"), **{"run.rounds": 2}), progress=False)
     (path,) = checkpoint.list_checkpoints(str(tmp_path / "run" / "checkpoints"))
     with open(path, "rb") as f:
         blob = f.read()
