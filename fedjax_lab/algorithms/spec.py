@@ -19,8 +19,8 @@ import optax
 from fedjax_lab.core import factored
 from fedjax_lab.core.client_execution import ClientExecution
 from fedjax_lab.core.types import Algorithm, DataInfo
-from fedjax_lab.options import (OptionError, one_of, option, optional_positive_int, positive,
-                                positive_int)
+from fedjax_lab.options import (OptionError, fraction, non_negative, one_of, option, optional,
+                                optional_positive_int, positive, positive_int)
 
 # build(config, model, data, execution) -> Algorithm
 Builder = Callable[[Any, Any, DataInfo, ClientExecution], Algorithm]
@@ -34,15 +34,27 @@ SERVER_OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
 
 @dataclasses.dataclass(frozen=True)
 class ClientTraining:
-    """Local training: plain SGD at rate `lr`, `epochs` passes of minibatches of `batch_size`."""
+    """Local training: SGD at rate `lr`, `epochs` passes of minibatches of `batch_size`; plain
+    by default, with the momentum, weight decay and clipping of reference optimisers on request
+    (pFedHN's inner SGD: clip 50, weight decay 5e-5, momentum 0.9)."""
 
     lr: float = option(0.01, "client SGD learning rate", positive, sweepable=True)
     epochs: int = option(1, "local epochs E", positive_int)
     batch_size: int | None = option(10, "examples per local step; none = full batch",
                                     optional_positive_int)
+    momentum: float = option(0.0, "SGD momentum (0: plain SGD)", fraction)
+    weight_decay: float = option(0.0, "weight decay added to the gradient", non_negative)
+    clip_norm: float | None = option(None, "clip each gradient to this global norm; none = no "
+                                     "clipping", optional(positive))
 
     def optimizer(self) -> optax.GradientTransformation:
-        return factored.sgd(self.lr)
+        if self.momentum == 0 and self.weight_decay == 0 and self.clip_norm is None:
+            return factored.sgd(self.lr)  # declared plain SGD: the factored update applies
+        # The references' order (pFedHN's inner optimiser): clip, then decay, then SGD.
+        steps = ([optax.clip_by_global_norm(self.clip_norm)] if self.clip_norm else []) + (
+            [optax.add_decayed_weights(self.weight_decay)] if self.weight_decay else [])
+        sgd = optax.sgd(self.lr, momentum=self.momentum or None)
+        return optax.chain(*steps, sgd) if steps else sgd
 
 
 @dataclasses.dataclass(frozen=True)
