@@ -39,8 +39,8 @@ from fedjax_lab.core.types import DataInfo, server_key
 from fedjax_lab.core.validation import check_positive_int
 from fedjax_lab.models import Model, get_model
 from fedjax_lab.models.split import SplitModel
-from fedjax_lab.options import (OptionError, non_negative, one_of, option,
-                                positive, positive_int)
+from fedjax_lab.options import (OptionError, all_positive, non_negative, one_of, option,
+                                optional, positive, positive_int)
 
 PyTree = Any
 PREDICTIONS = ("server", "client")
@@ -77,6 +77,8 @@ class FedGKTConfig:
                                     "clients' local training of the small models")
     server: ServerTraining = option(ServerTraining(), "the server's training of S")
     server_model: str = option("mlp", "registry model S from client features to logits")
+    server_hidden: tuple[int, ...] | None = option(None, "hidden widths of an mlp S; none = the "
+                                                   "model registry's", optional(all_positive))
     alpha: float = option(1.0, "weight of the clients' KD toward the server's logits",
                           non_negative, sweepable=True)
     beta: float = option(0.0, "weight of the server's KD toward the clients' logits (0: off, "
@@ -85,12 +87,19 @@ class FedGKTConfig:
     prediction: str = option("server", "predictor scored: S(E_k(x)) or the client's own head",
                              one_of(*PREDICTIONS))
 
+    def check(self) -> None:
+        if self.server_hidden is not None and self.server_model != "mlp":
+            raise OptionError("server_hidden", self.server_hidden,
+                              "only an mlp server model has hidden widths")
+
 
 def build(config: FedGKTConfig, model: SplitModel, data: DataInfo,
           execution: ClientExecution = ClientExecution()) -> Algorithm:
     """FedGKT with `model` as every client's small model and `config.server_model` as S."""
     try:
-        server_model = get_model(config.server_model, (model.latent_dim,), data.num_classes)
+        options = {} if config.server_hidden is None else {"hidden": config.server_hidden}
+        server_model = get_model(config.server_model, (model.latent_dim,), data.num_classes,
+                                 **options)
     except ValueError as error:  # an unknown name: say which option chose it
         raise OptionError("server_model", config.server_model,
                           getattr(error, "expected", str(error))) from None
