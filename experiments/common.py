@@ -1,13 +1,13 @@
 """What every experiment script shares: its command line, the loop over methods and seeds, the
 statistics over seeds, the results file and the end of each figure.
 
-An experiment declares the methods it compares as `Method`s (a name and a builder), runs each
-under every seed with `sweep`, summarises the per-seed numbers with `mean_std` / `summarize`,
-writes `results.json` with `write_results` and saves each figure with `save_figure`. Its claims
-and the rule that checks them live beside it (`experiments.claims`), read by `experiments.report`.
-
-A method is a Python builder today; `registry_method` makes one from a registered algorithm and
-config overrides, the form the experiments take as configs over `fedjax_lab.algorithms.REGISTRY`.
+An experiment declares the methods it compares as registry configs (`registry_method`: a name,
+an algorithm of `fedjax_lab.algorithms.REGISTRY` and the options it changes, as a run's config
+file would), runs each under every seed with `sweep`, summarises the per-seed numbers with
+`mean_std` / `summarize`, writes `results.json` with `write_results` and saves each figure with
+`save_figure`. A `Method` with a Python builder is left only where no config can say the method
+(an attack, a custom loss), and the script's docstring says why. Its claims and the rule that
+checks them live beside it (`experiments.claims`), read by `experiments.report`.
 """
 
 import argparse
@@ -58,7 +58,7 @@ class Method:
 
 def registry_method(name: str, algorithm: str, **overrides) -> Method:
     """A Method building the registered `algorithm` from its paper defaults changed by
-    `overrides` (option groups as dicts: `client={"lr": 0.05}`); `build(model, dataset)`.
+    `overrides` (option groups as dicts: `client={"lr": 0.05}`); `build(model, data_info)`.
 
     The overrides are validated here, so a wrong option fails before any run starts.
     """
@@ -67,8 +67,7 @@ def registry_method(name: str, algorithm: str, **overrides) -> Method:
 
     spec = get_algorithm(algorithm)
     config = from_dict(spec.config, overrides, "algorithm.")
-    return Method(name, lambda model, dataset: spec.build(config, model, dataset.info(),
-                                                          ClientExecution()))
+    return Method(name, lambda model, data: spec.build(config, model, data, ClientExecution()))
 
 
 def choose(option: str, names, allowed: Sequence[str]) -> tuple[str, ...]:

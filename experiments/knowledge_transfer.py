@@ -21,7 +21,8 @@ FedGen against FedAvg in both sharing modes: the whole model averaged, and only 
 over FedAvg is larger at Dirichlet(0.1) than at Dirichlet(1).
 
 All numbers are final test accuracy (pooled over the clients' held-out splits unless stated),
-never the best round; seeds vary the partition and the training.
+never the best round; seeds vary the partition and the training. Every method is a registry
+config (`fedgkt`, `fedgen`, `fedavg`) over the models built here.
 
     python -m experiments.knowledge_transfer [--rounds 60] [--seeds 0 1 2] [--output DIR]
 """
@@ -29,14 +30,11 @@ never the best round; seeds vary the partition and the training.
 import os
 
 import numpy as np
-import optax
 
 from experiments.claims import Check, Claim, Measured, pm, print_claims, seeds_text
 from experiments.common import (Method, band, experiment_parser, mean_std, parse_args, pyplot,
-                                save_figure, start, sweep, write_results)
-from fedjax_lab.algorithms.fedavg import fedavg
-from fedjax_lab.algorithms.fedgen import fedgen
-from fedjax_lab.algorithms.fedgkt import PREDICTIONS, fedgkt
+                                registry_method, save_figure, start, sweep, write_results)
+from fedjax_lab.algorithms.fedgkt import PREDICTIONS
 from fedjax_lab.core import experiment_key, tree_bytes
 from fedjax_lab.data import PaddedClients, digits
 from fedjax_lab.evaluation import make_evaluator
@@ -51,6 +49,15 @@ GEN = {"num_clients": 20, "dirichlet_alphas": (0.1, 1.0), "cohort_size": 10, "nu
        "batch_size": 32, "client_learning_rate": 0.05, "noise_dim": 16, "generator_hidden": 64,
        "latent_dim": 16}
 SHARINGS = ("all", "head")
+# FedGKT's registry options over its defaults: the server MLP 16->64->10 on client features.
+FEDGKT = dict(client={"lr": GKT["client_learning_rate"], "epochs": GKT["client_epochs"],
+                      "batch_size": GKT["batch_size"]},
+              server={"lr": GKT["server_learning_rate"], "epochs": GKT["server_epochs"],
+                      "batch_size": GKT["batch_size"]},
+              server_hidden=(64,), beta=GKT["beta"], temperature=GKT["temperature"])
+LOCAL = dict(client={"lr": GEN["client_learning_rate"], "epochs": GEN["num_epochs"],
+                     "batch_size": GEN["batch_size"]})
+GENERATOR = dict(generator={"noise_dim": GEN["noise_dim"], "hidden": GEN["generator_hidden"]})
 
 
 def _accuracies(result) -> list[float]:
@@ -70,6 +77,12 @@ def _everyone_on_all_test_data(dataset) -> PaddedClients:
                          np.full(dataset.num_clients, len(y), np.int32))
 
 
+def fedgkt_method(alpha: float, prediction: str = "server") -> Method:
+    """FedGKT at KD weight `alpha` scored by `prediction` (which training never reads)."""
+    return registry_method(f"alpha_{alpha:g}", "fedgkt", **FEDGKT, alpha=alpha,
+                           prediction=prediction)
+
+
 def run_fedgkt(rounds: int, seeds, eval_every: int) -> dict:
     """FedGKT with alpha = 1 and alpha = 0, each scored by the server model on client features
     and by the client heads, on each client's own test split and on all clients' test data."""
@@ -78,26 +91,17 @@ def run_fedgkt(rounds: int, seeds, eval_every: int) -> dict:
         dataset = digits(GKT["num_clients"], partition="dirichlet",
                          alpha=GKT["dirichlet_alpha"], seed=seed)
         client_model = split_mlp(dataset.feature_shape, dataset.num_classes, hidden=(16,))
-        server_model = mlp((16,), dataset.num_classes, hidden=(64,))
         test_sets = {"own": dataset.test.pad(), "all": _everyone_on_all_test_data(dataset)}
-        for name, alpha in (("alpha_1", 1.0), ("alpha_0", 0.0)):
-            def build(prediction):
-                return fedgkt(client_model, server_model,
-                              optax.sgd(GKT["client_learning_rate"]),
-                              optax.sgd(GKT["server_learning_rate"]),
-                              num_clients=dataset.num_clients,
-                              max_examples=int(dataset.train.num_examples.max()), alpha=alpha,
-                              beta=GKT["beta"], temperature=GKT["temperature"],
-                              client_epochs=GKT["client_epochs"],
-                              server_epochs=GKT["server_epochs"], batch_size=GKT["batch_size"],
-                              prediction=prediction)
+        for alpha in (1.0, 0.0):
+            build = lambda prediction: fedgkt_method(alpha, prediction).build(client_model,
+                                                                              dataset.info())
             result = run_experiment(build("server"), dataset, num_rounds=rounds,
                                     cohort_size=GKT["cohort_size"], seed=seed,
                                     eval_every=eval_every, progress=False)
             final = {f"{prediction}_{test}": make_evaluator(
                 build(prediction), clients, experiment_key(seed))(result.state)["accuracy"]
                 for prediction in PREDICTIONS for test, clients in test_sets.items()}
-            runs[name][str(seed)] = {
+            runs[fedgkt_method(alpha).name][str(seed)] = {
                 "server_accuracy": _accuracies(result),
                 "final_accuracy": final,
                 **_bytes_per_round(result),
@@ -107,12 +111,14 @@ def run_fedgkt(rounds: int, seeds, eval_every: int) -> dict:
             }
     pick = lambda name, key: [run[key] for run in runs[name].values()]
     final = lambda name, key: [run["final_accuracy"][key] for run in runs[name].values()]
+    # FedGKT's state params are the server model's.
+    initial = fedgkt_method(1.0).build(client_model, dataset.info()).init(experiment_key(0))
     summary = {
         "bytes_up_per_round": mean_std(pick("alpha_1", "bytes_up_per_round")),
         "bytes_down_per_round": mean_std(pick("alpha_1", "bytes_down_per_round")),
         "parameter_bytes_per_round": max(pick("alpha_1", "parameter_bytes_per_round")),
         "client_model_parameter_bytes": tree_bytes(client_model.init(experiment_key(0))),
-        "server_model_parameter_bytes": tree_bytes(server_model.init(experiment_key(0))),
+        "server_model_parameter_bytes": tree_bytes(initial.params),
     }
     for test in ("own", "all"):
         server, heads = final("alpha_1", f"server_{test}"), final("alpha_1", f"client_{test}")
@@ -134,19 +140,10 @@ def fedgen_methods(sharing: str) -> list[Method]:
 
     With head-only sharing the baseline is the same head-sharing round without the generator.
     """
-    local = dict(num_epochs=GEN["num_epochs"], batch_size=GEN["batch_size"])
-    generator = dict(noise_dim=GEN["noise_dim"], generator_hidden=GEN["generator_hidden"])
-    optimizer = optax.sgd(GEN["client_learning_rate"])
-    head = lambda data: ({} if sharing == "all"
-                         else dict(sharing="head", num_clients=data.num_clients))
-    if sharing == "all":
-        baseline = lambda model, data: fedavg(model, optimizer, **local)
-    else:
-        baseline = lambda model, data: fedgen(model, optimizer, use_generator=False,
-                                              alpha_0=0.0, **head(data), **local, **generator)
-    return [Method("fedavg", baseline),
-            Method("fedgen", lambda model, data: fedgen(model, optimizer, **head(data), **local,
-                                                        **generator))]
+    baseline = (registry_method("fedavg", "fedavg", **LOCAL) if sharing == "all" else
+                registry_method("fedavg", "fedgen", **LOCAL, **GENERATOR, sharing=sharing,
+                                use_generator=False, alpha_0=0.0))
+    return [baseline, registry_method("fedgen", "fedgen", **LOCAL, **GENERATOR, sharing=sharing)]
 
 
 def run_fedgen(rounds: int, seeds, eval_every: int, alphas=GEN["dirichlet_alphas"],
@@ -159,8 +156,8 @@ def run_fedgen(rounds: int, seeds, eval_every: int, alphas=GEN["dirichlet_alphas
             dataset = digits(GEN["num_clients"], partition="dirichlet", alpha=alpha, seed=seed)
             model = split_model(mlp(dataset.feature_shape, GEN["latent_dim"], hidden=(32,)),
                                 logistic_regression((GEN["latent_dim"],), dataset.num_classes))
-            result = run_experiment(method.build(model, dataset), dataset, num_rounds=rounds,
-                                    cohort_size=GEN["cohort_size"], seed=seed,
+            result = run_experiment(method.build(model, dataset.info()), dataset,
+                                    num_rounds=rounds, cohort_size=GEN["cohort_size"], seed=seed,
                                     eval_every=eval_every, progress=False)
             return {"test_accuracy": _accuracies(result),
                     "final_test_accuracy": result.evaluations[-1]["test"]["accuracy"],

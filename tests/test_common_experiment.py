@@ -2,12 +2,15 @@
 
 import json
 
+import chex
 import numpy as np
+import optax
 import pytest
 
 from experiments.claims import Check, Claim, Measured, print_claims
 from experiments.common import (Method, choose, chosen, mean_std, registry_method, summarize,
                                 summarize_by_method, sweep, write_results)
+from fedjax_lab.algorithms import fedavg
 from fedjax_lab.data import digits
 from fedjax_lab.experiment import run_experiment
 from fedjax_lab.models import mlp
@@ -51,13 +54,16 @@ def test_write_results_records_the_wall_time(tmp_path):
         assert json.load(f) == results
 
 
-def test_a_registry_method_builds_the_registered_algorithm_with_overrides():
+def test_a_registry_method_is_the_factory_call_it_declares():
     dataset = digits(6, partition="iid", seed=0)
     model = mlp(dataset.feature_shape, dataset.num_classes, hidden=(8,))
-    method = registry_method("fedsgd", "fedavg", client={"epochs": 1, "batch_size": None})
-    result = run_experiment(method.build(model, dataset), dataset, num_rounds=1, cohort_size=3,
-                            seed=0, progress=False)
-    assert method.name == "fedsgd" and len(result.history) == 1
+    method = registry_method("fedsgd", "fedavg",
+                             client={"lr": 0.1, "epochs": 1, "batch_size": None})
+    final = lambda algorithm: run_experiment(algorithm, dataset, num_rounds=2, cohort_size=3,
+                                             seed=0, progress=False).state
+    chex.assert_trees_all_equal(final(method.build(model, dataset.info())),
+                                final(fedavg(model, optax.sgd(0.1), batch_size=None)))
+    assert method.name == "fedsgd"
     with pytest.raises(OptionError, match="algorithm.client.epochs"):
         registry_method("bad", "fedavg", client={"epochs": 0})
 
