@@ -1,0 +1,209 @@
+"""Privacy accounting of DP-FedAvg with Google's `dp_accounting`: events, ε at δ, σ for a target ε.
+
+References:
+    McMahan, Ramage, Talwar, Zhang. "Learning Differentially Private Recurrent Language Models."
+    ICLR 2018, arXiv 1710.06963 (user-level DP, δ = N^-1.1, the moments accountant).
+    Wang, Balle, Kasiviswanathan. "Subsampled Rényi Differential Privacy and Analytical Moments
+    Accountant." AISTATS 2019, arXiv 1808.00087 (sampling without replacement).
+    Andrew, Thakkar, McMahan, Ramaswamy. "Differentially Private Learning with Adaptive
+    Clipping." NeurIPS 2021, arXiv 1905.03871 (the count's noise composed into one multiplier).
+
+A round of DP-FedAvg releases one Gaussian mechanism on a random cohort: the sum of the sampled
+clients' clipped deltas plus N(0, z²S²). What the accountant composes depends on how the cohort
+was drawn, so the event is built from the sampling actually run:
+
+- "poisson": each of N clients independently with probability q, truncated to the padded
+  capacity C that fixed shapes need (`fedjax_lab.data.sampling.poisson_subsample`):
+  `TruncatedSubsampledGaussianDpEvent(N, q, C, z)`, accounted with privacy loss distributions
+  (PLD) under add-or-remove-one adjacency. With C = N nothing is truncated and the event is the
+  plain `PoissonSampledDpEvent(q, Gaussian(z))`.
+- "fixed": C of N clients uniformly without replacement (the runner's cohorts):
+  `SampledWithoutReplacementDpEvent(N, C, Gaussian(z / 2))`, accounted with Rényi DP (RDP), the
+  only analysis `dp_accounting` has of it, under replace-one adjacency.
+
+Pitfall avoided: under replace-one, one client's clipped delta replaced by another's moves the sum
+by up to 2S, not S, so the noise multiplier relative to that sensitivity is z / 2. Papers that
+pass z itself (e.g. Andrew et al.'s Table 1 setting, ε = 5.0 at z = 0.669, 2231 of 10^6 clients,
+4000 rounds) report the ε of sensitivity S; with z / 2 the same setting is ε = 306. Poisson
+sampling under add-or-remove keeps sensitivity S, which is why it is the sampling of choice.
+
+PLD's discretisation is pessimistic (ε stays an upper bound) at `PLD_DISCRETIZATION` = 1e-3:
+measured against 1e-4 on N = 1000, q = 0.05, C = 80, z = 1, δ = 1e-5, ε differed by < 3e-4
+(3.5499 either way at 100 rounds, 11.0032 against 11.0030 at 1000) at a tenth of the time.
+"""
+
+import dataclasses
+import functools
+
+import dp_accounting
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+from scipy import stats
+
+SAMPLINGS = ("fixed", "poisson")
+PLD_DISCRETIZATION = 1e-3
+# The calibration's range of z: a target missed even at the largest is refused as unreachable
+# rather than met with absurd noise; below the smallest, a round is barely private at all.
+MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 0.1, 1e3
+
+
+def default_delta(num_clients: int) -> float:
+    """δ = N^-1.1, McMahan et al.'s choice: below 1/N, so releasing one client's data whole
+    is not (ε, δ)-private."""
+    return float(num_clients) ** -1.1
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledGaussian:
+    """One round of DP-FedAvg as the accountant sees it.
+
+    Attributes:
+        noise_multiplier: z, the round's (effective) noise std over the clip norm.
+        num_clients: the population N.
+        cohort_size: C, the cohort ("fixed") or its padded capacity ("poisson").
+        sampling: "fixed" or "poisson".
+        expected_cohort: qN, Poisson sampling's expected clients per round.
+    """
+
+    noise_multiplier: float
+    num_clients: int
+    cohort_size: int
+    sampling: str = "fixed"
+    expected_cohort: float | None = None
+
+    def __post_init__(self):
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling {self.sampling!r} is unknown; allowed: "
+                             f"{', '.join(SAMPLINGS)}")
+        if not 1 <= self.cohort_size <= self.num_clients:
+            raise ValueError(f"cohort_size={self.cohort_size!r} is invalid; expected 1.."
+                             f"{self.num_clients} (the number of clients)")
+        if not self.noise_multiplier > 0:
+            raise ValueError(f"noise_multiplier={self.noise_multiplier!r} is invalid; "
+                             "expected z > 0")
+        if self.sampling == "poisson" and not (
+                self.expected_cohort is not None
+                and 0 < self.expected_cohort <= self.cohort_size):
+            raise ValueError(f"expected_cohort={self.expected_cohort!r} is invalid; Poisson "
+                             f"sampling needs 0 < expected_cohort <= the capacity "
+                             f"{self.cohort_size}")
+
+    @property
+    def sampling_rate(self) -> float:
+        """q, the probability that a given client is in a round's cohort."""
+        expected = self.cohort_size if self.sampling == "fixed" else self.expected_cohort
+        return expected / self.num_clients
+
+    @property
+    def neighboring_relation(self) -> dp_accounting.NeighboringRelation:
+        if self.sampling == "fixed":
+            return dp_accounting.NeighboringRelation.REPLACE_ONE
+        return dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+
+    @property
+    def truncation_probability(self) -> float:
+        """P(Binomial(N, q) > C): how often a Poisson cohort overflows its capacity (0 for
+        fixed-size cohorts)."""
+        if self.sampling == "fixed":
+            return 0.0
+        return float(stats.binom.sf(self.cohort_size, self.num_clients, self.sampling_rate))
+
+    def event(self) -> dp_accounting.DpEvent:
+        """The `DpEvent` of one round."""
+        z = self.noise_multiplier
+        if self.sampling == "fixed":
+            return dp_accounting.SampledWithoutReplacementDpEvent(
+                self.num_clients, self.cohort_size, dp_accounting.GaussianDpEvent(z / 2))
+        if self.cohort_size == self.num_clients:
+            return dp_accounting.PoissonSampledDpEvent(self.sampling_rate,
+                                                       dp_accounting.GaussianDpEvent(z))
+        return dp_accounting.TruncatedSubsampledGaussianDpEvent(
+            self.num_clients, self.sampling_rate, self.cohort_size, z)
+
+    def accountant(self) -> dp_accounting.PrivacyAccountant:
+        """A fresh accountant that supports this event: RDP for "fixed", PLD for "poisson"."""
+        if self.sampling == "fixed":
+            return rdp_privacy_accountant.RdpAccountant(
+                neighboring_relation=self.neighboring_relation)
+        return pld_privacy_accountant.PLDAccountant(
+            self.neighboring_relation, value_discretization_interval=PLD_DISCRETIZATION)
+
+    def epsilon(self, rounds: int, delta: float) -> float:
+        """ε after `rounds` rounds at `delta` (0 rounds spend nothing)."""
+        return _epsilon(self, rounds, delta)
+
+    def with_noise(self, noise_multiplier: float) -> "SampledGaussian":
+        return dataclasses.replace(self, noise_multiplier=noise_multiplier)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon(mechanism: SampledGaussian, rounds: int, delta: float) -> float:
+    # Cached: a run asks for the same rounds at every evaluation and when it checks its budget.
+    check_delta(delta)
+    if rounds == 0:
+        return 0.0
+    accountant = mechanism.accountant()
+    accountant.compose(mechanism.event(), int(rounds))
+    return float(accountant.get_epsilon(delta))
+
+
+def check_delta(delta: float) -> None:
+    if not 0 < delta < 1:
+        raise ValueError(f"delta={delta!r} is invalid; expected 0 < delta < 1")
+
+
+def calibrate_noise_multiplier(mechanism: SampledGaussian, target_epsilon: float, rounds: int,
+                               delta: float, *, tolerance: float = 1e-3) -> float:
+    """The smallest z (to a relative `tolerance`) whose `rounds` rounds of `mechanism` spend at
+    most `target_epsilon` at `delta`, by `dp_accounting.calibrate_dp_mechanism`.
+
+    The bracket is found from z = 1 by doubling or halving: PLD's cost grows as z shrinks (a
+    round at z = 0.3 took 4 s on N = 1000, q = 0.05, 200 rounds, against 1.5 s at z = 1), so the
+    search never starts at a tiny z. A target met even at MIN_NOISE_MULTIPLIER returns that; one
+    missed even at MAX_NOISE_MULTIPLIER raises a ValueError naming it.
+    """
+    check_delta(delta)
+    if not target_epsilon > 0:
+        raise ValueError(f"target_epsilon={target_epsilon!r} is invalid; expected epsilon > 0")
+
+    def within(noise):
+        return mechanism.with_noise(noise).epsilon(rounds, delta) <= target_epsilon
+
+    low, high = 1.0, 1.0
+    while not within(high):
+        if high >= MAX_NOISE_MULTIPLIER:
+            raise ValueError(f"target_epsilon={target_epsilon!r} is invalid; it cannot be "
+                             f"reached in {rounds} rounds at delta={delta:g}: even "
+                             f"noise_multiplier {MAX_NOISE_MULTIPLIER:g} spends more")
+        low, high = high, min(2 * high, MAX_NOISE_MULTIPLIER)
+    if low == high:
+        while within(low):
+            if low <= MIN_NOISE_MULTIPLIER:
+                return MIN_NOISE_MULTIPLIER
+            high, low = low, max(low / 2, MIN_NOISE_MULTIPLIER)
+    noise = dp_accounting.calibrate_dp_mechanism(
+        mechanism.accountant,
+        lambda z: dp_accounting.SelfComposedDpEvent(mechanism.with_noise(z).event(), rounds),
+        target_epsilon, delta, dp_accounting.ExplicitBracketInterval(low, high),
+        tol=tolerance * low)
+    # Brent's root may sit a tolerance below the budget's edge; step up until it is within.
+    while not within(noise):
+        noise += tolerance * low
+    return float(noise)
+
+
+def rounds_within(mechanism: SampledGaussian, budget: float, max_rounds: int,
+                  delta: float) -> int:
+    """The most rounds (<= max_rounds) whose ε at `delta` stays within `budget`; ε grows with the
+    rounds, so a bisection finds it."""
+    if mechanism.epsilon(max_rounds, delta) <= budget:
+        return max_rounds
+    low, high = 0, max_rounds  # ε(low) <= budget < ε(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if mechanism.epsilon(middle, delta) <= budget:
+            low = middle
+        else:
+            high = middle
+    return low
+
