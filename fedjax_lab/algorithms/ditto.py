@@ -97,11 +97,12 @@ class DittoConfig(FedAvgConfig):
 
 def build(config: DittoConfig, model: Model, data: DataInfo,
           execution: ClientExecution = ClientExecution()) -> Algorithm:
-    return ditto(model, config.client.optimizer(), num_clients=data.num_clients,
-                 lam=config.lam_grid or config.lam, schedule=config.schedule,
-                 personal_epochs=config.personal_epochs,
-                 validation_fraction=config.validation_fraction,
-                 **fedavg_options(config, execution))
+    # Poisson cohorts wrap the whole round: unsampled clients train no personal model either.
+    return config.dp.sampled(ditto(model, config.client.optimizer(), num_clients=data.num_clients,
+                                   lam=config.lam_grid or config.lam, schedule=config.schedule,
+                                   personal_epochs=config.personal_epochs,
+                                   validation_fraction=config.validation_fraction,
+                                   **fedavg_options(config, execution)), data)
 
 
 class DittoClientState(NamedTuple):

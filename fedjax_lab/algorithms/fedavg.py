@@ -11,7 +11,10 @@ optimiser; with `optax.sgd(1.0)` that is w_{t+1} = sum_i p_i w_i, p_i = n_i / su
 FedSGD is `num_epochs=1, batch_size=None` (one full-batch gradient per client).
 
 `local_regularizer` and `straggler_policy` are the seams other algorithms compose: FedProx is
-FedAvg with a proximal term that keeps stragglers' partial work (fedprox.py).
+FedAvg with a proximal term that keeps stragglers' partial work (fedprox.py). `dp` makes the
+aggregation user-level differentially private (DP-FedAvg, McMahan et al., ICLR 2018, arXiv
+1710.06963; `fedjax_lab.privacy`): each delta clipped, the sum noised and divided by the expected
+cohort, whatever the weighting; the config's `dp` options also choose Poisson cohorts.
 
 Pitfalls avoided: clients with fewer examples do fewer effective steps under vmap (a per-step
 active mask, never a fixed step count over padding); every epoch is reshuffled; sample-weighted vs
@@ -36,9 +39,10 @@ from fedjax_lab.core.factored import factored_local_sgd, unsupported_reason
 from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.robust import Aggregator
 from fedjax_lab.core.validation import check_positive_int
-from fedjax_lab.core.types import DataInfo
+from fedjax_lab.core.types import DataInfo, server_key
 from fedjax_lab.models import Model
 from fedjax_lab.options import OptionError, fraction, one_of, option
+from fedjax_lab.privacy import DPAggregator, DPOptions, PrivateServerState, initial_metrics
 
 PyTree = Any
 # local_regularizer(client_params, global_params) -> scalar added to every local minibatch loss.
@@ -60,11 +64,16 @@ class FedAvgConfig:
                                "protocol; FedAvg drops them)", fraction)
     dense_update: str = option("auto", "factored low-rank dense update where exact",
                                one_of(*DENSE_UPDATES))
+    dp: DPOptions = option(DPOptions(), "user-level differential privacy (DP-FedAvg); off "
+                           "unless dp.clip is set")
 
     def check(self) -> None:
         if self.stragglers > 0 and self.client.epochs < 2:
             raise OptionError("stragglers", self.stragglers,
                               "stragglers run 1..E-1 epochs, so they need client.epochs >= 2")
+        if self.dp.enabled and self.dense_update == "factored":
+            raise OptionError("dense_update", self.dense_update, "the factored update never "
+                              "forms the per-client deltas DP clips; use auto or per_client")
 
 
 def fedavg_options(config: FedAvgConfig, execution: ClientExecution) -> dict:
@@ -72,17 +81,18 @@ def fedavg_options(config: FedAvgConfig, execution: ClientExecution) -> dict:
     return dict(server_optimizer=config.server.build(), num_epochs=config.client.epochs,
                 batch_size=config.client.batch_size, weighting=config.weighting,
                 straggler_fraction=config.stragglers, execution=execution,
-                dense_update=config.dense_update)
+                dense_update=config.dense_update, dp=config.dp.aggregator())
 
 
 def build(config: FedAvgConfig, model: Model, data: DataInfo,
           execution: ClientExecution = ClientExecution()) -> Algorithm:
-    del data
-    return fedavg(model, config.client.optimizer(), **fedavg_options(config, execution))
+    return config.dp.sampled(
+        fedavg(model, config.client.optimizer(), **fedavg_options(config, execution)), data)
 
 
 class FedAvgState(NamedTuple):
-    """Attributes: params (global model), opt_state (server optimiser), round, metrics."""
+    """Attributes: params (global model), opt_state (server optimiser; under DP a
+    `PrivateServerState` holding the clip norm beside it), round, metrics."""
 
     params: PyTree
     opt_state: PyTree
@@ -97,7 +107,7 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
            straggler_policy: str = "drop", local_regularizer: LocalRegularizer | None = None,
            aggregator: Aggregator = weighted_mean, attack: Attack | None = None,
            execution: ClientExecution = ClientExecution(), unroll: int = 1,
-           dense_update: str = "auto") -> Algorithm:
+           dense_update: str = "auto", dp: DPAggregator | None = None) -> Algorithm:
     """Builds FedAvg.
 
     Args:
@@ -122,6 +132,10 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
             (`fedjax_lab.core.factored`: exact for plain SGD clients, `factored.sgd`, the
             proximal term and the weighted mean; the fast path for the FEMNIST CNN); "per_client"
             runs `local_train` on each client; "auto" factors wherever that is exact.
+        dp: the private aggregation (`fedjax_lab.privacy.dp_aggregator`) that replaces the
+            weighted mean: each participating client's delta clipped, the sum noised and divided
+            by the expected cohort; its state (the clip norm) sits beside the server
+            optimiser's in `opt_state` (a `PrivateServerState`).
 
     Returns:
         An `Algorithm` whose state is `FedAvgState`.
@@ -139,16 +153,25 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
         raise ValueError(f"straggler_fraction > 0 needs num_epochs >= 2 (stragglers run "
                          f"1..E-1 epochs); got num_epochs={num_epochs}")
     client_weights(jnp.ones(1), weighting=weighting)
+    if dp is not None and aggregator is not weighted_mean:
+        raise ValueError(f"dp with aggregator {getattr(aggregator, '__name__', aggregator)!r}: "
+                         "DP's sensitivity bound holds for the clipped sum, which a robust "
+                         "aggregator replaces; use one or the other")
     factored = _use_factored(dense_update, model, client_optimizer, local_regularizer,
-                             aggregator, attack)
+                             aggregator, attack, dp)
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
     base_loss = model_loss(model.apply)
 
     def init(key: jax.Array) -> FedAvgState:
         params = model.init(key)
-        return FedAvgState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32),
+        opt_state = server_optimizer.init(params)
+        dp_metrics = {}
+        if dp is not None:
+            opt_state = PrivateServerState(dp.init(), opt_state)
+            dp_metrics = initial_metrics(dp)
+        return FedAvgState(params, opt_state, jnp.zeros((), jnp.int32),
                            _round_metrics(jnp.zeros(0), jnp.zeros(0), jnp.zeros(0, jnp.int32),
-                                          optax.tree.zeros_like(params)))
+                                          optax.tree.zeros_like(params), **dp_metrics))
 
     def round_fn(state: FedAvgState, batch: ClientBatch) -> FedAvgState:
         global_params = state.params
@@ -175,12 +198,20 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
             return delta, (result.mean_loss, result.num_steps)
 
         per_client = (batch.x, batch.y, batch.mask, batch.rng, stragglers.epochs)
+        opt_state, dp_metrics = state.opt_state, {}
         if factored:
             mean_delta, losses, steps = factored_local_sgd(
                 model.dense_split, client_optimizer.learning_rate, global_params, batch.x,
                 batch.y, batch.mask, batch.rng, weights, num_epochs=num_epochs,
                 batch_size=batch_size, active_epochs=stragglers.epochs,
                 mu=getattr(local_regularizer, "mu", 0.0), execution=execution)
+        elif dp is not None:
+            corrupt = None if attack is None else (
+                lambda deltas: attack.corrupt_updates(deltas, batch))
+            mean_delta, (losses, steps), dp_state, dp_metrics = dp.aggregate(
+                client_update, per_client, weights > 0, opt_state.aggregator, server_key(batch),
+                execution=execution, corrupt=corrupt)
+            opt_state = opt_state._replace(aggregator=dp_state)
         elif aggregator is weighted_mean and attack is None:
             # The mean is accumulated as clients finish, so chunked cohorts never stack deltas.
             mean_delta, (losses, steps) = execution.map_reduce(client_update, per_client,
@@ -190,10 +221,15 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
             if attack is not None:
                 deltas = attack.corrupt_updates(deltas, batch)
             mean_delta = aggregator(deltas, weights)
-        params, opt_state = server_update(global_params, state.opt_state, mean_delta,
-                                          server_optimizer)
+        if dp is None:
+            params, opt_state = server_update(global_params, opt_state, mean_delta,
+                                              server_optimizer)
+        else:
+            params, optimizer_state = server_update(global_params, opt_state.optimizer,
+                                                    mean_delta, server_optimizer)
+            opt_state = opt_state._replace(optimizer=optimizer_state)
         return FedAvgState(params, opt_state, state.round + 1,
-                           _round_metrics(weights, losses, steps, mean_delta))
+                           _round_metrics(weights, losses, steps, mean_delta, **dp_metrics))
 
     def predict(state: FedAvgState, batch: ClientBatch) -> jax.Array:
         return predict_with(model, state.params, batch.x)
@@ -202,7 +238,7 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
 
 
 def _use_factored(dense_update, model, client_optimizer, local_regularizer, aggregator,
-                  attack) -> bool:
+                  attack, dp) -> bool:
     if dense_update not in DENSE_UPDATES:
         raise ValueError(f"dense_update {dense_update!r} is unknown; "
                          f"allowed: {', '.join(DENSE_UPDATES)}")
@@ -211,6 +247,8 @@ def _use_factored(dense_update, model, client_optimizer, local_regularizer, aggr
     reason = unsupported_reason(model, client_optimizer, local_regularizer)
     if reason is None and (aggregator is not weighted_mean or attack is not None):
         reason = "the server aggregates with a robust aggregator or under attack"
+    if reason is None and dp is not None:
+        reason = "DP clips each client's delta, which the factored update never forms"
     if dense_update == "factored" and reason is not None:
         raise ValueError(f"dense_update='factored' cannot run exactly here: {reason}")
     return reason is None
@@ -223,8 +261,9 @@ def predict_with(model: Model, params: PyTree, x: jax.Array) -> jax.Array:
     return logits.reshape(num_clients, num_examples, -1)
 
 
-def _round_metrics(weights, losses, steps, mean_delta) -> dict[str, jax.Array]:
-    """The round's metrics plus the aggregated clients' `local_steps` and the `update_norm`.
+def _round_metrics(weights, losses, steps, mean_delta, **dp_metrics) -> dict[str, jax.Array]:
+    """The round's metrics plus the aggregated clients' `local_steps`, the `update_norm` and,
+    under DP, the aggregation's (`fedjax_lab.privacy.aggregation.METRICS`).
 
     Every cohort client downloads the model; only aggregated clients' models count as uploaded
     (a dropped straggler's work never arrives).
@@ -232,7 +271,7 @@ def _round_metrics(weights, losses, steps, mean_delta) -> dict[str, jax.Array]:
     return round_metrics(
         weights, losses, **model_exchange_bytes(weights, mean_delta),
         local_steps=jnp.sum(jnp.where(weights > 0, steps, 0)).astype(jnp.int32),
-        update_norm=optax.tree.norm(mean_delta).astype(jnp.result_type(float)))
+        update_norm=optax.tree.norm(mean_delta).astype(jnp.result_type(float)), **dp_metrics)
 
 
 SPECS = (AlgorithmSpec(

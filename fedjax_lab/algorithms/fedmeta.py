@@ -96,10 +96,10 @@ class FedAvgMetaConfig(FedAvgConfig):
 
 def build_fedavg_meta(config: FedAvgMetaConfig, model: Model, data: DataInfo,
                       execution: ClientExecution = ClientExecution()) -> Algorithm:
-    del data
-    return fedavg_meta(model, config.client.optimizer(), inner_lr=config.inner_lr,
-                       num_inner_steps=config.num_inner_steps,
-                       **fedavg_options(config, execution))
+    return config.dp.sampled(fedavg_meta(model, config.client.optimizer(),
+                                         inner_lr=config.inner_lr,
+                                         num_inner_steps=config.num_inner_steps,
+                                         **fedavg_options(config, execution)), data)
 
 
 class FedMetaState(NamedTuple):

@@ -41,9 +41,8 @@ class FedProxConfig(FedAvgConfig):
 
 def build(config: FedProxConfig, model: Model, data: DataInfo,
           execution: ClientExecution = ClientExecution()) -> Algorithm:
-    del data
-    return fedprox(model, config.client.optimizer(), mu=config.mu,
-                   **fedavg_options(config, execution))
+    return config.dp.sampled(fedprox(model, config.client.optimizer(), mu=config.mu,
+                                     **fedavg_options(config, execution)), data)
 
 
 def proximal_term(mu: float) -> ProximalTerm:
