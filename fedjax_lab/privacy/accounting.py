@@ -169,12 +169,12 @@ def calibrate_noise_multiplier(mechanism: SampledGaussian, target_epsilon: float
     def within(noise):
         return mechanism.with_noise(noise).epsilon(rounds, delta) <= target_epsilon
 
+    if not within(MAX_NOISE_MULTIPLIER):
+        raise ValueError(f"target_epsilon={target_epsilon!r} is invalid; it cannot be reached "
+                         f"in {rounds} rounds at delta={delta:g}: even noise_multiplier "
+                         f"{MAX_NOISE_MULTIPLIER:g} spends more")
     low, high = 1.0, 1.0
     while not within(high):
-        if high >= MAX_NOISE_MULTIPLIER:
-            raise ValueError(f"target_epsilon={target_epsilon!r} is invalid; it cannot be "
-                             f"reached in {rounds} rounds at delta={delta:g}: even "
-                             f"noise_multiplier {MAX_NOISE_MULTIPLIER:g} spends more")
         low, high = high, min(2 * high, MAX_NOISE_MULTIPLIER)
     if low == high:
         while within(low):
