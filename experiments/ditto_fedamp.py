@@ -20,6 +20,7 @@ logistic regression, every client every round, E = 3 epochs of SGD (lr 0.1, B = 
 sigma = 10, lam = 0.2 and the step alpha_k = sigma / (N - 1) (both); HeurFedAMP's self-weight
 is 0.5. Methods: FedAMP, HeurFedAMP, FedAvg's global model, Local (FedAMP with lam = 0).
 Reported: client accuracy and the final attention matrix xi (heatmap, clients sorted by group).
+Every method is a registry config (`ditto`, `fedamp`, `fedavg`).
 FedAMP is sensitive to lam: in short 40-round sweeps on seed 0's groups, lam = 0.3 and 1
 (sigma = 10) and lam = 0.4 (sigma = 20, 40) ended with self-weights of 0.03-0.34 and accuracy
 0.51-0.78, below Local: every model was pulled to the all-client average before the groups
@@ -37,12 +38,11 @@ import numpy as np
 import optax
 
 from experiments.claims import Check, Claim, Measured, pm, print_claims, seeds_text
-from experiments.common import (SCORE_KEYS, Method, choose, client_scores, experiment_parser,
-                                parse_args, pyplot, save_figure, start, summarize_by_method,
-                                write_results)
-from fedjax_lab.algorithms.ditto import REFERENCE_LAMBDA_GRID, ditto
-from fedjax_lab.algorithms.fedamp import attention_weights, fedamp, heuristic_attention_weights
-from fedjax_lab.algorithms.fedavg import fedavg
+from experiments.common import (SCORE_KEYS, choose, client_scores, experiment_parser,
+                                parse_args, pyplot, registry_method, save_figure, start,
+                                summarize_by_method, write_results)
+from fedjax_lab.algorithms.ditto import REFERENCE_LAMBDA_GRID
+from fedjax_lab.algorithms.fedamp import attention_weights, heuristic_attention_weights
 from fedjax_lab.core import experiment_key
 from fedjax_lab.data import ClientData, FederatedDataset, digits
 from fedjax_lab.evaluation import FineTuning, make_evaluator
@@ -51,7 +51,8 @@ from fedjax_lab.models import logistic_regression, mlp
 
 DITTO = dict(num_clients=50, alpha=0.1, cohort_size=10, hidden=(64,), learning_rate=0.05,
              num_epochs=2, batch_size=10, corrupted_fraction=0.2, fine_tuning_epochs=5)
-DITTO_LOCAL = dict(num_epochs=DITTO["num_epochs"], batch_size=DITTO["batch_size"])
+DITTO_CLIENT = {"lr": DITTO["learning_rate"], "epochs": DITTO["num_epochs"],
+                "batch_size": DITTO["batch_size"]}
 DITTO_METHODS = ("fedavg", "fedavg_ft", "local", "ditto_0.1", "ditto_1", "ditto_grid")
 FEDAMP = dict(num_clients=12, num_groups=3, test_fraction=0.6, learning_rate=0.1, num_epochs=3,
               batch_size=10, sigma=10.0, lam=0.2, self_weight=0.5)
@@ -92,20 +93,14 @@ def grouped_digits(seed: int, num_clients: int, num_groups: int, test_fraction: 
                             relabel(base.test), 10, metadata), groups
 
 
-def _personal(lam):
-    """Ditto with regularisation `lam` (0: Local, each client's personal model alone)."""
-    return lambda model, data: ditto(model, optax.sgd(DITTO["learning_rate"]),
-                                     num_clients=data.num_clients, lam=lam, **DITTO_LOCAL)
-
-
-# The trained Ditto comparison, each `build(model, dataset)`; "fedavg_ft" fine-tunes FedAvg's run.
+# The trained Ditto comparison; "fedavg_ft" fine-tunes FedAvg's run. Local is Ditto's personal
+# models with lam = 0, each client's alone.
 DITTO_TRAINED = (
-    Method("fedavg", lambda model, data: fedavg(model, optax.sgd(DITTO["learning_rate"]),
-                                                **DITTO_LOCAL)),
-    Method("local", _personal(0.0)),
-    Method("ditto_0.1", _personal(0.1)),
-    Method("ditto_1", _personal(1.0)),
-    Method("ditto_grid", _personal(REFERENCE_LAMBDA_GRID)),
+    registry_method("fedavg", "fedavg", client=DITTO_CLIENT),
+    registry_method("local", "ditto", client=DITTO_CLIENT, lam=0.0),
+    registry_method("ditto_0.1", "ditto", client=DITTO_CLIENT, lam=0.1),
+    registry_method("ditto_1", "ditto", client=DITTO_CLIENT, lam=1.0),
+    registry_method("ditto_grid", "ditto", client=DITTO_CLIENT, lam_grid=REFERENCE_LAMBDA_GRID),
 )
 
 
@@ -125,7 +120,7 @@ def run_ditto(dataset: FederatedDataset, benign: np.ndarray, seed: int, rounds: 
     test, train = dataset.test.select(benign).pad(), dataset.train.select(benign).pad()
     scores, global_params = {}, {}
     for method in (method for method in DITTO_TRAINED if method.name in needed):
-        algorithm = method.build(model, dataset)
+        algorithm = method.build(model, dataset.info())
         result = run_experiment(algorithm, dataset, num_rounds=rounds,
                                 cohort_size=settings["cohort_size"], seed=seed,
                                 eval_every=rounds, progress=False)
@@ -161,26 +156,18 @@ def group_recovery(xi: np.ndarray, groups: np.ndarray) -> dict:
             "top_peers_in_group_fraction": float(np.mean(pure))}
 
 
-def _fedamp(**options):
-    """FedAMP on the grouped digits with `options` (lam 0: Local, each client alone)."""
-    s = FEDAMP
-    return lambda model, data: fedamp(model, optax.sgd(s["learning_rate"]),
-                                      num_clients=data.num_clients, sigma=s["sigma"],
-                                      num_epochs=s["num_epochs"], batch_size=s["batch_size"],
-                                      **options)
-
-
-# The FedAMP comparison, each `build(model, dataset)`.
+FEDAMP_CLIENT = {"lr": FEDAMP["learning_rate"], "epochs": FEDAMP["num_epochs"],
+                 "batch_size": FEDAMP["batch_size"]}
+# The FedAMP comparison; Local is FedAMP with lam = 0, each client alone.
 FEDAMP_TRAINED = (
-    Method("fedamp", _fedamp(lam=FEDAMP["lam"])),
+    registry_method("fedamp", "fedamp", client=FEDAMP_CLIENT, sigma=FEDAMP["sigma"],
+                    lam=FEDAMP["lam"]),
     # The step sigma / (N - 1) is FedAMP's default; HeurFedAMP's default is 1 (fedamp.py).
-    Method("heurfedamp", lambda model, data: _fedamp(
-        lam=FEDAMP["lam"], attention="heuristic", self_weight=FEDAMP["self_weight"],
-        alpha_k=FEDAMP["sigma"] / (data.num_clients - 1))(model, data)),
-    Method("fedavg", lambda model, data: fedavg(model, optax.sgd(FEDAMP["learning_rate"]),
-                                                num_epochs=FEDAMP["num_epochs"],
-                                                batch_size=FEDAMP["batch_size"])),
-    Method("local", _fedamp(lam=0.0)),
+    registry_method("heurfedamp", "fedamp", client=FEDAMP_CLIENT, sigma=FEDAMP["sigma"],
+                    lam=FEDAMP["lam"], attention="heuristic", self_weight=FEDAMP["self_weight"],
+                    alpha_k=FEDAMP["sigma"] / (FEDAMP["num_clients"] - 1)),
+    registry_method("fedavg", "fedavg", client=FEDAMP_CLIENT),
+    registry_method("local", "fedamp", client=FEDAMP_CLIENT, sigma=FEDAMP["sigma"], lam=0.0),
 )
 
 
@@ -201,7 +188,7 @@ def run_fedamp(seed: int, rounds: int, methods=FEDAMP_METHODS) -> dict:
     }
     result = {"groups": groups.tolist(), "scores": {}, "attention": {}, "recovery": {}}
     for method in (method for method in FEDAMP_TRAINED if method.name in methods):
-        run = run_experiment(method.build(model, dataset), dataset, num_rounds=rounds,
+        run = run_experiment(method.build(model, dataset.info()), dataset, num_rounds=rounds,
                              cohort_size=num_clients, seed=seed, eval_every=rounds,
                              progress=False)
         result["scores"][method.name] = client_scores(run.evaluations[-1]["test"])
