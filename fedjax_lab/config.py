@@ -33,7 +33,7 @@ from typing import Any
 
 from fedjax_lab import data as data_layer
 from fedjax_lab import models as model_layer
-from fedjax_lab import options
+from fedjax_lab import options, privacy
 from fedjax_lab.algorithms import REGISTRY as ALGORITHMS
 from fedjax_lab.core.client_execution import STRATEGIES, ClientExecution
 from fedjax_lab.experiment import ExperimentResult, run_experiment
@@ -229,8 +229,22 @@ def build(config: Config):
     model = model_spec.build(config.model.options, dataset.feature_shape, dataset.num_classes)
     algorithm_spec.check_model(config.model.name, model)
     execution = ClientExecution(config.run.execution, config.run.chunk_size)
-    algorithm = algorithm_spec.build(config.algorithm.options, model, dataset.info(), execution)
+    private_config, _ = private_run(config, dataset)
+    algorithm = algorithm_spec.build(private_config.algorithm.options, model, dataset.info(),
+                                     execution)
     return algorithm, dataset, model
+
+
+def private_run(config: Config, dataset):
+    """(`config` with its DP noise calibrated to `dp.target_epsilon` when not given, the run's
+    accounting `fedjax_lab.privacy.PrivateRun`); `config` and None without DP."""
+    algorithm_options, private = privacy.resolve(
+        config.algorithm.options, num_clients=dataset.info().num_clients,
+        cohort_size=config.run.cohort_size, rounds=config.run.rounds)
+    if private is None:
+        return config, None
+    return dataclasses.replace(config, algorithm=Selected(config.algorithm.name,
+                                                          algorithm_options)), private
 
 
 def run(config: Config, *, progress: bool = True, resume: bool = False) -> ExperimentResult:
@@ -238,9 +252,12 @@ def run(config: Config, *, progress: bool = True, resume: bool = False) -> Exper
     if resume and config.run.output is None:
         raise OptionError("run.output", None, "resuming needs the folder of the run to continue")
     algorithm, dataset, _ = build(config)
-    return run_experiment(algorithm, dataset, num_rounds=config.run.rounds,
+    _, private = private_run(config, dataset)
+    # A DP run whose budget is spent early stops there (privacy.DPOptions.on_budget).
+    rounds = config.run.rounds if private is None else private.rounds
+    return run_experiment(algorithm, dataset, num_rounds=rounds,
                           cohort_size=config.run.cohort_size, seed=config.run.seed,
                           eval_every=config.run.eval_every, output_dir=config.run.output,
                           config=config.to_dict(), progress=progress,
                           checkpoint_every=config.run.checkpoint_every, resume=resume,
-                          allow_divergence=config.run.allow_divergence)
+                          allow_divergence=config.run.allow_divergence, privacy=private)

@@ -107,6 +107,8 @@ def _progress(round_index: int, num_rounds: int, metrics: dict, evaluation: dict
     parts = [f"round {round_index}/{num_rounds}", f"train_loss {metrics['train_loss']:.4f}"]
     if evaluation is not None:
         parts.append(f"test_accuracy {evaluation['test']['accuracy']:.4f}")
+        if "epsilon" in evaluation:
+            parts.append(f"epsilon {evaluation['epsilon']:.4g} (delta {evaluation['delta']:.3g})")
     parts.append(f"{seconds:.1f}s")
     end = "\r" if sys.stderr.isatty() and round_index < num_rounds else "\n"
     print(" | ".join(parts), end=end, file=sys.stderr, flush=True)
@@ -176,7 +178,7 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
                    progress: bool = True, checkpoint_every: int | None = None,
                    resume: bool = False, allow_divergence: bool = False,
                    population_on_device: bool | None = None,
-                   mesh: jax.sharding.Mesh | None = None) -> ExperimentResult:
+                   mesh: jax.sharding.Mesh | None = None, privacy=None) -> ExperimentResult:
     """Trains `algorithm` on `dataset` for `num_rounds` rounds.
 
     Args:
@@ -212,6 +214,8 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
             the population, the per-client state and host-fed cohorts are placed sharded along
             it (a leading axis that does not divide evenly is replicated). None uses every
             visible device when there are several, and places nothing on a single device.
+        privacy: a DP run's accounting (`fedjax_lab.privacy.PrivateRun`): each evaluation
+            records the `epsilon` spent so far at its `delta`.
     """
     for name, value in (("num_rounds", num_rounds), ("eval_every", eval_every),
                         ("checkpoint_every", 1 if checkpoint_every is None else checkpoint_every)):
@@ -302,6 +306,8 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
             # The last evaluation also keeps every client's accuracy (for `fedjax-lab plot`).
             evaluation = {"round": done, **{name: evaluate(state, per_client=done == num_rounds)
                                             for name, evaluate in evaluators.items()}}
+            if privacy is not None:
+                evaluation.update(epsilon=privacy.epsilon(done), delta=privacy.delta)
             evaluations.append(evaluation)
             if output_dir is not None:
                 with open(os.path.join(output_dir, EVALUATIONS_FILE), "a") as out:

@@ -170,8 +170,7 @@ def test_same_seed_same_private_round_and_the_seed_changes_the_noise():
 
 # ---- the FedAvg limit ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("jit", [False, True])
-@pytest.mark.parametrize("server", ["sgd", "adam"])
+@pytest.mark.parametrize("jit,server", [(True, "sgd"), (True, "adam"), (False, "sgd")])
 def test_no_noise_and_no_clipping_is_fedavg_with_uniform_weights_bit_for_bit(jit, server):
     with jax.enable_x64(True):
         server_optimizer = optax.sgd(1.0) if server == "sgd" else optax.adam(0.01)
@@ -184,7 +183,7 @@ def test_no_noise_and_no_clipping_is_fedavg_with_uniform_weights_bit_for_bit(jit
                          weighting="uniform", server_optimizer=server_optimizer,
                          dp=dp_aggregator(jnp.inf, 0.0))
         plain_state, private_state = state_with(plain, params), state_with(private, params)
-        for _ in range(2):
+        for _ in range(2 if jit else 1):  # eager rounds are slow; one shows the equality
             plain_round = jax.jit(plain.round) if jit else plain.round
             private_round_fn = jax.jit(private.round) if jit else private.round
             plain_state = plain_round(plain_state, batch)

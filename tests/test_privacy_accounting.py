@@ -12,7 +12,7 @@ import pytest
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from common import make_clients, small_model, stack_clients
+from common import make_clients, small_digits_config, small_model, stack_clients
 from fedjax_lab import config as run_config
 from fedjax_lab.algorithms import REGISTRY, fedavg
 from fedjax_lab.core import robust
@@ -194,3 +194,15 @@ def test_a_run_that_cannot_keep_its_promise_is_refused(dp, path, expected):
 def test_default_delta_is_n_to_the_minus_1_1():
     assert plan(noise_multiplier=1.0).delta == pytest.approx(1000 ** -1.1, rel=1e-15)
     np.testing.assert_allclose(accounting.default_delta(10 ** 6), 10 ** -6.6, rtol=1e-12)
+
+
+def test_a_private_run_calibrates_and_records_epsilon_in_every_evaluation():
+    config = small_digits_config(**{"algorithm.dp.clip": 1.0, "algorithm.dp.target_epsilon": 20.0})
+    result = run_config.run(config, progress=False)
+    private = plan_run(config.algorithm.options.dp, num_clients=8, cohort_size=4, rounds=5)
+    assert [e["round"] for e in result.evaluations] == [2, 4, 5]
+    assert [e["epsilon"] for e in result.evaluations] == [private.epsilon(t) for t in (2, 4, 5)]
+    assert result.evaluations[0]["epsilon"] < result.evaluations[-1]["epsilon"] <= 20.0
+    assert result.summary["final"]["delta"] == pytest.approx(8 ** -1.1)
+    assert result.history[-1]["dp_noise_std"] == pytest.approx(
+        private.options.noise_multiplier * 1.0 / 4)

@@ -83,11 +83,16 @@ class DPAggregator(NamedTuple):
     metric_names: tuple[str, ...]
 
 
+def _concrete(*values) -> bool:
+    """Whether every value is known (a sweep passes hyperparameters as tracers, checked before)."""
+    return not any(isinstance(value, jax.core.Tracer) for value in values)
+
+
 def update_noise_multiplier(noise_multiplier, count_noise):
     """z_Δ of the clipped sum such that, composed with the count's noise σ_b (sensitivity 1/2),
     the round is one Gaussian mechanism of multiplier z: z_Δ = (z^-2 - (2σ_b)^-2)^-1/2
     (Andrew et al., Theorem 1; 0 for z = 0). Needs 2σ_b > z, which `DPOptions` checks."""
-    if isinstance(noise_multiplier, (int, float)) and not 2 * count_noise > noise_multiplier:
+    if _concrete(noise_multiplier, count_noise) and not 2 * count_noise > noise_multiplier:
         raise ValueError(f"count_noise={count_noise!r} is too small for noise_multiplier="
                          f"{noise_multiplier!r}; adaptive clipping needs 2 * count_noise > "
                          "noise_multiplier")
@@ -121,6 +126,7 @@ def dp_aggregator(clip_norm: float, noise_multiplier: float, *,
 
     Args:
         clip_norm: S > 0 (the initial S with adaptive clipping); inf disables clipping (tests).
+            This, z and the adaptive options may be traced (a sweep over them compiles once).
         noise_multiplier: z >= 0, the round's noise multiplier as accounted: the noise std on
             the clipped sum is z S, or with adaptive clipping z_Δ S, z_Δ = (z^-2 - (2σ_b)^-2)^-1/2
             (`update_noise_multiplier`), so that the sum and the count compose to z.
@@ -131,13 +137,13 @@ def dp_aggregator(clip_norm: float, noise_multiplier: float, *,
     Returns:
         A `DPAggregator`.
     """
-    if not clip_norm > 0:
+    if _concrete(clip_norm) and not clip_norm > 0:
         raise ValueError(f"clip_norm={clip_norm!r} is invalid; expected S > 0")
-    if not noise_multiplier >= 0:
+    if _concrete(noise_multiplier) and not noise_multiplier >= 0:
         raise ValueError(f"noise_multiplier={noise_multiplier!r} is invalid; expected z >= 0")
     if denominator is not None and not denominator > 0:
         raise ValueError(f"denominator={denominator!r} is invalid; expected D > 0")
-    if adaptive is not None and not (
+    if adaptive is not None and _concrete(*adaptive) and not (
             0 < adaptive.target_quantile < 1 and adaptive.learning_rate > 0
             and (adaptive.count_noise is None or adaptive.count_noise > 0)):
         raise ValueError(f"adaptive={adaptive!r} is invalid; expected 0 < target_quantile < 1, "
@@ -158,7 +164,8 @@ def dp_aggregator(clip_norm: float, noise_multiplier: float, *,
         clip = state.clip_norm
         sum_noise = noise_multiplier
         if adaptive is not None:
-            count_noise = adaptive.count_noise or cohort_denominator / 20
+            count_noise = (cohort_denominator / 20 if adaptive.count_noise is None
+                           else adaptive.count_noise)
             sum_noise = update_noise_multiplier(noise_multiplier, count_noise)
         # A z of 0 with S = inf would otherwise make 0 * inf = nan.
         std = jnp.where(sum_noise > 0, sum_noise * clip, 0.0) / cohort_denominator

@@ -42,10 +42,10 @@ class DPOptions:
 
     clip: float | None = option(None, "L2 norm S each client's model delta is clipped to (the "
                                 "initial S with adaptive clipping); none = no DP",
-                                optional(positive))
+                                optional(positive), sweepable=True)
     noise_multiplier: float | None = option(None, "z: noise std z S on the sum of clipped "
                                             "deltas; none = calibrated to target_epsilon",
-                                            optional(positive))
+                                            optional(positive), sweepable=True)
     target_epsilon: float | None = option(None, "epsilon budget at delta: calibrates z when it "
                                           "is none, else the run stops or warns (on_budget) "
                                           "once it is spent", optional(positive))
@@ -59,11 +59,12 @@ class DPOptions:
                                            optional(positive))
     adaptive_quantile: float | None = option(None, "adaptive clipping: the quantile of update "
                                              "norms S tracks (Andrew et al.: 0.5); none = "
-                                             "fixed S", optional(open_fraction))
-    clip_lr: float = option(0.2, "adaptive clipping's geometric learning rate", positive)
+                                             "fixed S", optional(open_fraction), sweepable=True)
+    clip_lr: float = option(0.2, "adaptive clipping's geometric learning rate", positive,
+                            sweepable=True)
     count_noise: float | None = option(None, "adaptive clipping: std of the noise on the count "
                                        "of unclipped clients; none = expected cohort / 20",
-                                       optional(positive))
+                                       optional(positive), sweepable=True)
     on_budget: str = option("stop", "when target_epsilon is spent before the last round: stop "
                             "there, or warn and go on", one_of(*BUDGET_POLICIES))
 
