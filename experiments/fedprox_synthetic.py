@@ -7,7 +7,8 @@ Setting: Synthetic(1,1) and Synthetic-IID, 30 devices, multinomial logistic regr
 clients per round, E = 20 local epochs, B = 10, client SGD with eta = 0.01, 90% stragglers. Methods,
 all under the same seed (so the same cohorts and stragglers): FedAvg dropping stragglers, FedProx
 mu = 0 keeping their partial work, FedProx mu = 1. Deviations from the paper (recorded in
-results.json): device sizes capped at 1000 examples, 100 rounds instead of 200 by default.
+results.json): device sizes capped at 1000 examples, 100 rounds instead of 200 by default. The
+methods are the registry's `fedavg` and `fedprox` configs.
 
     python -m experiments.fedprox_synthetic [--rounds 100] [--seeds 0 1 2] [--output DIR]
 """
@@ -15,12 +16,10 @@ results.json): device sizes capped at 1000 examples, 100 rounds instead of 200 b
 import os
 
 import numpy as np
-import optax
 
 from experiments.claims import NEAR, Check, Claim, Measured, pm, print_claims, seeds_text
 from experiments.common import (Method, band, experiment_parser, mean_std, parse_args, pyplot,
-                                save_figure, start, sweep, write_results)
-from fedjax_lab.algorithms import fedavg, fedprox
+                                registry_method, save_figure, start, sweep, write_results)
 from fedjax_lab.data.synthetic import fedprox_synthetic
 from fedjax_lab.experiment import run_experiment
 from fedjax_lab.models import logistic_regression
@@ -35,15 +34,12 @@ STRAGGLER_FRACTION = 0.9
 
 
 def methods(num_epochs: int = 20, batch_size: int = 10) -> tuple[Method, ...]:
-    """The compared methods, each `build(model, dataset)`; all keep the same stragglers."""
-    local = dict(num_epochs=num_epochs, batch_size=batch_size,
-                 straggler_fraction=STRAGGLER_FRACTION)
-    sgd = optax.sgd(LEARNING_RATE)
-    return (
-        Method("fedavg_drop", lambda model, data: fedavg(model, sgd, **local)),  # drops by default
-        Method("fedprox_mu0", lambda model, data: fedprox(model, sgd, mu=0.0, **local)),
-        Method("fedprox_mu1", lambda model, data: fedprox(model, sgd, mu=1.0, **local)),
-    )
+    """The compared methods; all see the same stragglers, which FedAvg drops and FedProx keeps."""
+    local = dict(client={"lr": LEARNING_RATE, "epochs": num_epochs, "batch_size": batch_size},
+                 stragglers=STRAGGLER_FRACTION)
+    return (registry_method("fedavg_drop", "fedavg", **local),
+            registry_method("fedprox_mu0", "fedprox", **local, mu=0.0),
+            registry_method("fedprox_mu1", "fedprox", **local, mu=1.0))
 
 
 METHODS = tuple(method.name for method in methods())
@@ -84,7 +80,7 @@ def run(rounds: int = 100, seeds=(0,), output: str = "results/fedprox_synthetic"
         model = logistic_regression(dataset.feature_shape, dataset.num_classes)
 
         def run_seed(method, seed):
-            result = run_experiment(method.build(model, dataset), dataset, num_rounds=rounds,
+            result = run_experiment(method.build(model, dataset.info()), dataset, num_rounds=rounds,
                                     cohort_size=COHORT_SIZE, seed=seed, eval_every=1,
                                     eval_train=True, progress=False)
             # The global model's loss on all training data, as the paper plots; the history's
