@@ -54,9 +54,10 @@ def checkpoint_path(folder: str, round_index: int) -> str:
     return os.path.join(folder, f"round_{round_index:08d}.ckpt")
 
 
-def save(folder: str, state: PyTree, history: list[dict], evaluations: list[dict],
-         keep: int = 2) -> str:
-    """Writes the checkpoint of `state` (at its round) atomically; keeps the newest `keep`."""
+def save(folder: str, state: PyTree, history: list, evaluations: list, keep: int = 2,
+         round_index: int | None = None) -> str:
+    """Writes the checkpoint of `state` atomically, named by `round_index` (default: the state's
+    round; a sweep's stacked states name theirs); keeps the newest `keep`."""
     os.makedirs(folder, exist_ok=True)
     leaves = [_leaf_data(leaf) for leaf in jax.tree.leaves(state)]
     payload = serialization.msgpack_serialize({
@@ -65,7 +66,9 @@ def save(folder: str, state: PyTree, history: list[dict], evaluations: list[dict
         "history": json.dumps(history),
         "evaluations": json.dumps(evaluations),
     })
-    path = checkpoint_path(folder, int(np.asarray(state.round)))
+    if round_index is None:
+        round_index = int(np.asarray(state.round))
+    path = checkpoint_path(folder, round_index)
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
         with os.fdopen(handle, "wb") as out:

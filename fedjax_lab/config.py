@@ -31,11 +31,16 @@ import os
 import sys
 from typing import Any
 
+import jax.numpy as jnp
+
+from fedjax_lab import compiled
 from fedjax_lab import data as data_layer
 from fedjax_lab import models as model_layer
 from fedjax_lab import options, privacy
 from fedjax_lab.algorithms import REGISTRY as ALGORITHMS
+from fedjax_lab.compiled import TracedAlgorithm
 from fedjax_lab.core.client_execution import STRATEGIES, ClientExecution
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.experiment import ExperimentResult, run_experiment
 from fedjax_lab.options import (OptionError, one_of, option, optional, optional_positive_int,
                                 positive_int)
@@ -215,17 +220,72 @@ def override_annotation(dotted: str, mapping: dict):
     return options.field_annotation(spec.config, rest, f"{section}.")
 
 
-def build(config: Config):
-    """(algorithm, dataset, model) of a config: loads the data and builds the model and algorithm."""
-    algorithm_spec = _spec("algorithm", config.algorithm.name)
+class _Traced:
+    """Stands for a traced hyperparameter in the structure of a config (hashable, one value)."""
+
+    def __repr__(self) -> str:
+        return "<traced>"
+
+
+TRACED = _Traced()
+
+
+def traced_options(spec, options_value) -> dict[str, Any]:
+    """`{dotted path: value}` of the options of `options_value` that are traced: those its
+    config marks sweepable, except the ones set to None (None switches code, so it is part of
+    the structure)."""
+    values = options.flatten(options.to_dict(options_value))
+    return {path: values[path] for path in options.sweepable_paths(spec.config)
+            if values.get(path) is not None}
+
+
+@compiled.per_structure
+def _algorithm_builder(name: str, structure, model: Selected, info: DataInfo,
+                       execution: ClientExecution):
+    spec = _spec("algorithm", name)
+    built_model = _spec("model", model.name).build(model.options, info.feature_shape,
+                                                   info.num_classes)
+    spec.check_model(model.name, built_model)
+    return lambda hyperparameters: spec.build(options.replace_paths(structure, hyperparameters),
+                                              built_model, info, execution)
+
+
+def algorithm_structure(config: Config):
+    """(structure, traced values) of `config`'s algorithm: its options with the traced ones
+    (`traced_options`) replaced by `TRACED`, and `{dotted path: value}` of those."""
+    traced = traced_options(_spec("algorithm", config.algorithm.name), config.algorithm.options)
+    structure = options.replace_paths(config.algorithm.options,
+                                      {path: TRACED for path in traced})
+    return structure, traced
+
+
+def traced_algorithm(config: Config, info: DataInfo) -> TracedAlgorithm:
+    """`config`'s algorithm for data described by `info`, its sweepable options traced: every
+    config sharing the structure (everything but those values) shares one builder, hence one
+    compiled program for every seed and value (`fedjax_lab.compiled`)."""
+    structure, traced = algorithm_structure(config)
+    execution = ClientExecution(config.run.execution, config.run.chunk_size)
+    build = _algorithm_builder(config.algorithm.name, structure, config.model, info, execution)
+    return TracedAlgorithm(build, {path: jnp.asarray(value) for path, value in traced.items()})
+
+
+def load_data(config: Config):
+    """The data set `config` names, checked against its cohort size."""
     data_spec = _spec("data", config.data.name)
-    model_spec = _spec("model", config.model.name)
     seed = config.run.seed if config.run.data_seed is None else config.run.data_seed
     dataset = data_spec.load(config.data.options, seed)
     if config.run.cohort_size > dataset.num_clients:
         raise OptionError("run.cohort_size", config.run.cohort_size,
                           f"expected at most {dataset.num_clients}, the number of clients of "
                           f"data set {config.data.name!r}")
+    return dataset
+
+
+def build(config: Config):
+    """(algorithm, dataset, model) of a config: loads the data and builds the model and algorithm."""
+    algorithm_spec = _spec("algorithm", config.algorithm.name)
+    model_spec = _spec("model", config.model.name)
+    dataset = load_data(config)
     model = model_spec.build(config.model.options, dataset.feature_shape, dataset.num_classes)
     algorithm_spec.check_model(config.model.name, model)
     execution = ClientExecution(config.run.execution, config.run.chunk_size)
@@ -251,8 +311,9 @@ def run(config: Config, *, progress: bool = True, resume: bool = False) -> Exper
     """Builds `config`'s pieces and runs the experiment (resuming from `config.run.output`)."""
     if resume and config.run.output is None:
         raise OptionError("run.output", None, "resuming needs the folder of the run to continue")
-    algorithm, dataset, _ = build(config)
-    _, private = private_run(config, dataset)
+    dataset = load_data(config)
+    private_config, private = private_run(config, dataset)
+    algorithm = traced_algorithm(private_config, dataset.info())
     # A DP run whose budget is spent early stops there (privacy.DPOptions.on_budget).
     rounds = config.run.rounds if private is None else private.rounds
     return run_experiment(algorithm, dataset, num_rounds=rounds,

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_lab.compiled import TracedAlgorithm, as_traced, per_structure
 from fedjax_lab.core.client_execution import ClientExecution
 from fedjax_lab.core.local_training import local_train
 from fedjax_lab.core.losses import model_loss
@@ -129,7 +130,54 @@ def adapted_scores(algorithm: Algorithm, state: PyTree, train: ClientBatch,
     return client_scores(logits, test.y, test.mask)
 
 
-def make_evaluator(algorithm: Algorithm, clients, key: jax.Array, *, chunk_size: int = 256,
+def has_adapted_view(traced: TracedAlgorithm) -> bool:
+    """Whether the algorithm adapts before predicting (has `adapted_predict`)."""
+    return traced.build(traced.hyperparameters).adapted_predict is not None
+
+
+@per_structure
+def chunk_scorer(build, fine_tuning: FineTuning | None, adapted: bool):
+    """`score_chunk(state, rows, chunk_ids, key, hyperparameters) -> {view: client_scores}`, not
+    jitted (an evaluator jits it, a sweep jits its `vmap`); `rows` holds the test clients' arrays
+    and, for the fine-tuned and adapted views, their training arrays."""
+
+    def score_chunk(state, rows, chunk_ids, key, hyperparameters):
+        algorithm = build(hyperparameters)
+        rng = client_keys(key, state.round, chunk_ids)
+        test = _as_batch(rows[0], chunk_ids, rng)
+        scores = {"personal": client_scores(algorithm.predict(state, test), test.y, test.mask)}
+        if algorithm.predict_global is not None:
+            scores["global"] = client_scores(algorithm.predict_global(state, test), test.y,
+                                             test.mask)
+        if fine_tuning is not None:
+            tuning_rng = jax.vmap(lambda k: jax.random.fold_in(k, _FINE_TUNING_STREAM))(rng)
+            train = _as_batch(rows[1], chunk_ids, tuning_rng)
+            logits = fine_tuned_predict(fine_tuning, state.params, train, test)
+            scores["fine_tuned"] = client_scores(logits, test.y, test.mask)
+        if adapted:
+            scores["adapted"] = adapted_scores(algorithm, state,
+                                               _as_batch(rows[1], chunk_ids, rng), test)
+        return scores
+
+    return score_chunk
+
+
+@per_structure
+def _jitted_chunk_scorer(build, fine_tuning: FineTuning | None, adapted: bool):
+    return jax.jit(chunk_scorer(build, fine_tuning, adapted))
+
+
+def summarize_views(scores: dict, *, per_client: bool = False) -> dict:
+    """An evaluation from `chunk_scorer`'s joined scores: `predict`'s view at the top level,
+    the other views under their names."""
+    scores = dict(scores)
+    result = summarize(*scores.pop("personal"), per_client=per_client)
+    result.update({view: summarize(*view_scores, per_client=per_client)
+                   for view, view_scores in scores.items()})
+    return result
+
+
+def make_evaluator(algorithm: Algorithm | TracedAlgorithm, clients, key: jax.Array, *, chunk_size: int = 256,
                    client_ids=None, train_clients=None, fine_tuning: FineTuning | None = None):
     """Returns `evaluate(state, per_client=False) -> dict` scoring `algorithm` on all of `clients`.
 
@@ -159,39 +207,60 @@ def make_evaluator(algorithm: Algorithm, clients, key: jax.Array, *, chunk_size:
     if train_clients is not None and train_clients.y.shape[0] != num_clients:
         raise ValueError(f"train_clients has {train_clients.y.shape[0]} clients and clients "
                          f"{num_clients}; expected the same clients, row for row")
-    adapted = algorithm.adapted_predict is not None and train_clients is not None
+    traced = as_traced(algorithm)
+    adapted = train_clients is not None and has_adapted_view(traced)
     sources = (clients,) if fine_tuning is None and not adapted else (clients, train_clients)
-
-    @jax.jit
-    def score_chunk(state, rows, chunk_ids):
-        rng = client_keys(key, state.round, chunk_ids)
-        test = _as_batch(rows[0], chunk_ids, rng)
-        scores = {"personal": client_scores(algorithm.predict(state, test), test.y, test.mask)}
-        if algorithm.predict_global is not None:
-            scores["global"] = client_scores(algorithm.predict_global(state, test), test.y,
-                                             test.mask)
-        if fine_tuning is not None:
-            tuning_rng = jax.vmap(lambda k: jax.random.fold_in(k, _FINE_TUNING_STREAM))(rng)
-            train = _as_batch(rows[1], chunk_ids, tuning_rng)
-            logits = fine_tuned_predict(fine_tuning, state.params, train, test)
-            scores["fine_tuned"] = client_scores(logits, test.y, test.mask)
-        if adapted:
-            scores["adapted"] = adapted_scores(algorithm, state,
-                                               _as_batch(rows[1], chunk_ids, rng), test)
-        return scores
+    score_chunk = _jitted_chunk_scorer(traced.build, fine_tuning, adapted)
 
     def evaluate(state: PyTree, *, per_client: bool = False) -> dict:
         if fine_tuning is not None and not hasattr(state, "params"):
             raise ValueError(f"fine_tuning needs a global model, but {type(state).__name__} "
                              "has no params")
-        joined = _scores_in_chunks(lambda rows, chunk_ids: score_chunk(state, rows, chunk_ids),
-                                   sources, ids, chunk_size)
-        result = summarize(*joined.pop("personal"), per_client=per_client)
-        result.update({view: summarize(*scores, per_client=per_client)
-                       for view, scores in joined.items()})
-        return result
+        joined = _scores_in_chunks(
+            lambda rows, chunk_ids: score_chunk(state, rows, chunk_ids, key,
+                                                traced.hyperparameters),
+            sources, ids, chunk_size)
+        return summarize_views(joined, per_client=per_client)
 
     return evaluate
+
+
+@per_structure
+def _sweep_chunk_scorer(build, adapted: bool):
+    return jax.jit(jax.vmap(chunk_scorer(build, None, adapted), in_axes=(0, None, None, 0, 0)))
+
+
+def make_sweep_evaluator(traced: TracedAlgorithm, clients, *, train_clients=None,
+                         chunk_size: int = 256):
+    """`make_evaluator` for a sweep's runs stacked along a leading run axis: returns
+    `evaluate(states, keys, hyperparameters, per_client=False) -> [evaluation per run]`, where
+    `keys` are the runs' experiment keys and `hyperparameters` the traced values, both `[P]`.
+    Each run's evaluation is the one `make_evaluator` gives it alone."""
+    adapted = train_clients is not None and has_adapted_view(traced)
+    sources = (clients, train_clients) if adapted else (clients,)
+    score_chunk = _sweep_chunk_scorer(traced.build, adapted)
+    ids = np.arange(clients.y.shape[0])
+
+    def evaluate(states, keys, hyperparameters, *, per_client: bool = False) -> list[dict]:
+        joined = _scores_in_chunks(
+            lambda rows, chunk_ids: score_chunk(states, rows, chunk_ids, keys, hyperparameters),
+            sources, ids, chunk_size, client_axis=1)
+        runs = len(np.asarray(jax.random.key_data(keys)))
+        return [summarize_views(jax.tree.map(lambda s: s[run], joined), per_client=per_client)
+                for run in range(runs)]
+
+    return evaluate
+
+
+@per_structure
+def _adapted_scorer(algorithm: Algorithm):
+    @jax.jit
+    def score_chunk(state, rows, chunk_ids, key):
+        rng = client_keys(key, state.round, chunk_ids)
+        query, support = (_as_batch(part, chunk_ids, rng) for part in rows)
+        return adapted_scores(algorithm, state, support, query)
+
+    return score_chunk
 
 
 def make_adapted_evaluator(algorithm: Algorithm, *, chunk_size: int = 256):
@@ -208,11 +277,7 @@ def make_adapted_evaluator(algorithm: Algorithm, *, chunk_size: int = 256):
     It returns `summarize` of the query rows: pooled accuracy and the per-client distribution.
     """
 
-    @jax.jit
-    def score_chunk(state, rows, chunk_ids, key):
-        rng = client_keys(key, state.round, chunk_ids)
-        query, support = (_as_batch(part, chunk_ids, rng) for part in rows)
-        return adapted_scores(algorithm, state, support, query)
+    score_chunk = _adapted_scorer(algorithm)
 
     def evaluate(state, support_clients, query_clients, key: jax.Array) -> dict:
         num_clients = query_clients.y.shape[0]
@@ -232,9 +297,11 @@ def _as_batch(rows, client_ids, rng) -> ClientBatch:
                        client_ids=client_ids, rng=rng)
 
 
-def _scores_in_chunks(score_chunk, sources, ids: np.ndarray, chunk_size: int):
+def _scores_in_chunks(score_chunk, sources, ids: np.ndarray, chunk_size: int,
+                      client_axis: int = 0):
     """`score_chunk(rows, chunk_ids)` over every row of `sources` (`PaddedClients` sharing their
-    rows) in chunks of `chunk_size` clients, joined along the client axis as numpy arrays."""
+    rows) in chunks of `chunk_size` clients, joined along `client_axis` (1 under a sweep's run
+    axis) as numpy arrays."""
     num_clients = len(ids)
     chunk_size = min(chunk_size, num_clients)
     parts = []
@@ -244,6 +311,6 @@ def _scores_in_chunks(score_chunk, sources, ids: np.ndarray, chunk_size: int):
         rows = tuple(tuple(jnp.asarray(field[rows_index]) for field in source)
                      for source in sources)
         scores = score_chunk(rows, jnp.asarray(ids[rows_index], jnp.int32))
-        keep = min(chunk_size, num_clients - start)
-        parts.append(jax.tree.map(lambda s: np.asarray(s)[:keep], scores))
-    return jax.tree.map(lambda *chunks: np.concatenate(chunks), *parts)
+        keep = np.arange(min(chunk_size, num_clients - start))
+        parts.append(jax.tree.map(lambda s: np.take(np.asarray(s), keep, client_axis), scores))
+    return jax.tree.map(lambda *chunks: np.concatenate(chunks, client_axis), *parts)

@@ -14,20 +14,19 @@ import sys
 import tempfile
 import time
 import warnings
-from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lab import checkpoint, distributed
-
+from fedjax_lab import checkpoint, compiled, distributed
+from fedjax_lab.compiled import TracedAlgorithm
 from fedjax_lab.core import sharding
 from fedjax_lab.core.types import REQUIRED_METRICS, Algorithm, experiment_key, init_key
-from fedjax_lab.data.sampling import check_cohort_size, cohort_batch, sample_cohort
-from fedjax_lab.data.stream import HostCohortStream, scan_rounds
-from fedjax_lab.evaluation import make_evaluator
+from fedjax_lab.data.sampling import check_cohort_size
+from fedjax_lab.data.stream import HostCohortStream
+from fedjax_lab.evaluation import has_adapted_view, make_evaluator
 from fedjax_lab.options import flatten
 
 METRICS_FILE = "metrics.jsonl"
@@ -83,22 +82,7 @@ def padded_bytes(clients) -> int:
     return int(clients.num_clients * int(clients.num_examples.max(initial=1)) * per_example)
 
 
-def make_round_block(algorithm: Algorithm, key: jax.Array, num_clients: int, cohort_size: int):
-    """`run_block(state, population, num_rounds) -> (state, stacked metrics)`, one jit."""
-
-    def one_round(population, state, _):
-        ids = sample_cohort(key, state.round, num_clients, cohort_size)
-        state = algorithm.round(state, cohort_batch(population, ids, key, state.round))
-        return state, state.metrics
-
-    @partial(jax.jit, static_argnums=2, donate_argnums=0)
-    def run_block(state, population, num_rounds):
-        return jax.lax.scan(partial(one_round, population), state, None, length=num_rounds)
-
-    return run_block
-
-
-def _to_python(tree) -> Any:
+def to_python(tree) -> Any:
     return jax.tree.map(lambda leaf: np.asarray(leaf).item(), tree)
 
 
@@ -144,7 +128,7 @@ def _check_same_config(output_dir: str, config: dict) -> None:
                                   f"{details}")
 
 
-def _write_jsonl_atomic(path: str, rows: list[dict]) -> None:
+def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".jsonl")
     with os.fdopen(handle, "w") as out:
@@ -152,7 +136,7 @@ def _write_jsonl_atomic(path: str, rows: list[dict]) -> None:
     os.replace(temporary, path)
 
 
-def _first_non_finite(rows: list[dict]) -> tuple[int, str, float] | None:
+def first_non_finite(rows: list[dict]) -> tuple[int, str, float] | None:
     for row in rows:
         for name, value in row.items():
             if isinstance(value, float) and not math.isfinite(value):
@@ -166,13 +150,33 @@ def _all_finite(state) -> bool:
     return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in leaves)
 
 
-def _next_stop(done: int, num_rounds: int, *periods: int | None) -> int:
+def next_stop(done: int, num_rounds: int, *periods: int | None) -> int:
     """The next round at which to evaluate, checkpoint or finish."""
     stops = [num_rounds] + [(done // period + 1) * period for period in periods if period]
     return min(stops)
 
 
-def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_size: int,
+def check_metrics(traced: TracedAlgorithm) -> None:
+    """Refuses an algorithm whose rounds do not report `REQUIRED_METRICS` (before compiling)."""
+    missing = [name for name in REQUIRED_METRICS if name not in compiled.metric_shapes(traced)]
+    if missing:
+        raise ValueError(f"the algorithm's metrics lack {', '.join(missing)}; every round "
+                         f"reports {', '.join(REQUIRED_METRICS)} (core.metrics.round_metrics)")
+
+
+def make_evaluators(traced: TracedAlgorithm, dataset, key: jax.Array,
+                    eval_train: bool = False) -> dict:
+    """`{"test": evaluate}` (and "train" with `eval_train`) of a run; an adapting algorithm
+    adapts on each client's training data and is scored on its test data."""
+    train_clients = dataset.train.pad() if has_adapted_view(traced) else None
+    evaluators = {"test": make_evaluator(traced, dataset.test.pad(), key,
+                                         train_clients=train_clients)}
+    if eval_train:
+        evaluators["train"] = make_evaluator(traced, dataset.train.pad(), key)
+    return evaluators
+
+
+def run_experiment(algorithm: Algorithm | TracedAlgorithm, dataset, *, num_rounds: int, cohort_size: int,
                    seed: int = 0, eval_every: int = 10, eval_train: bool = False,
                    output_dir: str | None = None, config: dict | None = None,
                    progress: bool = True, checkpoint_every: int | None = None,
@@ -181,8 +185,13 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
                    mesh: jax.sharding.Mesh | None = None, privacy=None) -> ExperimentResult:
     """Trains `algorithm` on `dataset` for `num_rounds` rounds.
 
+    Runs of the same structure (the same `Algorithm` object, or `TracedAlgorithm`s sharing their
+    `build`, with the same population and cohort sizes) reuse one compiled program, whatever the
+    seed and the hyperparameters' values (`fedjax_lab.compiled`).
+
     Args:
-        algorithm: the algorithm to run.
+        algorithm: the algorithm to run, or a `TracedAlgorithm` (built inside the compiled
+            program from its hyperparameters: `fedjax_lab.config.traced_algorithm`).
         dataset: a `FederatedDataset`; training clients are sampled from `dataset.train`, and
             evaluation scores `algorithm.predict` on every client of `dataset.test` (plus the
             "global" view of `predict_global`, and the "adapted" view of `adapted_predict`:
@@ -222,11 +231,8 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} is invalid; expected a positive integer")
     check_cohort_size(cohort_size, dataset.train.num_clients)
-    metrics = jax.eval_shape(algorithm.init, jax.random.key(0)).metrics
-    missing = [name for name in REQUIRED_METRICS if name not in metrics]
-    if missing:
-        raise ValueError(f"the algorithm's metrics lack {', '.join(missing)}; every round "
-                         f"reports {', '.join(REQUIRED_METRICS)} (core.metrics.round_metrics)")
+    traced = compiled.as_traced(algorithm)
+    check_metrics(traced)
     if (checkpoint_every is not None or resume) and output_dir is None:
         raise ValueError("checkpoints and resume need an output_dir")
     if resume:
@@ -242,30 +248,29 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
     key = experiment_key(seed)
     mesh = sharding.default_mesh() if mesh is None else mesh
     if mesh is not None:
-        algorithm = sharding.on_mesh(algorithm, mesh)
+        traced = traced._replace(build=compiled.on_mesh(traced.build, mesh))
+    hyperparameters = traced.hyperparameters
     if population_on_device is None:
         population_on_device = padded_bytes(dataset.train) <= DEVICE_POPULATION_BYTES
     if population_on_device:
         population = (jax.device_put(dataset.train.pad()) if mesh is None
                       else sharding.place_population(dataset.train.pad(), mesh))
-        device_block = make_round_block(algorithm, key, dataset.train.num_clients, cohort_size)
-        run_block = lambda state, first, length: device_block(state, population, length)
+        device_block = compiled.device_block(traced.build, dataset.train.num_clients,
+                                             cohort_size)
+        run_block = lambda state, first, length: device_block(state, population, key,
+                                                              hyperparameters, length)
     else:
         stream = HostCohortStream(dataset.train, key, cohort_size)
         if jax.process_count() > 1:
             stream = distributed.ProcessCohortStream(stream, mesh)
-        host_block = scan_rounds(algorithm)
-        run_block = lambda state, first, length: host_block(state, stream.block(first, length))
-    # An adapting algorithm adapts on each client's training data, then is scored on its test data.
-    train_clients = None if algorithm.adapted_predict is None else dataset.train.pad()
-    evaluators = {"test": make_evaluator(algorithm, dataset.test.pad(), key,
-                                         train_clients=train_clients)}
-    if eval_train:
-        evaluators["train"] = make_evaluator(algorithm, dataset.train.pad(), key)
+        host_block = compiled.host_block(traced.build)
+        run_block = lambda state, first, length: host_block(state, stream.block(first, length),
+                                                            hyperparameters)
+    evaluators = make_evaluators(traced, dataset, key, eval_train)
     checkpoint_dir = None if output_dir is None else os.path.join(output_dir, CHECKPOINT_DIR)
 
-    start = time.perf_counter()
-    state = algorithm.init(init_key(key))
+    start, compile_start = time.perf_counter(), compiled.compile_seconds()
+    state = compiled.init_state(traced, init_key(key))
     history, evaluations = [], []
     if resume:
         restored = checkpoint.load_latest(checkpoint_dir, state)
@@ -276,24 +281,24 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
         else:
             state, history, evaluations = (restored.state, restored.history,
                                            restored.evaluations)
-        _write_jsonl_atomic(os.path.join(output_dir, METRICS_FILE), history)
-        _write_jsonl_atomic(os.path.join(output_dir, EVALUATIONS_FILE), evaluations)
+        write_jsonl_atomic(os.path.join(output_dir, METRICS_FILE), history)
+        write_jsonl_atomic(os.path.join(output_dir, EVALUATIONS_FILE), evaluations)
     if mesh is not None:
         state = sharding.place_state(state, mesh)
     done = int(state.round)
     if done > num_rounds:
         raise ValueError(f"num_rounds={num_rounds} is below the checkpoint's round {done}")
     while done < num_rounds:
-        stop = _next_stop(done, num_rounds, eval_every, checkpoint_every)
+        stop = next_stop(done, num_rounds, eval_every, checkpoint_every)
         state, metrics = run_block(state, done, stop - done)
-        rows = [{"round": done + i + 1, **_to_python(jax.tree.map(lambda m: m[i], metrics))}
+        rows = [{"round": done + i + 1, **to_python(jax.tree.map(lambda m: m[i], metrics))}
                 for i in range(stop - done)]
         done = stop
         history.extend(rows)
         if output_dir is not None:
             with open(os.path.join(output_dir, METRICS_FILE), "a") as out:
                 out.writelines(json.dumps(row) + "\n" for row in rows)
-        bad = _first_non_finite(rows)
+        bad = first_non_finite(rows)
         if bad is None and not _all_finite(state):
             bad = (done, "parameters", math.nan)
         if bad is not None and not allow_divergence:
@@ -318,8 +323,9 @@ def run_experiment(algorithm: Algorithm, dataset, *, num_rounds: int, cohort_siz
                 done == num_rounds or (checkpoint_every and done % checkpoint_every == 0)):
             checkpoint.save(checkpoint_dir, state, history, evaluations)
     seconds = time.perf_counter() - start
-    summary = {"rounds": num_rounds, "seconds": seconds, "final": evaluations[-1],
-               "final_train_loss": history[-1]["train_loss"]}
+    summary = {"rounds": num_rounds, "seconds": seconds,
+               "compile_seconds": compiled.compile_seconds() - compile_start,
+               "final": evaluations[-1], "final_train_loss": history[-1]["train_loss"]}
     if output_dir is not None:
         write_json_atomic(os.path.join(output_dir, SUMMARY_FILE), summary)
     return ExperimentResult(state=state, history=history, evaluations=evaluations,

@@ -10,14 +10,13 @@ import optax
 import pytest
 
 from fedjax_lab.algorithms.fedavg import fedavg
+from fedjax_lab.compiled import as_traced, device_block, host_block
 from fedjax_lab.core.types import Algorithm, experiment_key, init_key
 from fedjax_lab.data import digits
 from fedjax_lab.data.federated import ClientData
 from fedjax_lab.data.sampling import (cohort_batch, cohort_schedule, sample_cohort,
                                       size_weighted_probabilities)
-from fedjax_lab.data.stream import (HostCohortStream, pack_clients, pack_partition,
-                                    scan_rounds)
-from fedjax_lab.experiment import make_round_block
+from fedjax_lab.data.stream import HostCohortStream, pack_clients, pack_partition
 from fedjax_lab.models import logistic_regression
 
 
@@ -103,8 +102,9 @@ def test_client_stream_identical_across_algorithms_and_paths_differs_across_seed
     population = jax.device_put(dataset.train.pad())
 
     def in_scan(algorithm, seed):
-        run = make_round_block(algorithm, experiment_key(seed), 40, 5)
-        _, metrics = run(algorithm.init(init_key(experiment_key(seed))), population, 12)
+        run = device_block(as_traced(algorithm).build, 40, 5)
+        _, metrics = run(algorithm.init(init_key(experiment_key(seed))), population,
+                         experiment_key(seed), {}, 12)
         return jax.tree.map(np.asarray, metrics)
 
     first = in_scan(_recorder(5, uses_data=False), seed=3)
@@ -116,10 +116,11 @@ def test_client_stream_identical_across_algorithms_and_paths_differs_across_seed
     assert (other_seed != first["ids"]).any(axis=1).all()  # every round's cohort differs
 
     stream = HostCohortStream(dataset.train, experiment_key(3), 5)
-    run = scan_rounds(_recorder(5, uses_data=True))
-    state, recorded = _recorder(5, True).init(None), []
+    recorder = _recorder(5, uses_data=True)
+    run = host_block(as_traced(recorder).build)
+    state, recorded = recorder.init(None), []
     for block in stream.blocks(0, 12, block_size=6):
-        state, metrics = run(state, block)
+        state, metrics = run(state, block, {})
         recorded.append(jax.tree.map(np.asarray, metrics))
     host = jax.tree.map(lambda *parts: np.concatenate(parts), *recorded)
     for field in ("ids", "keys", "data"):
@@ -157,12 +158,12 @@ def test_host_fed_fedavg_equals_in_scan_fedavg():
     algorithm = fedavg(logistic_regression(dataset.feature_shape, 10), optax.sgd(0.1),
                        num_epochs=1, batch_size=20)
     key = experiment_key(2)
-    run_in_scan = make_round_block(algorithm, key, 30, 4)
-    in_scan, _ = run_in_scan(algorithm.init(init_key(key)), jax.device_put(dataset.train.pad()), 4)
-    run_host = scan_rounds(algorithm)
+    build = as_traced(algorithm).build
+    in_scan, _ = device_block(build, 30, 4)(algorithm.init(init_key(key)),
+                                            jax.device_put(dataset.train.pad()), key, {}, 4)
     host = algorithm.init(init_key(key))
     for block in HostCohortStream(dataset.train, key, 4).blocks(0, 4, block_size=2):
-        host, _ = run_host(host, block)
+        host, _ = host_block(build)(host, block, {})
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  in_scan.params, host.params)
 

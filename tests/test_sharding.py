@@ -47,7 +47,7 @@ def _eight_device_checks() -> dict:
     """Runs in the subprocess; returns the measured differences and shardings."""
     from fedjax_lab.algorithms.ditto import ditto
     from fedjax_lab.algorithms.fedmeta import fedmeta
-    from fedjax_lab.data.stream import scan_rounds
+    from fedjax_lab.compiled import as_traced, host_block
     from fedjax_lab.experiment import run_experiment
     from fedjax_lab.models import logistic_regression
 
@@ -92,7 +92,8 @@ def _eight_device_checks() -> dict:
     stream = HostCohortStream(dataset.train, experiment_key(0), COHORT)
     reference = build_ditto(ClientExecution("vmap"))
     initial = reference.init(init_key(experiment_key(0)))
-    one_device, _ = scan_rounds(reference)(jax.tree.map(jnp.copy, initial), stream.block(0, 2))
+    one_device, _ = host_block(as_traced(reference).build)(jax.tree.map(jnp.copy, initial),
+                                                           stream.block(0, 2), {})
     # Eight devices through run_experiment, where "auto" picks "sharded".
     result = run_experiment(build_ditto(ClientExecution()), dataset, num_rounds=2,
                             cohort_size=COHORT, eval_every=2, progress=False, mesh=mesh)

@@ -1,7 +1,7 @@
 """The host-fed client stream: cohorts gathered from host memory, prefetched on a thread.
 
 A population that fits on the device is padded once, placed there, and each round samples and
-gathers its cohort inside the compiled scan (`experiment.make_round_block`). A larger one (a
+gathers its cohort inside the compiled scan (`compiled.device_block`). A larger one (a
 million clients, or long padded clients) stays on the host as flat ragged arrays
 (`PackedClients`: no padding, no copy of the examples); `HostCohortStream` draws the same
 cohorts with `cohort_schedule`, gathers and pads only the cohort's rows to the population's
@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import queue
 import threading
-from functools import partial
 from typing import Callable, Iterator, NamedTuple
 
 import jax
 import numpy as np
 
-from fedjax_lab.core.types import Algorithm, ClientBatch, client_keys
+from fedjax_lab.core.types import ClientBatch, client_keys
 from fedjax_lab.data.federated import ClientData
 from fedjax_lab.data.sampling import check_cohort_size, check_probabilities, cohort_schedule
 
@@ -179,21 +178,3 @@ def _prefetched(produce: Callable, items, depth: int) -> Iterator:
     finally:
         stop.set()
         worker.join()
-
-
-def scan_rounds(algorithm: Algorithm) -> Callable:
-    """`run(state, batches) -> (state, stacked metrics)`: one jit scanning a stacked block.
-
-    The host-fed counterpart of `experiment.make_round_block`: `batches` is a
-    `HostCohortStream.block`, so the rounds are the same and so is the state they produce.
-    """
-
-    @partial(jax.jit, donate_argnums=0)
-    def run(state, batches: ClientBatch):
-        def one_round(state, batch):
-            state = algorithm.round(state, batch)
-            return state, state.metrics
-
-        return jax.lax.scan(one_round, state, batches)
-
-    return run

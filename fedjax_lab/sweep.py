@@ -1,0 +1,354 @@
+"""Sweeps: seeds x hyperparameters, run as few compiled programs as the grid allows.
+
+`fedjax-lab sweep --algorithm fedprox --seeds 0-7 --algorithm.mu 0,0.01,0.1,1` runs 32 grid
+points. The options a config marks sweepable (learning rates, mu, lambda, ...) are traced
+arguments of the compiled program (`config.traced_algorithm`), so the points that differ only in
+them and in the seed form one group and run as one program that `vmap`s whole runs (server state,
+client states, metrics, evaluations) over a leading run axis. Points that differ in structure
+(epochs, batch size, cohort size, model widths, data seed) are separate groups. A group whose
+stacked runs would not fit the memory budget runs in chunks of points, each chunk the same
+program (the last chunk is padded by repeating its final point, whose copies are dropped).
+
+A sweep's seeds vary the run (initial model, cohorts, client keys); every point draws its data
+with the base config's `run.data_seed` (default: its `run.seed`), so a group trains on one
+population, and each point's saved config names that data seed. Each point writes the folder a
+single run writes (config.json, metrics.jsonl, evaluations.jsonl, summary.json; its config reruns
+it alone, see `tests/test_sweep.py` for the equality), and the sweep writes `summary.json`,
+`summary.md` (mean ± std over seeds per setting, the best setting by a metric) and `sweep.png`.
+Checkpoints are the sweep's (stacked states per chunk), so `resume` continues after a kill -9.
+"""
+
+import dataclasses
+import itertools
+import json
+import os
+import time
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lab import checkpoint, compiled, experiment, options
+from fedjax_lab import config as run_config
+from fedjax_lab.core.types import experiment_key, init_key
+from fedjax_lab.evaluation import make_sweep_evaluator
+from fedjax_lab.options import OptionError
+from fedjax_lab.sweep_report import write_report
+
+SWEEP_FILE = "sweep.json"
+POINTS_DIR = "points"
+# Run options a grid may vary (other run options are how a run goes, not what it computes).
+GRID_RUN_OPTIONS = ("cohort_size", "data_seed")
+# The share of memory the stacked runs of one program may take when no budget is given.
+DEFAULT_MEMORY_SHARE = 0.5
+
+
+class Point(NamedTuple):
+    """One grid point: its grid values (without the seed), its seed and its validated config."""
+
+    setting: tuple[tuple[str, Any], ...]
+    seed: int
+    config: run_config.Config
+
+    @property
+    def name(self) -> str:
+        return ",".join([f"{path}={value}" for path, value in self.setting] +
+                        [f"seed={self.seed}"])
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """"0-7" (inclusive), "0,3,5" or "4"; an empty or malformed range is an `OptionError`."""
+    seeds = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            low, high = int(first), int(last) if dash else int(first)
+        except ValueError:
+            raise OptionError("seeds", text, "expected seeds like 0-7 or 0,3,5") from None
+        if low < 0 or high < low:
+            raise OptionError("seeds", text, f"range {part.strip()!r} is empty or negative")
+        seeds.extend(range(low, high + 1))
+    if len(set(seeds)) != len(seeds):
+        raise OptionError("seeds", text, "a seed is listed twice")
+    return tuple(seeds)
+
+
+def check_grid_option(dotted: str, values: Sequence, mapping: dict) -> None:
+    """Refuses a grid over an option that is not a number or not a hyperparameter of the run."""
+    section, _, rest = dotted.partition(".")
+    values = list(values)
+    if dotted == "run.seed":
+        raise OptionError(dotted, values, "the seeds are given by --seeds")
+    if section == "run" and rest not in GRID_RUN_OPTIONS:
+        raise OptionError(dotted, values, "not a hyperparameter (a sweep may vary "
+                          f"{', '.join('run.' + name for name in GRID_RUN_OPTIONS)} among the "
+                          "run options)")
+    annotation = run_config.override_annotation(dotted, mapping)
+    kinds = set(getattr(annotation, "__args__", (annotation,))) - {type(None)}
+    if not kinds or not kinds <= {int, float}:
+        raise OptionError(dotted, values, "not numeric, so not sweepable; list the values of a "
+                          "number option (`fedjax-lab list NAME` marks the sweepable ones)")
+
+
+def grid_points(base: dict, seeds: Sequence[int], grid: dict[str, Sequence],
+                output: str) -> list[Point]:
+    """Every (setting, seed) of `grid` over the nested mapping `base`, each validated, with its
+    own output folder and the sweep's data seed."""
+    if not seeds:
+        raise OptionError("seeds", "", "expected at least one seed")
+    for dotted, values in grid.items():
+        check_grid_option(dotted, values, base)
+        if not len(values):
+            raise OptionError(dotted, [], "expected at least one value")
+    base_config = run_config.config_from_dict(options.merge(base, {"run": {"output": output}}))
+    data_seed = (base_config.run.seed if base_config.run.data_seed is None
+                 else base_config.run.data_seed)
+    points = []
+    for values in itertools.product(*grid.values()):
+        setting = tuple(zip(grid, values))
+        for seed in seeds:
+            point = Point(setting, int(seed), None)
+            mapping = base
+            for dotted, value in setting:
+                mapping = options.merge(mapping, options.nest(dotted, value))
+            mapping = options.merge(mapping, {"run": {
+                "seed": int(seed), "checkpoint_every": None,
+                "output": os.path.join(output, POINTS_DIR, point.name),
+                "data_seed": dict(setting).get("run.data_seed", data_seed)}})
+            points.append(point._replace(config=run_config.config_from_dict(mapping)))
+    return points
+
+
+def group_key(config: run_config.Config):
+    """What makes a program: the algorithm's structure, model, data and run options, all but
+    the traced values, the seed and where the results go."""
+    structure, _ = run_config.algorithm_structure(config)
+    run = dataclasses.replace(config.run, seed=0, output=None, checkpoint_every=None,
+                              allow_divergence=False)
+    return config.algorithm.name, structure, config.model, config.data, run
+
+
+def memory_budget() -> int:
+    """`DEFAULT_MEMORY_SHARE` of the device's memory (of the host's on the CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    total = stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(DEFAULT_MEMORY_SHARE * total)
+
+
+@compiled.per_structure
+def _sweep_block(build, num_clients: int, cohort_size: int):
+    rounds = compiled.device_rounds(build, num_clients, cohort_size)
+
+    def run(states, population, keys, hyperparameters, num_rounds):
+        one = lambda state, key, values: rounds(state, population, key, values, num_rounds)
+        return jax.vmap(one)(states, keys, hyperparameters)
+
+    return jax.jit(run, static_argnums=4, donate_argnums=0)
+
+
+def _stack(trees):
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def _finite_runs(states) -> np.ndarray:
+    """`[P]` bool: whether each stacked run's inexact leaves are all finite."""
+    finite = [jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
+              for leaf in jax.tree.leaves(states)
+              if jax.dtypes.issubdtype(leaf.dtype, jnp.inexact)]
+    return np.asarray(jnp.all(jnp.stack(finite), axis=0)) if finite else None
+
+
+class _Chunk:
+    """The points of one program run together: their states, files and progress."""
+
+    def __init__(self, points: list[Point], real: int, dataset, folder: str):
+        self.points, self.real, self.folder = points, real, folder
+        traced = [run_config.traced_algorithm(p.config, dataset.info()) for p in points]
+        self.build = traced[0].build
+        self.hyperparameters = _stack([t.hyperparameters for t in traced])
+        self.keys = jnp.stack([experiment_key(p.seed) for p in points])
+        run = points[0].config.run
+        self.block = _sweep_block(self.build, dataset.train.num_clients, run.cohort_size)
+        self.evaluate = make_sweep_evaluator(traced[0], dataset.test.pad(),
+                                             train_clients=dataset.train.pad())
+        self.histories = [[] for _ in points]
+        self.evaluations = [[] for _ in points]
+        self.diverged: list[dict | None] = [None] * len(points)
+
+    def init(self):
+        init = lambda values, key: self.build(values).init(init_key(key))
+        return jax.vmap(init)(self.hyperparameters, self.keys)
+
+    def outputs(self) -> list[str]:
+        """The real points' folders (a padded chunk's repeated copies write nothing)."""
+        return [p.config.run.output for p in self.points[:self.real]]
+
+    def rough_bytes(self, population) -> int:
+        """A lower bound of the program's memory: states, population and cohorts."""
+        states = jax.eval_shape(self.init)
+        state_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(states))
+        population_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(population))
+        cohort = population_bytes * self.points[0].config.run.cohort_size // max(
+            1, population.y.shape[0])
+        return state_bytes + population_bytes + len(self.points) * cohort
+
+
+def _point_rows(metrics, index: int, first_round: int) -> list[dict]:
+    run_metrics = jax.tree.map(lambda m: m[index], metrics)
+    length = len(np.asarray(next(iter(jax.tree.leaves(run_metrics)))))
+    return [{"round": first_round + i + 1,
+             **experiment.to_python(jax.tree.map(lambda m: m[i], run_metrics))}
+            for i in range(length)]
+
+
+def _run_chunk(chunk: _Chunk, population, rounds: int, eval_every: int,
+               checkpoint_every: int | None, resume: bool, progress: bool) -> None:
+    states = chunk.init()
+    checkpoint_dir = chunk.folder
+    if resume:
+        restored = checkpoint.load_latest(checkpoint_dir, states)
+        if restored is not None:
+            states = restored.state
+            chunk.histories = restored.history["histories"]
+            chunk.evaluations = restored.evaluations
+            chunk.diverged = restored.history["diverged"]
+    for index, output in enumerate(chunk.outputs() if resume else ()):
+        experiment.write_jsonl_atomic(os.path.join(output, experiment.METRICS_FILE),
+                                      chunk.histories[index])
+        experiment.write_jsonl_atomic(os.path.join(output, experiment.EVALUATIONS_FILE),
+                                      chunk.evaluations[index])
+    done = int(np.asarray(states.round)[0])
+    start = time.perf_counter()
+    while done < rounds:
+        stop = experiment.next_stop(done, rounds, eval_every, checkpoint_every)
+        states, metrics = chunk.block(states, population, chunk.keys, chunk.hyperparameters,
+                                      stop - done)
+        finite = _finite_runs(states)
+        evaluation = None
+        if stop % eval_every == 0 or stop == rounds:
+            evaluation = chunk.evaluate(states, chunk.keys, chunk.hyperparameters,
+                                        per_client=stop == rounds)
+        for index, output in enumerate(chunk.outputs()):
+            if chunk.diverged[index] is not None:
+                continue
+            rows = _point_rows(metrics, index, done)
+            bad = experiment.first_non_finite(rows)
+            if bad is None and finite is not None and not finite[index]:
+                bad = (stop, "parameters", float("nan"))
+            if bad is not None:
+                rows = [row for row in rows if row["round"] <= bad[0]]
+                chunk.diverged[index] = {"round": bad[0], "metric": bad[1]}
+            chunk.histories[index].extend(rows)
+            with open(os.path.join(output, experiment.METRICS_FILE), "a") as out:
+                out.writelines(json.dumps(row) + "\n" for row in rows)
+            if evaluation is not None and bad is None:
+                row = {"round": stop, "test": evaluation[index]}
+                chunk.evaluations[index].append(row)
+                with open(os.path.join(output, experiment.EVALUATIONS_FILE), "a") as out:
+                    out.write(json.dumps(row) + "\n")
+        done = stop
+        if progress and evaluation is not None:
+            best = max(e["accuracy"] for e in evaluation)
+            print(f"{os.path.basename(chunk.folder)}: round {done}/{rounds} | best test_accuracy "
+                  f"{best:.4f} | {time.perf_counter() - start:.1f}s", flush=True)
+        if done == rounds or (checkpoint_every and done % checkpoint_every == 0):
+            checkpoint.save(checkpoint_dir, states,
+                            {"histories": chunk.histories, "diverged": chunk.diverged},
+                            chunk.evaluations, round_index=done)
+    seconds = time.perf_counter() - start
+    for index, output in enumerate(chunk.outputs()):
+        history, evaluations = chunk.histories[index], chunk.evaluations[index]
+        summary = {"rounds": rounds, "seconds": seconds,
+                   "final": evaluations[-1] if evaluations else None,
+                   "final_train_loss": history[-1]["train_loss"] if history else None}
+        if chunk.diverged[index] is not None:
+            summary["diverged"] = chunk.diverged[index]
+        experiment.write_json_atomic(os.path.join(output, experiment.SUMMARY_FILE), summary)
+
+
+def _points_per_program(chunk_for, count: int, population, budget: int) -> int:
+    """The most points of a group whose compiled block fits `budget` bytes (halving from all).
+
+    A group far below the budget (8x its rough size) is not compiled to be measured; otherwise
+    XLA's memory analysis of the compiled block decides.
+    """
+    size = count
+    while True:
+        chunk = chunk_for(size)
+        if 8 * chunk.rough_bytes(population) <= budget:
+            return size
+        lowered = chunk.block.lower(chunk.init(), population, chunk.keys,
+                                    chunk.hyperparameters, 1)
+        stats = lowered.compile().memory_analysis()
+        needed = 0 if stats is None else (stats.temp_size_in_bytes + stats.argument_size_in_bytes
+                                          + stats.output_size_in_bytes)
+        if needed <= budget:
+            return size
+        if size == 1:
+            raise OptionError("memory_budget", budget, f"one grid point alone needs {needed} "
+                              "bytes; lower the cohort size or the model, or raise the budget")
+        size = max(1, size // 2)
+
+
+def sweep(base: dict, seeds: Sequence[int], grid: dict[str, Sequence], output: str, *,
+          metric: str = "accuracy", points_per_program: int | None = None,
+          memory_budget_bytes: int | None = None, resume: bool = False,
+          progress: bool = True) -> dict:
+    """Runs every point of `grid` x `seeds` over the nested config mapping `base`; returns the
+    sweep summary (also written to `output`). See the module docstring."""
+    spec = {"base": base, "seeds": [int(s) for s in seeds],
+            "grid": {dotted: list(values) for dotted, values in grid.items()},
+            "metric": metric, "points_per_program": points_per_program}
+    points = grid_points(base, seeds, grid, output)
+    base_config = run_config.config_from_dict(options.merge(base, {"run": {"output": output}}))
+    sweep_file = os.path.join(output, SWEEP_FILE)
+    if resume:
+        if not os.path.exists(sweep_file):
+            raise FileNotFoundError(f"cannot resume {output!r}: it has no {SWEEP_FILE}")
+        with open(sweep_file) as f:
+            if json.load(f) != json.loads(json.dumps(spec)):
+                raise experiment.ConfigMismatchError(
+                    f"cannot resume {output!r} with a different sweep than its {SWEEP_FILE}")
+    else:
+        experiment.prepare_output_dir(output)
+        if os.path.exists(sweep_file):
+            raise FileExistsError(f"output folder {output!r} already holds a sweep")
+        for point in points:
+            experiment.prepare_output_dir(point.config.run.output)
+            experiment.write_json_atomic(
+                os.path.join(point.config.run.output, experiment.CONFIG_FILE),
+                point.config.to_dict())
+        experiment.write_json_atomic(sweep_file, spec)
+    budget = memory_budget() if memory_budget_bytes is None else memory_budget_bytes
+    groups: dict[Any, list[Point]] = {}
+    for point in points:
+        groups.setdefault(group_key(point.config), []).append(point)
+    for group_index, members in enumerate(groups.values()):
+        first = members[0].config
+        dataset = run_config.load_data(first)
+        if experiment.padded_bytes(dataset.train) > experiment.DEVICE_POPULATION_BYTES:
+            raise OptionError("data", first.data.name, "a sweep keeps the population on the "
+                              "device, and this one is too large; run its points one by one")
+        experiment.check_metrics(run_config.traced_algorithm(first, dataset.info()))
+        population = jax.device_put(dataset.train.pad())
+        folder = lambda c: os.path.join(output, experiment.CHECKPOINT_DIR,
+                                        f"group{group_index}-chunk{c}")
+
+        def chunk_for(size, start=0, index=0):
+            chosen = members[start:start + size]
+            real = len(chosen)
+            return _Chunk(chosen + [chosen[-1]] * (size - real), real, dataset, folder(index))
+
+        size = points_per_program or _points_per_program(chunk_for, len(members), population,
+                                                         budget)
+        for index, start in enumerate(range(0, len(members), size)):
+            real = members[start:start + size]
+            if resume and all(os.path.exists(os.path.join(p.config.run.output,
+                                                          experiment.SUMMARY_FILE))
+                              for p in real):
+                continue
+            chunk = chunk_for(size, start, index)
+            _run_chunk(chunk, population, first.run.rounds, first.run.eval_every,
+                       base_config.run.checkpoint_every, resume, progress)
+    return write_report(output, points, metric)

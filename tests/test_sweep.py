@@ -1,0 +1,154 @@
+"""Sweeps: every grid point equals its configuration run alone; one program per structure;
+bad grids refused before anything runs; resume after an interruption."""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import pytest
+
+from fedjax_lab import compiled, options, sweep
+from fedjax_lab import config as run_config
+from fedjax_lab.options import OptionError
+
+BASE = {"data": {"name": "digits", "num_clients": 8}, "model": {"name": "logistic"},
+        "run": {"rounds": 2, "cohort_size": 4, "eval_every": 2}}
+# (algorithm, the sweepable option varied, its values): FedAvg, FedProx, Ditto, FedMeta and
+# FedAMP, whose attention also gathers the whole population's state.
+SWEEPS = [("fedavg", "algorithm.client.lr", [0.05, 0.2]),
+          ("fedprox", "algorithm.mu", [0.0, 0.5]),
+          ("ditto", "algorithm.lam", [0.1, 1.0]),
+          ("fedmeta", "algorithm.inner_lr", [0.05, 0.2]),
+          ("fedamp", "algorithm.lam", [0.5, 1.0])]
+
+
+# A vmapped program may sum float32 terms (a client's cross-entropies, the cohort's losses) in
+# another order than the single run's, so float metrics agree to float32 rounding: at most a few
+# ulp measured (relative 1e-7) over these two-round runs, bounded here at 1e-5; integers, counts
+# and accuracies agree exactly, and FedAvg's training metrics are bit for bit.
+RTOL = 1e-5
+
+
+def _assert_rows_equal(swept: list[dict], single: list[dict]) -> None:
+    assert len(swept) == len(single)
+    for swept_row, single_row in zip(swept, single):
+        swept_row, single_row = options.flatten(swept_row), options.flatten(single_row)
+        assert swept_row.keys() == single_row.keys()
+        for path, value in swept_row.items():
+            if isinstance(value, float) and path.rpartition(".")[2] != "accuracy":
+                assert value == pytest.approx(single_row[path], rel=RTOL, abs=1e-7), path
+            else:
+                assert value == single_row[path], path
+
+
+def assert_same_run(folder: str, alone: str) -> None:
+    for file in ("metrics.jsonl", "evaluations.jsonl"):
+        _assert_rows_equal(_lines(folder, file), _lines(alone, file))
+
+
+def _lines(folder: str, name: str) -> list[dict]:
+    with open(os.path.join(folder, name)) as f:
+        return [json.loads(line) for line in f]
+
+
+def _base(algorithm: str) -> dict:
+    return options.merge(BASE, {"algorithm": {"name": algorithm}})
+
+
+@pytest.mark.parametrize("algorithm, option, values", SWEEPS, ids=[s[0] for s in SWEEPS])
+def test_every_grid_point_equals_its_config_run_alone(tmp_path, algorithm, option, values):
+    output = str(tmp_path / "sweep")
+    summary = sweep.sweep(_base(algorithm), [0, 1], {option: values}, output, progress=False)
+    assert [row["setting"] for row in summary["settings"]] == [{option: v} for v in values]
+    points = sorted(os.listdir(os.path.join(output, sweep.POINTS_DIR)))
+    assert len(points) == 4
+    # Two points (both values, both seeds) rerun alone from their saved configs.
+    for name in (points[0], points[-1]):
+        folder = os.path.join(output, sweep.POINTS_DIR, name)
+        config = run_config.load_config(os.path.join(folder, "config.json"))
+        alone = str(tmp_path / f"alone-{name}")
+        config = dataclasses.replace(config, run=dataclasses.replace(config.run, output=alone))
+        run_config.run(config, progress=False)
+        assert_same_run(folder, alone)
+
+
+def test_seeds_and_values_reuse_one_compiled_program(tmp_path):
+    config = run_config.config_from_dict(options.merge(_base("fedprox"), {"run": {"rounds": 1,
+                                                                                   "eval_every": 1}}))
+    dataset = run_config.load_data(config)
+    traced = run_config.traced_algorithm(config, dataset.info())
+    block = compiled.device_block(traced.build, dataset.train.num_clients, 4)
+    compiled_programs = []
+    for seed, mu in ((0, 0.0), (1, 0.3), (2, 1.0)):
+        changed = run_config.config_from_dict(options.merge(
+            config.to_dict(), {"algorithm": {"mu": mu}, "run": {"seed": seed, "data_seed": 0}}))
+        assert run_config.traced_algorithm(changed, dataset.info()).build is traced.build
+        run_config.run(changed, progress=False)
+        compiled_programs.append(block._cache_size())
+    assert compiled_programs[0] >= 1 and len(set(compiled_programs)) == 1
+
+
+def test_chunks_and_structural_groups(tmp_path):
+    grid = {"algorithm.mu": [0.0, 0.5], "algorithm.client.epochs": [1, 2]}
+    whole = sweep.sweep(_base("fedprox"), [0], grid, str(tmp_path / "whole"), progress=False)
+    chunked = sweep.sweep(_base("fedprox"), [0], grid, str(tmp_path / "chunked"),
+                          points_per_program=3, progress=False)
+    assert whole["settings"] == chunked["settings"]
+    checkpoints = sorted(os.listdir(tmp_path / "whole" / "checkpoints"))
+    assert checkpoints == ["group0-chunk0", "group1-chunk0"]  # epochs change the structure
+    for name in os.listdir(tmp_path / "whole" / sweep.POINTS_DIR):
+        assert (_lines(str(tmp_path / "whole" / sweep.POINTS_DIR / name), "metrics.jsonl") ==
+                _lines(str(tmp_path / "chunked" / sweep.POINTS_DIR / name), "metrics.jsonl"))
+
+
+def test_resume_after_interruption_gives_the_uninterrupted_sweep(tmp_path):
+    base = options.merge(_base("fedavg"), {"run": {"rounds": 4, "checkpoint_every": 2}})
+    grid = {"algorithm.client.lr": [0.05, 0.2]}
+    reference = str(tmp_path / "reference")
+    sweep.sweep(base, [0], grid, reference, progress=False)
+    interrupted = str(tmp_path / "interrupted")
+    shutil.copytree(reference, interrupted)
+    # As if killed after the round-2 checkpoint: no summaries, the last checkpoint gone, the
+    # metrics files holding a partial block.
+    chunk = os.path.join(interrupted, "checkpoints", "group0-chunk0")
+    os.remove(os.path.join(chunk, sorted(os.listdir(chunk))[-1]))
+    for name in os.listdir(os.path.join(interrupted, sweep.POINTS_DIR)):
+        folder = os.path.join(interrupted, sweep.POINTS_DIR, name)
+        os.remove(os.path.join(folder, "summary.json"))
+        with open(os.path.join(folder, "metrics.jsonl"), "a") as out:
+            out.write('{"round": 3, "partial": ')
+    sweep.sweep(base, [0], grid, interrupted, resume=True, progress=False)
+    for name in os.listdir(os.path.join(reference, sweep.POINTS_DIR)):
+        for file in ("metrics.jsonl", "evaluations.jsonl"):
+            assert (_lines(os.path.join(reference, sweep.POINTS_DIR, name), file) ==
+                    _lines(os.path.join(interrupted, sweep.POINTS_DIR, name), file))
+    with pytest.raises(ValueError, match="different sweep"):
+        sweep.sweep(base, [0, 1], grid, interrupted, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("grid, seeds, message", [
+    ({"algorithm.server.optimizer": ["sgd", "adam"]}, [0], "not numeric"),
+    ({"run.seed": [0, 1]}, [0], "--seeds"),
+    ({"run.rounds": [1, 2]}, [0], "not a hyperparameter"),
+    ({"algorithm.mu": []}, [0], "at least one value"),
+    ({"algorithm.mu": [-1.0]}, [0], "algorithm.mu"),
+    ({"algorithm.nonsense": [1.0]}, [0], "unknown option"),
+    ({}, [], "at least one seed"),
+])
+def test_bad_grids_are_refused_before_anything_is_written(tmp_path, grid, seeds, message):
+    with pytest.raises(OptionError, match=message):
+        sweep.sweep(_base("fedprox"), seeds, grid, str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, seeds", [("0-3", (0, 1, 2, 3)), ("4", (4,)),
+                                         ("0,3,5", (0, 3, 5)), ("1-2,7", (1, 2, 7))])
+def test_parse_seeds(text, seeds):
+    assert sweep.parse_seeds(text) == seeds
+
+
+@pytest.mark.parametrize("text", ["", "3-1", "a-b", "0,0", "-2"])
+def test_parse_seeds_refuses_malformed_ranges(text):
+    with pytest.raises(OptionError, match="seeds"):
+        sweep.parse_seeds(text)
