@@ -3,6 +3,8 @@
     fedjax-lab run [--config FILE] [--algorithm NAME] [--data NAME] [--model NAME]
                    [--SECTION.OPTION VALUE ...] [--rounds N] [--seed N] [--output DIR] ...
     fedjax-lab run --resume DIR
+    fedjax-lab sweep --output DIR [--seeds 0-7] [--SECTION.OPTION V1,V2,...] [run's options]
+    fedjax-lab sweep --resume DIR
     fedjax-lab list [NAME]
     fedjax-lab data describe [--data NAME] [--data.OPTION VALUE ...] [--plot FILE.png] [--json]
     fedjax-lab plot RUN_DIR [RUN_DIR ...] [--output FILE_OR_DIR]
@@ -12,6 +14,16 @@ final test accuracy. Options are generated from the registries' config dataclass
 algorithm, data, model or run, and the run options also have flat spellings (`--rounds 5` is
 `--run.rounds 5`). `fedjax-lab list NAME` shows an algorithm's, data set's or model's options.
 Every option is validated before anything is compiled or written; a bad one is a one-line error.
+
+`fedjax-lab sweep` runs a grid: seeds (`--seeds 0-7` or `0,3,5`) times the comma-separated values
+of number options (`--algorithm.mu 0,0.01,0.1`); options marked sweepable share one compiled
+program across their values and the seeds (`fedjax_lab.sweep`). `--metric NAME` (default
+accuracy) picks the best setting; `--points-per-program N` bounds the runs stacked in one program.
+
+`run` and `sweep` keep compiled programs in JAX's persistent compilation cache, so a second run of
+the same shape starts without compiling: `--compile-cache DIR` chooses the folder (default
+$XDG_CACHE_HOME/fedjax_lab/jax, or the FEDJAX_LAB_COMPILE_CACHE environment variable) and
+`--compile-cache off` turns it off.
 """
 
 import json
@@ -137,6 +149,77 @@ def _run(argv: list[str]) -> int:
     return 0
 
 
+def _takes_tuple(annotation) -> bool:
+    kinds = getattr(annotation, "__args__", (annotation,))
+    return any(kind is tuple or getattr(kind, "__origin__", None) is tuple for kind in kinds)
+
+
+def _sweep(argv: list[str]) -> int:
+    from fedjax_lab import sweep as sweeps
+
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__)
+        return 0
+    pairs = _split_flags(argv, {"allow-divergence", "run.allow_divergence"})
+    own = ("config", "resume", "seeds", "metric", "points-per-program")
+    special = {name: value for name, value in pairs if name in own}
+    pairs = [(name, value) for name, value in pairs if name not in own]
+    if "resume" in special:
+        if len(special) > 1 or pairs:
+            raise UsageError("--resume takes no other option: a sweep resumes as it was saved")
+        folder = special["resume"]
+        path = os.path.join(folder, sweeps.SWEEP_FILE)
+        if not os.path.exists(path):
+            raise UsageError(f"cannot resume {folder!r}: it has no {sweeps.SWEEP_FILE}")
+        with open(path) as f:
+            saved = json.load(f)
+        summary = sweeps.sweep(saved["base"], saved["seeds"], saved["grid"], folder,
+                               metric=saved["metric"],
+                               points_per_program=saved["points_per_program"], resume=True)
+        print(_table(summary), end="")
+        return 0
+    base = {} if "config" not in special else run_config.read_config_file(special["config"])
+    # The names chosen (--algorithm X) type the options; "a,b,c" lists a grid option's values.
+    mapping = options.merge(base, parse_overrides(
+        [(name, value) for name, value in pairs if name in SECTIONS or name.endswith(".name")],
+        base))
+    single, grid = [], {}
+    for name, text in pairs:
+        dotted = name.replace("-", "_")
+        if "." not in dotted and name in _RUN_FIELDS:
+            dotted = f"run.{_RUN_FIELDS[name]}"
+        if text is None or "," not in text or "." not in dotted or dotted.endswith(".name"):
+            single.append((name, text))
+            continue
+        annotation = run_config.override_annotation(dotted, mapping)
+        if _takes_tuple(annotation):
+            single.append((name, text))
+        else:
+            grid[dotted] = [options.parse_text(dotted, part.strip(), annotation)
+                            for part in text.split(",")]
+    mapping = options.merge(base, parse_overrides(single, base))
+    output = mapping.get("run", {}).pop("output", None)
+    if output is None:
+        raise UsageError("a sweep writes one folder per grid point: give --output DIR")
+    points_per_program = special.get("points-per-program")
+    if points_per_program is not None:
+        points_per_program = options.parse_text("points_per_program", points_per_program,
+                                                int)
+        if points_per_program < 1:
+            raise OptionError("points_per_program", points_per_program, "expected >= 1")
+    seeds = sweeps.parse_seeds(special.get("seeds", "0"))
+    summary = sweeps.sweep(mapping, seeds, grid, output, metric=special.get("metric", "accuracy"),
+                           points_per_program=points_per_program)
+    print(_table(summary), end="")
+    return 0
+
+
+def _table(summary: dict) -> str:
+    from fedjax_lab.sweep_report import table
+
+    return table(summary)
+
+
 def _options_text(config, section: str) -> list[str]:
     return [f"  {_flag(f'{section}.{path}')} {default!r}  [{kind}"
             f"{', sweepable' if sweepable else ''}] {doc}"
@@ -236,7 +319,36 @@ def _plot(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "list": _list, "data": _describe, "plot": _plot}
+COMMANDS = {"run": _run, "sweep": _sweep, "list": _list, "data": _describe, "plot": _plot}
+# Commands that compile, and so use the persistent compilation cache.
+COMPILING = ("run", "sweep")
+
+
+def compile_cache_folder(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The persistent compilation cache's folder (None: off) and `argv` without the flag."""
+    folder = os.environ.get("FEDJAX_LAB_COMPILE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fedjax_lab", "jax")
+    rest = []
+    tokens = iter(argv)
+    for token in tokens:
+        if token == "--compile-cache" or token.startswith("--compile-cache="):
+            folder = token.partition("=")[2] or next(tokens, None)
+            if folder is None:
+                raise UsageError("--compile-cache needs a folder or off")
+        else:
+            rest.append(token)
+    return (None if folder == "off" else folder), rest
+
+
+def use_compile_cache(folder: str | None) -> None:
+    """Turns JAX's persistent compilation cache on in `folder` for every program (None: off)."""
+    import jax
+
+    if folder is None:
+        return
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         return _error(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
     try:
+        if command in COMPILING:
+            folder, rest = compile_cache_folder(rest)
+            use_compile_cache(folder)
         return COMMANDS[command](rest)
     except OptionError as error:
         return _option_error(error)

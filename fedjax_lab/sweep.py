@@ -22,6 +22,7 @@ import dataclasses
 import itertools
 import json
 import os
+import sys
 import time
 from typing import Any, NamedTuple, Sequence
 
@@ -251,7 +252,7 @@ def _run_chunk(chunk: _Chunk, population, rounds: int, eval_every: int,
         if progress and evaluation is not None:
             best = max(e["accuracy"] for e in evaluation)
             print(f"{os.path.basename(chunk.folder)}: round {done}/{rounds} | best test_accuracy "
-                  f"{best:.4f} | {time.perf_counter() - start:.1f}s", flush=True)
+                  f"{best:.4f} | {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
         if done == rounds or (checkpoint_every and done % checkpoint_every == 0):
             checkpoint.save(checkpoint_dir, states,
                             {"histories": chunk.histories, "diverged": chunk.diverged},

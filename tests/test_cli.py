@@ -120,3 +120,48 @@ def test_console_script_entry_point_runs_as_a_module():
                             capture_output=True, text=True, env={**os.environ})
     assert result.returncode == 2
     assert result.stderr.strip().startswith("fedjax-lab: error: --model 'nope' is invalid")
+
+
+def test_sweep_command_writes_points_summary_and_plot(tmp_path, capsys):
+    output = tmp_path / "sweep"
+    argv = ["sweep", "--algorithm", "fedprox", "--seeds", "0-1", "--algorithm.mu", "0,0.5",
+            "--output", str(output)] + QUICK
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "algorithm.mu=0.0** (best)" in out and "| algorithm.mu=0.5 | 2 | 0 |" in out
+    points = sorted(os.listdir(output / "points"))
+    assert points == ["algorithm.mu=0.0,seed=0", "algorithm.mu=0.0,seed=1",
+                      "algorithm.mu=0.5,seed=0", "algorithm.mu=0.5,seed=1"]
+    for name in ("summary.json", "summary.md", "sweep.png", "sweep.json"):
+        assert (output / name).exists(), name
+    saved = json.loads((output / "points" / points[3] / "config.json").read_text())
+    assert saved["algorithm"]["mu"] == 0.5 and saved["run"]["seed"] == 1
+    assert main(["sweep", "--resume", str(output)]) == 0  # finished points are kept
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--algorithm.server.optimizer", "sgd,adam"], "not numeric"),
+    (["--seeds", "3-1"], "--seeds"),
+    (["--algorithm.mu", "0,-1"], "--algorithm.mu"),
+    ([], "--output"),
+])
+def test_sweep_command_refuses_bad_grids_in_one_line(tmp_path, capsys, argv, message):
+    output = [] if not argv else ["--output", str(tmp_path / "out")]
+    assert main(["sweep", "--algorithm", "fedprox"] + QUICK + output + argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_second_identical_run_reads_its_programs_from_the_compile_cache(tmp_path):
+    cache = tmp_path / "cache"
+    argv = [sys.executable, "-m", "fedjax_lab.cli", "run", "--compile-cache", str(cache)] + QUICK
+    summaries = []
+    for run in ("first", "second"):
+        subprocess.run(argv + ["--output", str(tmp_path / run)], check=True,
+                       capture_output=True)
+        summaries.append(json.loads((tmp_path / run / "summary.json").read_text()))
+        assert os.listdir(cache)
+    assert summaries[0]["final"] == summaries[1]["final"]
+    # Compile time is measured (the ratio is a benchmark, not a test): both runs record it.
+    assert all(summary["compile_seconds"] > 0 for summary in summaries)

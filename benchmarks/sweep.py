@@ -1,0 +1,103 @@
+"""Sweeps against separate runs, the persistent compilation cache, and vmapped grid throughput.
+
+    python -m benchmarks.sweep [--rounds 200] [--skip-commands] [--points 1,8,64]
+
+1. Eight seeds of the default job (FedAvg, MLP, digits; `--rounds` rounds) as one
+   `fedjax-lab sweep --seeds 0-7`, against eight `fedjax-lab run --seed i --data-seed 0`
+   commands (the sweep's points draw the data with seed 0 too), each a fresh process, with the
+   persistent compilation cache off and then on; wall time including start-up and compiling.
+2. The same `fedjax-lab run` twice with a fresh cache folder: the compile seconds each records.
+3. Rounds per second per grid point of the vmapped sweep program for logistic regression and the
+   MLP at 1, 8 and 64 points, and XLA's memory per point (arguments, outputs and temporaries
+   of the compiled block over `points`).
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+
+from fedjax_lab import options
+from fedjax_lab import sweep as sweeps
+
+SEEDS = 8
+
+
+def _command(argv: list[str], cache: str) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "fedjax_lab.cli"] + argv + ["--compile-cache", cache],
+                   check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def commands(rounds: int, folder: str) -> dict:
+    job = ["--rounds", str(rounds)]
+    result = {}
+    for cache_name in ("off", "on"):
+        cache = "off" if cache_name == "off" else os.path.join(folder, f"cache-{rounds}")
+        separate = sum(_command(["run", "--seed", str(seed), "--data-seed", "0", "--output",
+                                 os.path.join(folder, f"run-{cache_name}-{seed}")] + job, cache)
+                       for seed in range(SEEDS))
+        swept = _command(["sweep", "--seeds", f"0-{SEEDS - 1}", "--output",
+                          os.path.join(folder, f"sweep-{cache_name}")] + job,
+                         "off" if cache_name == "off" else os.path.join(folder, "cache-sweep"))
+        result[f"cache {cache_name}"] = {"separate_runs_s": separate, "sweep_s": swept,
+                                         "ratio": separate / swept}
+    cache = os.path.join(folder, "cache-twice")
+    compile_seconds = []
+    for attempt in ("first", "second"):
+        output = os.path.join(folder, f"twice-{attempt}")
+        _command(["run", "--output", output] + job, cache)
+        with open(os.path.join(output, "summary.json")) as f:
+            compile_seconds.append(json.load(f)["compile_seconds"])
+    result["compile_seconds_first_second"] = compile_seconds
+    return result
+
+
+def throughput(model: str, points: int, rounds: int = 20) -> dict:
+    """Seconds per round of the vmapped block over `points` grid points, and bytes per point."""
+    base = {"model": {"name": model}, "run": {"rounds": rounds, "eval_every": rounds}}
+    grid = sweeps.grid_points(base, range(points), {}, tempfile.mkdtemp())
+    dataset = sweeps.run_config.load_data(grid[0].config)
+    chunk = sweeps._Chunk(grid, len(grid), dataset, tempfile.mkdtemp())
+    population = jax.device_put(dataset.train.pad())
+    states = chunk.init()
+    compiled = chunk.block.lower(states, population, chunk.keys, chunk.hyperparameters,
+                                 rounds).compile()
+    stats = compiled.memory_analysis()
+    states, _ = compiled(states, population, chunk.keys, chunk.hyperparameters)  # warm-up
+    jax.block_until_ready(states)
+    start = time.perf_counter()
+    states, metrics = compiled(states, population, chunk.keys, chunk.hyperparameters)
+    jax.block_until_ready(metrics)
+    seconds = (time.perf_counter() - start) / rounds
+    memory = stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
+    return {"model": model, "points": points, "rounds_per_s_per_point": 1 / seconds,
+            "point_rounds_per_s": points / seconds, "mib_per_point": memory / points / 2**20}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--points", default="1,8,64")
+    parser.add_argument("--skip-commands", action="store_true")
+    args = parser.parse_args(argv)
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{jax.devices()[0].device_kind}, jax {jax.__version__}, load "
+          f"{os.getloadavg()[0]:.1f}")
+    if not args.skip_commands:
+        with tempfile.TemporaryDirectory() as folder:
+            print(json.dumps(commands(args.rounds, folder), indent=2))
+    for model in ("logistic", "mlp"):
+        for points in options.parse_text("points", args.points, tuple[int, ...]):
+            print(json.dumps(throughput(model, points)))
+
+
+if __name__ == "__main__":
+    main()
