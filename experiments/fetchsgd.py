@@ -19,20 +19,22 @@ coordinates are applied per round. Methods, all under the same seeds (same cohor
   k whose upload (values and int32 indices) equals FetchSGD's sketch ("upload_matched").
 Communication is the library's `bytes_up` / `bytes_down`; downloads use the reference code's
 catch-up accounting (a client fetches the coordinates changed since it last took part). The
-compression ratios are uncompressed momentum SGD's total bytes over each method's.
+compression ratios are uncompressed momentum SGD's total bytes over each method's. Every method is
+a registry config (`momentum_sgd`, `true_topk`, `fetchsgd`, `local_topk`) without client weight
+decay, whose sizes are fractions of d.
 
     python -m experiments.fetchsgd [--rounds 300] [--seeds 0 1 2] [--output DIR]
 """
 
 import os
 
-import jax
 import numpy as np
 
 from experiments.claims import NEAR, Check, Claim, Measured, pm, print_claims, seeds_text
 from experiments.common import (Method, band, chosen, experiment_parser, finals, mean_std,
-                                parse_args, pyplot, save_figure, start, sweep, write_results)
-from fedjax_lab.algorithms import fetchsgd, local_topk, momentum_sgd, true_topk
+                                parse_args, pyplot, registry_method, save_figure, start, sweep,
+                                write_results)
+from fedjax_lab.algorithms.compressed import model_dim
 from fedjax_lab.data import digits
 from fedjax_lab.experiment import run_experiment
 from fedjax_lab.models import mlp
@@ -44,27 +46,29 @@ SHARDS_PER_CLIENT = 1
 NUM_ROWS = 5
 
 
-def methods(*, learning_rate: float, num_columns: int, k: int) -> list[Method]:
-    """Every compared method, each `build(model)`."""
+def fraction(count: int, dim: int) -> float:
+    """The fraction of d that the registry's sizes (int(d * fraction)) turn back into `count`."""
+    return (count + 0.5) / dim
+
+
+def methods(*, learning_rate: float, dim: int, num_columns: int, k: int) -> list[Method]:
+    """Every compared method, for a model of `dim` parameters."""
     matched_k = NUM_ROWS * num_columns // 2  # k values + k int32 indices = the sketch's bytes
-    common = dict(learning_rate=learning_rate, momentum=0.9, num_clients=NUM_CLIENTS)
-    sketch = dict(num_rows=NUM_ROWS, num_columns=num_columns, k=k)
+    common = dict(lr=learning_rate, momentum=0.9, client={"weight_decay": 0.0})
+    top = dict(common, k_fraction=fraction(k, dim))
+    sketch = dict(top, num_rows=NUM_ROWS, column_fraction=fraction(num_columns, dim))
     return [
-        Method("uncompressed", lambda model: momentum_sgd(model, **common)),
-        Method("true_topk", lambda model: true_topk(model, k=k, **common)),
-        Method("fetchsgd", lambda model: fetchsgd(model, **sketch, **common)),
-        Method("fetchsgd_zero", lambda model: fetchsgd(model, error_update="zero", **sketch,
-                                                       **common)),
-        Method("fetchsgd_zero_second_round", lambda model: fetchsgd(
-            model, error_update="zero", second_round_candidates=2 * k, **sketch, **common)),
-        Method("fetchsgd_zero_one_row", lambda model: fetchsgd(
-            model, error_update="zero", num_rows=1, num_columns=NUM_ROWS * num_columns, k=k,
-            **common)),
-        Method("local_topk_ef", lambda model: local_topk(model, k=k, **common)),
-        Method("local_topk_no_ef", lambda model: local_topk(model, k=k, error_feedback=False,
-                                                            **common)),
-        Method("local_topk_no_ef_upload_matched", lambda model: local_topk(
-            model, k=matched_k, error_feedback=False, **common)),
+        registry_method("uncompressed", "momentum_sgd", **common),
+        registry_method("true_topk", "true_topk", **top, error_update="subtract"),
+        registry_method("fetchsgd", "fetchsgd", **sketch, error_update="subtract"),
+        registry_method("fetchsgd_zero", "fetchsgd", **sketch),
+        registry_method("fetchsgd_zero_second_round", "fetchsgd", **sketch, second_round=2.0),
+        registry_method("fetchsgd_zero_one_row", "fetchsgd", **dict(
+            sketch, num_rows=1, column_fraction=fraction(NUM_ROWS * num_columns, dim))),
+        registry_method("local_topk_ef", "local_topk", **top),
+        registry_method("local_topk_no_ef", "local_topk", **top, error_feedback=False),
+        registry_method("local_topk_no_ef_upload_matched", "local_topk", **dict(
+            top, k_fraction=fraction(matched_k, dim)), error_feedback=False),
     ]
 
 
@@ -75,9 +79,9 @@ def run(rounds: int = 300, seeds=(0,), output: str = "results/fetchsgd", *,
     seeds, started = start(output, seeds)
     dataset = digits(NUM_CLIENTS, partition="shards", shards_per_client=SHARDS_PER_CLIENT)
     model = mlp(dataset.feature_shape, dataset.num_classes, hidden=HIDDEN)
-    dim = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(model.init(jax.random.key(0))))
+    dim = model_dim(model)
     num_columns, k = max(int(dim * column_fraction), 1), max(int(dim * k_fraction), 1)
-    compared = chosen(methods(learning_rate=learning_rate, num_columns=num_columns, k=k),
+    compared = chosen(methods(learning_rate=learning_rate, dim=dim, num_columns=num_columns, k=k),
                       method_names)
     results = {"settings": {
         "paper": "Rothchild et al., ICML 2020, arXiv 2007.07682", "rounds": rounds,
@@ -92,7 +96,7 @@ def run(rounds: int = 300, seeds=(0,), output: str = "results/fetchsgd", *,
     def run_seed(method, seed):
         # The paper's subtraction can diverge at this sketch size (the reference code's comment
         # says so); record that instead of stopping the experiment.
-        result = run_experiment(method.build(model), dataset, num_rounds=rounds,
+        result = run_experiment(method.build(model, dataset.info()), dataset, num_rounds=rounds,
                                 cohort_size=COHORT_SIZE, seed=seed,
                                 eval_every=max(rounds // 30, 1), progress=False,
                                 allow_divergence=True)
