@@ -15,7 +15,9 @@ Aggregators: the weighted mean (FedAvg), the coordinate median, the 0.2-trimmed 
 of updates clipped to the round's median norm. Reported: final pooled test accuracy of the global
 model over every client's (clean) test data, mean and std over seeds.
 
-Each method is `fedavg(model, optax.sgd(0.1), aggregator=..., attack=...)`.
+Each method is `fedavg(model, optax.sgd(0.1), aggregator=..., attack=...)`, a factory call rather
+than a registry config: the registry's FedAvg has no aggregator or attack option (an attack is a
+simulation of malicious clients, drawn per seed, not an algorithm's option).
 
     python -m experiments.robust_aggregation [--rounds 50] [--seeds 0 1 2] [--output DIR]
 """
