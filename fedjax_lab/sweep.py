@@ -165,7 +165,10 @@ class _Chunk:
 
     def __init__(self, points: list[Point], real: int, dataset, folder: str):
         self.points, self.real, self.folder = points, real, folder
-        traced = [run_config.traced_algorithm(p.config, dataset.info()) for p in points]
+        # DP noise is calibrated as a single run's is; the epsilon rows a single run writes into
+        # its evaluations are not written by a sweep (run the point alone for its accounting).
+        traced = [run_config.traced_algorithm(run_config.private_run(p.config, dataset)[0],
+                                              dataset.info()) for p in points]
         self.build = traced[0].build
         self.hyperparameters = _stack([t.hyperparameters for t in traced])
         self.keys = jnp.stack([experiment_key(p.seed) for p in points])
