@@ -37,7 +37,9 @@ def option(default: Any, doc: str, check: Check | None = None, *,
     """A config field with its default, one-line documentation and range check.
 
     `sweepable` marks a plain number that can vary across the runs of one compiled sweep (a
-    learning rate, mu, lambda), as opposed to structural options (epochs, batch size).
+    learning rate, mu, lambda), as opposed to structural options (epochs, batch size): the builder
+    takes it as a traced 0-d array (`replace_paths`), so it never branches on its value in Python
+    (None, where allowed, is structure). tests/test_registry_contract.py checks every one.
     """
     return dataclasses.field(default=default, metadata={"doc": doc, "check": check,
                                                         "sweepable": sweepable})
@@ -303,3 +305,30 @@ def describe(config, prefix: str = "") -> Iterator[tuple[str, str, Any, str, boo
 
 def sweepable_paths(config_type: type) -> tuple[str, ...]:
     return tuple(path for path, *_, sweepable in describe(config_type) if sweepable)
+
+
+def replace_paths(config, values: dict[str, Any], prefix: str = ""):
+    """`config` with the options at the dotted paths of `values` replaced, nested groups rebuilt.
+
+    Nothing is coerced or validated, so a value may be a traced array: a sweep builds an algorithm
+    inside a jitted (or vmapped) function from its config with every sweepable option a tracer,
+    after validating each concrete grid point. Unknown paths raise `OptionError`.
+    """
+    changes, nested = {}, {}
+    names = field_names(type(config))
+    for dotted, value in values.items():
+        head, _, rest = dotted.partition(".")
+        if head not in names:
+            raise OptionError(prefix + dotted, value,
+                              f"unknown option; allowed: {', '.join(names)}")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            changes[head] = value
+    for head, group in nested.items():
+        current = getattr(config, head)
+        if not is_config(current):
+            raise OptionError(f"{prefix}{head}.{next(iter(group))}", current,
+                              f"{prefix}{head} has no sub-options")
+        changes[head] = replace_paths(current, group, f"{prefix}{head}.")
+    return dataclasses.replace(config, **changes)
