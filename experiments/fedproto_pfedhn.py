@@ -23,6 +23,10 @@ hidden layers, the reference's server optimiser).
 Reported: mean and worst-10% (mean of the worst ceil(10%) clients) client test accuracy, final
 round, and the bytes each method moves per round.
 
+Every method is a registry config (`fedproto`, `fedavg`, `pfedhn`, with the reference client
+optimisers as `client` options) except FedProto with two architectures: the registry builds
+FedProto on the one model of a run, so that comparison calls `fedproto` with both models.
+
     python -m experiments.fedproto_pfedhn [--rounds 100] [--pfedhn-rounds 100] [--seeds 0 1 2]
                                           [--output DIR]
 """
@@ -33,12 +37,10 @@ import numpy as np
 import optax
 
 from experiments.claims import Check, Claim, Measured, pm, print_claims, seeds_text
-from experiments.common import (SCORE_KEYS, Method, choose, client_scores, experiment_parser,
-                                parse_args, pyplot, save_figure, start, summarize_by_method,
-                                write_results)
-from fedjax_lab.algorithms.fedavg import fedavg
-from fedjax_lab.algorithms.fedproto import fedproto
-from fedjax_lab.algorithms.pfedhn import pfedhn
+from experiments.common import (SCORE_KEYS, choose, client_scores, experiment_parser,
+                                parse_args, pyplot, registry_method, save_figure, start,
+                                summarize_by_method, write_results)
+from fedjax_lab.algorithms.fedproto import INFERENCES, fedproto
 from fedjax_lab.core import experiment_key
 from fedjax_lab.data import digits
 from fedjax_lab.evaluation import make_evaluator
@@ -55,6 +57,28 @@ PFEDHN = dict(num_clients=20, classes_per_client=2, test_fraction=0.2, hidden=(6
               cohort_size=5, learning_rate=0.02, momentum=0.9, weight_decay=5e-5, clip=50.0,
               num_epochs=2, batch_size=16, embedding_dim=6, hn_hidden=64, hn_num_hidden=3)
 PFEDHN_METHODS = ("local", "fedavg", "pfedhn", "pfedhn_pc")
+FEDPROTO_CLIENT = {"lr": FEDPROTO["learning_rate"], "momentum": FEDPROTO["momentum"],
+                   "epochs": FEDPROTO["num_epochs"], "batch_size": FEDPROTO["batch_size"]}
+# The runs on one architecture: Local is FedProto with lam = 0 (independent local training), and
+# one FedProto run is scored with each inference.
+FEDPROTO_TRAINED = {method.name: method for method in (
+    registry_method("local", "fedproto", client=FEDPROTO_CLIENT, lam=0.0),
+    registry_method("fedavg", "fedavg", client=FEDPROTO_CLIENT),
+    *(registry_method(f"fedproto_{inference}", "fedproto", client=FEDPROTO_CLIENT,
+                      lam=FEDPROTO["lam"], inference=inference) for inference in INFERENCES))}
+# The reference's inner optimiser: SGD with momentum, weight decay and clipping.
+PFEDHN_CLIENT = {"lr": PFEDHN["learning_rate"], "momentum": PFEDHN["momentum"],
+                 "weight_decay": PFEDHN["weight_decay"], "clip_norm": PFEDHN["clip"],
+                 "epochs": PFEDHN["num_epochs"], "batch_size": PFEDHN["batch_size"]}
+HYPERNETWORK = dict(embedding_dim=PFEDHN["embedding_dim"], hidden=PFEDHN["hn_hidden"],
+                    num_hidden=PFEDHN["hn_num_hidden"])
+PFEDHN_TRAINED = (
+    registry_method("local", "fedproto", client=PFEDHN_CLIENT, lam=0.0),
+    registry_method("fedavg", "fedavg", client=PFEDHN_CLIENT),
+    registry_method("pfedhn", "pfedhn", client=PFEDHN_CLIENT, **HYPERNETWORK),
+    registry_method("pfedhn_pc", "pfedhn", client=PFEDHN_CLIENT, **HYPERNETWORK,
+                    personal_head=True),
+)
 
 
 def _communication(history: list[dict]) -> dict:
@@ -101,68 +125,40 @@ def run_fedproto(seed: int, rounds: int, methods=FEDPROTO_METHODS, eval_every: i
     model = split_mlp(dataset.feature_shape, dataset.num_classes, hidden=settings["hidden"])
     second = split_mlp(dataset.feature_shape, dataset.num_classes,
                        hidden=settings["second_hidden"])
-    optimizer = optax.sgd(settings["learning_rate"], momentum=settings["momentum"])
-    local = dict(num_epochs=settings["num_epochs"], batch_size=settings["batch_size"])
-    num_clients = dataset.num_clients
+    build = lambda name: FEDPROTO_TRAINED[name].build(model, dataset.info())
 
-    def prototype_family(name, models, architecture_of):
-        """One FedProto training run scored with each inference the methods ask for."""
-        def build(inference="head"):
-            return fedproto(models, optimizer, num_clients=num_clients,
-                            architecture_of=architecture_of, lam=settings["lam"],
-                            inference=inference, **local)
+    def mixed(inference):
+        """FedProto with every other client on the second architecture."""
+        return fedproto((model, second), optax.sgd(settings["learning_rate"],
+                                                   momentum=settings["momentum"]),
+                        num_clients=dataset.num_clients,
+                        architecture_of=np.arange(dataset.num_clients) % 2, lam=settings["lam"],
+                        num_epochs=settings["num_epochs"], batch_size=settings["batch_size"],
+                        inference=inference)
 
-        algorithm = build()
-        wanted = {f"{name}_{inference}": algorithm if inference == "head" else build(inference)
-                  for inference in ("head", "prototype", "local_prototype")
-                  if f"{name}_{inference}" in methods}
+    def prototype_family(name, build_inference):
+        """One FedProto training run (head inference) scored with each inference asked for."""
+        algorithm = build_inference("head")
+        wanted = {f"{name}_{inference}": (algorithm if inference == "head"
+                                          else build_inference(inference))
+                  for inference in INFERENCES if f"{name}_{inference}" in methods}
         return (algorithm, wanted) if wanted else None
 
-    local_training = fedproto(model, optimizer, num_clients=num_clients, lam=0.0, **local)
-    federated_averaging = fedavg(model, optimizer, **local)
-    builders = {
-        "local": (local_training, {"local": local_training}) if "local" in methods else None,
-        "fedavg": ((federated_averaging, {"fedavg": federated_averaging})
-                   if "fedavg" in methods else None),
-        "fedproto": prototype_family("fedproto", model, None),
-        "fedproto_mixed": prototype_family("fedproto_mixed", (model, second),
-                                           np.arange(num_clients) % 2),
-    }
-    builders = {name: entry for name, entry in builders.items() if entry is not None}
-    scores = _train_and_score(builders, dataset, seed, rounds, num_clients, eval_every)
+    builders = {}
+    for name in ("local", "fedavg"):
+        if name in methods:
+            algorithm = build(name)
+            builders[name] = (algorithm, {name: algorithm})
+    for name, build_inference in (("fedproto", lambda inference: build(f"fedproto_{inference}")),
+                                  ("fedproto_mixed", mixed)):
+        family = prototype_family(name, build_inference)
+        if family is not None:
+            builders[name] = family
+    scores = _train_and_score(builders, dataset, seed, rounds, dataset.num_clients, eval_every)
     return {"scores": {method: _no_traffic_if_local(method, scores[method])
                        for method in methods},
             "train_examples": dataset.train.num_examples.tolist(),
             "test_examples": dataset.test.num_examples.tolist()}
-
-
-def _pfedhn_optimizer():
-    """The reference's inner optimiser: SGD with momentum, weight decay and clipping."""
-    s = PFEDHN
-    return optax.chain(optax.clip_by_global_norm(s["clip"]),
-                       optax.add_decayed_weights(s["weight_decay"]),
-                       optax.sgd(s["learning_rate"], momentum=s["momentum"]))
-
-
-def _pfedhn(**options):
-    s = PFEDHN
-    return lambda model, data: pfedhn(
-        model, _pfedhn_optimizer(), num_clients=data.num_clients,
-        embedding_dim=s["embedding_dim"], hidden=s["hn_hidden"], num_hidden=s["hn_num_hidden"],
-        num_epochs=s["num_epochs"], batch_size=s["batch_size"], **options)
-
-
-# The pFedHN comparison, each `build(model, dataset)`.
-PFEDHN_TRAINED = (
-    Method("local", lambda model, data: fedproto(
-        model, _pfedhn_optimizer(), num_clients=data.num_clients, lam=0.0,
-        num_epochs=PFEDHN["num_epochs"], batch_size=PFEDHN["batch_size"])),
-    Method("fedavg", lambda model, data: fedavg(model, _pfedhn_optimizer(),
-                                                num_epochs=PFEDHN["num_epochs"],
-                                                batch_size=PFEDHN["batch_size"])),
-    Method("pfedhn", _pfedhn()),
-    Method("pfedhn_pc", _pfedhn(personal_head=True)),
-)
 
 
 def run_pfedhn(seed: int, rounds: int, methods=PFEDHN_METHODS, eval_every: int = 10) -> dict:
@@ -177,7 +173,7 @@ def run_pfedhn(seed: int, rounds: int, methods=PFEDHN_METHODS, eval_every: int =
     model = split_mlp(dataset.feature_shape, dataset.num_classes, hidden=settings["hidden"])
     builders = {}
     for method in (method for method in PFEDHN_TRAINED if method.name in methods):
-        algorithm = method.build(model, dataset)
+        algorithm = method.build(model, dataset.info())
         builders[method.name] = (algorithm, {method.name: algorithm})
     scores = _train_and_score(builders, dataset, seed, rounds, settings["cohort_size"],
                               eval_every)
