@@ -9,12 +9,14 @@ fixed point x*(b) of the *expected* update of noisy signSGD (majority vote of 3 
 noisy medianSGD (median of 3 noisy gradients) is found by bisection, with Gaussian noise, and
 compared with the time average of the library's `sign_sgd` / `median_sgd` run for many steps
 with a small step (Monte Carlo: 16 independent chains per seed, standard error across chains; it
-grows with b). x*(0) = 0 and x*(b) -> 1 as b grows.
+grows with b). x*(0) = 0 and x*(b) -> 1 as b grows. These runs call the factories: a registry
+config cannot carry the 1-D problem's loss.
 
 Part 2 (data): the 1797 scikit-learn digits, 10 nodes each holding one class, softmax regression,
 every node in every round, full local gradients. signSGD and medianSGD with b in {0, 0.3, 1, 3}
 times the median |g| of the first round, against plain (mean) gradient descent; final pooled
-test accuracy after a fixed number of rounds.
+test accuracy after a fixed number of rounds. These methods are registry configs (`sign_sgd`,
+`median_sgd`, `fedavg`).
 
     python -m experiments.median_mean_bridge [--rounds 300] [--seeds 0 1 2] [--output DIR]
 """
@@ -24,13 +26,12 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.scipy.stats import norm
 
 from experiments.claims import Check, Claim, Measured, pm, print_claims, seeds_text
 from experiments.common import (Method, band, chosen, experiment_parser, finals, mean_std,
-                                parse_args, pyplot, save_figure, start, sweep, write_results)
-from fedjax_lab.algorithms.fedavg import fedavg
+                                parse_args, pyplot, registry_method, save_figure, start, sweep,
+                                write_results)
 from fedjax_lab.algorithms.median_mean import median_sgd, sign_sgd
 from fedjax_lab.core import ClientBatch, client_keys, experiment_key
 from fedjax_lab.data import digits
@@ -157,16 +158,12 @@ def run_one_dimensional(noise_scales=NOISE_SCALES_1D, num_steps: int = 200_000,
 # ---- Part 2: one class per node on digits ------------------------------------------------------
 
 def data_methods(learning_rates: dict) -> list[Method]:
-    """The compared algorithms, each `build(model)` (b relative to the first median |g|)."""
-    methods = [Method("mean_gd", lambda model: fedavg(model, optax.sgd(learning_rates["mean"]),
-                                                      num_epochs=1, batch_size=None,
-                                                      weighting="uniform"))]
-    for rule, make in (("sign", sign_sgd), ("median", median_sgd)):
-        methods += [Method(f"{rule}_b{b:g}", lambda model, make=make, b=b, lr=learning_rates[rule]:
-                           make(model, learning_rate=lr, noise_scale=b,
-                                noise_reference="median_gradient"))
-                    for b in RELATIVE_NOISE_SCALES]
-    return methods
+    """The compared algorithms (b relative to the first median |g|, full local gradients)."""
+    return [registry_method("mean_gd", "fedavg", weighting="uniform", client={
+        "lr": learning_rates["mean"], "epochs": 1, "batch_size": None})] + [
+        registry_method(f"{rule}_b{b:g}", f"{rule}_sgd", lr=learning_rates[rule], noise_scale=b,
+                        noise_reference="median_gradient", batch_size=None)
+        for rule in ("sign", "median") for b in RELATIVE_NOISE_SCALES]
 
 
 def run_data(rounds: int, seeds, learning_rates: dict, method_names=None) -> dict:
@@ -175,8 +172,9 @@ def run_data(rounds: int, seeds, learning_rates: dict, method_names=None) -> dic
     model = logistic_regression(dataset.feature_shape, dataset.num_classes)
 
     def run_seed(method, seed):
-        result = run_experiment(method.build(model), dataset, num_rounds=rounds, cohort_size=10,
-                                seed=seed, eval_every=max(rounds // 30, 1), progress=False)
+        result = run_experiment(method.build(model, dataset.info()), dataset, num_rounds=rounds,
+                                cohort_size=10, seed=seed, eval_every=max(rounds // 30, 1),
+                                progress=False)
         return {"curve": [e["test"]["accuracy"] for e in result.evaluations],
                 "eval_rounds": [e["round"] for e in result.evaluations],
                 "bytes_up_per_round": result.history[-1]["bytes_up"],
