@@ -22,7 +22,9 @@ run also records the median over clients of the largest Hessian eigenvalue of th
 the final model, since Per-FedAvg's analysis needs alpha below 1 / (smoothness): where alpha times
 that curvature exceeds 1, (I - alpha H) reverses the gradient along high-curvature directions.
 
-Both use the MLP 64-32-10. Every seed redraws the data split, label permutations, dominant
+Both use the MLP 64-32-10 and declare their methods as registry configs (`fedmeta`, `fedavg_meta`,
+`fedavg`, `perfedavg`), except "FedAvg + 1 step": a Per-FedAvg config trains and adapts with one
+alpha, so that baseline wraps the alpha = 0 run in `with_adaptation` by alpha. Every seed redraws the data split, label permutations, dominant
 classes, held-out clients, initial model and cohorts. Reported numbers are final accuracies
 (never the best round) pooled over the scored examples, mean and std over seeds.
 
@@ -40,12 +42,11 @@ from jax.flatten_util import ravel_pytree
 
 from experiments.claims import NEAR, Check, Claim, Measured, pm, print_claims, seeds_text
 from experiments.common import (Method, band, experiment_parser, parse_args, pyplot,
-                                save_figure, start, summarize, sweep, write_results)
-from fedjax_lab.algorithms.fedavg import fedavg
-from fedjax_lab.algorithms.fedmeta import fedavg_meta, fedmeta
-from fedjax_lab.algorithms.perfedavg import perfedavg
+                                registry_method, save_figure, start, summarize, sweep,
+                                write_results)
 from fedjax_lab.core import experiment_key, init_key
 from fedjax_lab.core.meta import model_data_loss, split_clients, with_adaptation
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.data import ClientData, PaddedClients, digits, train_test_split_per_client
 from fedjax_lab.data.sampling import cohort_batch, sample_cohort
 from fedjax_lab.evaluation import make_adapted_evaluator
@@ -112,36 +113,31 @@ def dominant_class_clients(seed: int) -> tuple[ClientData, ClientData]:
 
 
 def fedmeta_methods() -> list[Method]:
-    """The FedMeta comparison, each `build(model)`."""
+    """The FedMeta comparison."""
     s = FEDMETA
-    adam = optax.adam(s["outer_lr"])
     adaptation = dict(inner_lr=s["inner_lr"], num_inner_steps=s["num_inner_steps"])
-    inner = dict(adaptation, support_fraction=s["support_fraction"])
-    return [Method(variant, lambda model, variant=variant: fedmeta(model, adam, variant=variant,
-                                                                   **inner))
+    client = {"lr": s["fedavg_lr"], "epochs": 1, "batch_size": s["batch_size"]}
+    return [registry_method(variant, "fedmeta", variant=variant, **adaptation,
+                            support_fraction=s["support_fraction"],
+                            server={"optimizer": "adam", "lr": s["outer_lr"]})
             for variant in ("maml", "meta_sgd", "fomaml")] + [
-        Method("fedavg_meta", lambda model: fedavg_meta(model, optax.sgd(s["fedavg_lr"]),
-                                                        batch_size=s["batch_size"],
-                                                        **adaptation)),
-        Method("fedavg", lambda model: fedavg(model, optax.sgd(s["fedavg_lr"]),
-                                              batch_size=s["batch_size"])),
-    ]
+        registry_method("fedavg_meta", "fedavg_meta", client=client, **adaptation),
+        registry_method("fedavg", "fedavg", client=client)]
 
 
 def perfedavg_methods(alpha: float) -> list[Method]:
-    """The Per-FedAvg comparison at personalisation step `alpha`, each `build(model)`."""
+    """The Per-FedAvg comparison at personalisation step `alpha`."""
     s = PERFEDAVG
     options = dict(beta=s["beta"], delta=s["delta"], num_local_steps=s["num_local_steps"],
                    batch_size=s["batch_size"])
-    # Per-FedAvg with alpha = 0 in training is FedAvg with the same local steps.
-    fedavg_steps = lambda model: perfedavg(model, variant="fo", alpha=0.0, **options)
-    return [Method(variant, lambda model, variant=variant: perfedavg(
-                model, variant=variant, alpha=alpha, **options))
+    # Per-FedAvg with alpha = 0 in training is FedAvg with the same local steps; its
+    # personalisation step has alpha = 0 too.
+    no_step = registry_method("fedavg_no_step", "perfedavg", variant="fo", alpha=0.0, **options)
+    return [registry_method(variant, "perfedavg", variant=variant, alpha=alpha, **options)
             for variant in ("hf", "maml", "fo")] + [
-        Method("fedavg_one_step", lambda model: with_adaptation(fedavg_steps(model), model,
-                                                                inner_lr=alpha)),
-        Method("fedavg_no_step", fedavg_steps),  # its personalisation step has alpha = 0
-    ]
+        Method("fedavg_one_step", lambda model, data: with_adaptation(
+            no_step.build(model, data), model, inner_lr=alpha)),
+        no_step]
 
 
 def make_round_runner(algorithm, num_clients: int, cohort_size: int):
@@ -236,11 +232,15 @@ def run(rounds: int = 1000, seeds=(0, 1, 2, 3, 4), output: str = "results/meta_l
         padded = {seed: [pad_to(part, length) for part, length in zip(data[seed], lengths)]
                   for seed in seeds}
 
+        # What a builder may know of the (padded) training clients, the same for every seed.
+        info = DataInfo(num_clients=data[seeds[0]][0].num_clients, num_classes=10,
+                        feature_shape=(64,), max_examples=lengths[0])
+
         @functools.cache
         def programs(method):
             """The method's algorithm, jitted rounds and evaluator, shared by every seed."""
-            algorithm = method.build(model)
-            return (algorithm, make_round_runner(algorithm, data[seeds[0]][0].num_clients,
+            algorithm = method.build(model, info)
+            return (algorithm, make_round_runner(algorithm, info.num_clients,
                                                  settings["cohort_size"]),
                     make_adapted_evaluator(algorithm))
 
