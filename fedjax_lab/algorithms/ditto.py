@@ -47,7 +47,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
                              scatter_clients)
 from fedjax_lab.core.personal_models import check_num_clients, predict_per_client, replicate
 from fedjax_lab.core.types import DataInfo
-from fedjax_lab.core.validation import check_positive_int
+from fedjax_lab.core.validation import check_number, check_positive_int, is_scalar
 from fedjax_lab.models import Model
 from fedjax_lab.options import (OptionError, non_negative, one_of, open_fraction, option,
                                 optional_positive_int)
@@ -258,9 +258,8 @@ def ditto(model: Model, client_optimizer: optax.GradientTransformation, *, num_c
 
 def _check_lam(lam) -> tuple[float, ...] | None:
     """The grid of candidates when `lam` is a sequence, None when it is one value."""
-    if isinstance(lam, (int, float)) and not isinstance(lam, bool):
-        if not lam >= 0:
-            raise ValueError(f"lam={lam!r} is invalid; expected lam >= 0 or a sequence of them")
+    if is_scalar(lam):
+        check_number("lam", lam, "lam >= 0 or a sequence of them", lambda value: value >= 0)
         return None
     grid = tuple(lam) if isinstance(lam, Sequence) else ()
     if not grid or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0

@@ -51,6 +51,7 @@ from fedjax_lab.core.communication import model_exchange_bytes
 from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.personal_models import check_num_clients, predict_per_client, replicate
 from fedjax_lab.core.types import DataInfo
+from fedjax_lab.core.validation import check_number, is_traced
 from fedjax_lab.models import Model
 from fedjax_lab.options import (OptionError, fraction, non_negative, one_of, option, optional,
                                 positive)
@@ -100,7 +101,8 @@ def build(config: FedAMPConfig, model: Model, data: DataInfo,
     lam, alpha_k = resolve_steps(data.num_clients, sigma=config.sigma,
                                  attention=config.attention, lam=config.lam,
                                  alpha_k=config.alpha_k)
-    if config.client.lr * lam / alpha_k >= _STABLE_STEP:
+    if not any(map(is_traced, (config.client.lr, lam, alpha_k))) and \
+            config.client.lr * lam / alpha_k >= _STABLE_STEP:
         raise OptionError("algorithm.lam", lam,
                           f"the client proximal coefficient lam / alpha_k = {lam / alpha_k:g} "
                           f"(alpha_k = {alpha_k:g} with {data.num_clients} clients) times "
@@ -175,21 +177,21 @@ def fedamp(model: Model, client_optimizer: optax.GradientTransformation, *, num_
     check_num_clients(num_clients)
     if attention not in ATTENTIONS:
         raise ValueError(f"attention {attention!r} is unknown; allowed: {', '.join(ATTENTIONS)}")
-    if not (sigma > 0 and math.isfinite(sigma)):
-        raise ValueError(f"sigma={sigma!r} is invalid; expected a finite sigma > 0")
-    if alpha_k is not None and not alpha_k > 0:
-        raise ValueError(f"alpha_k={alpha_k!r} is invalid; expected alpha_k > 0")
-    if lam is not None and not lam >= 0:
-        raise ValueError(f"lam={lam!r} is invalid; expected lam >= 0")
+    check_number("sigma", sigma, "a finite sigma > 0", lambda s: s > 0 and math.isfinite(s))
+    if alpha_k is not None:
+        check_number("alpha_k", alpha_k, "alpha_k > 0", lambda step: step > 0)
+    if lam is not None:
+        check_number("lam", lam, "lam >= 0", lambda value: value >= 0)
     lam, alpha_k = resolve_steps(num_clients, sigma=sigma, attention=attention, lam=lam,
                                  alpha_k=alpha_k)
     largest_step = sigma / max(num_clients - 1, 1)
-    if attention == "exponential" and alpha_k > largest_step:
+    if attention == "exponential" and not is_traced(alpha_k) and not is_traced(sigma) and \
+            alpha_k > largest_step:
         raise ValueError(f"alpha_k={alpha_k!r} can make the self-weight xi_ii = 1 - sum_j xi_ij "
                          f"negative; expected alpha_k <= sigma / (num_clients - 1) = "
                          f"{largest_step:g}")
     if attention == "heuristic":
-        if self_weight is None or not 0.0 <= self_weight <= 1.0:
+        if self_weight is None or not is_traced(self_weight) and not 0.0 <= self_weight <= 1.0:
             raise ValueError(f"self_weight={self_weight!r} is invalid; the heuristic attention "
                              "needs 0 <= self_weight <= 1")
     elif self_weight is not None:

@@ -47,7 +47,7 @@ from fedjax_lab.core.meta import (adapted_predictor, check_fraction, inner_adapt
                                   model_data_loss, split_support_query, with_adaptation)
 from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.types import DataInfo, PyTree
-from fedjax_lab.core.validation import check_positive_int
+from fedjax_lab.core.validation import check_number, check_positive_int, is_scalar
 from fedjax_lab.models import Model
 from fedjax_lab.options import non_negative, one_of, open_fraction, option, positive_int
 
@@ -138,8 +138,7 @@ def fedmeta(model: Model, server_optimizer: optax.GradientTransformation, *,
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r} is unknown; allowed: {', '.join(VARIANTS)}")
-    if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) or not inner_lr >= 0:
-        raise ValueError(f"inner_lr={inner_lr!r} is invalid; expected a number >= 0")
+    check_number("inner_lr", inner_lr, "a number >= 0", lambda lr: is_scalar(lr) and lr >= 0)
     check_positive_int("num_inner_steps", num_inner_steps)
     check_fraction("support_fraction", support_fraction)
     client_weights(jnp.ones(1), weighting=weighting)

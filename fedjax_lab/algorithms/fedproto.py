@@ -43,7 +43,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
 from fedjax_lab.core.aggregation import WEIGHTINGS
 from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.types import DataInfo
-from fedjax_lab.core.validation import check_positive_int
+from fedjax_lab.core.validation import check_number, check_positive_int
 from fedjax_lab.models.split import SplitModel
 from fedjax_lab.options import non_negative, one_of, option
 
@@ -138,8 +138,7 @@ def fedproto(models: SplitModel | Sequence[SplitModel],
     check_positive_int("num_epochs", num_epochs)
     if batch_size is not None:
         check_positive_int("batch_size", batch_size)
-    if not lam >= 0:
-        raise ValueError(f"lam={lam!r} is invalid; expected lam >= 0")
+    check_number("lam", lam, "lam >= 0", lambda value: value >= 0)
     if inference not in INFERENCES:
         raise ValueError(f"inference {inference!r} is unknown; allowed: {', '.join(INFERENCES)}")
     client_weights(jnp.ones(1), weighting=weighting)

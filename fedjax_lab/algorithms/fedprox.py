@@ -25,6 +25,7 @@ from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining
 from fedjax_lab.core import Algorithm, ClientExecution
 from fedjax_lab.core.losses import ProximalTerm
 from fedjax_lab.core.types import DataInfo
+from fedjax_lab.core.validation import check_number
 from fedjax_lab.models import Model
 from fedjax_lab.options import non_negative, option
 
@@ -65,8 +66,7 @@ def fedprox(model: Model, client_optimizer: optax.GradientTransformation, *, mu:
     Returns:
         An `Algorithm` whose state is `FedAvgState`.
     """
-    if not mu >= 0:
-        raise ValueError(f"mu={mu!r} is invalid; expected mu >= 0")
+    check_number("mu", mu, "mu >= 0", lambda value: value >= 0)
     for fixed in ("local_regularizer", "straggler_policy"):
         if fixed in fedavg_options:
             raise ValueError(f"fedprox sets {fixed} itself; pass it to fedavg instead")

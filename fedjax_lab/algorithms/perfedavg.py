@@ -37,6 +37,7 @@ from fedjax_lab.core.meta import (DataLoss, MetaStream, adapted_predictor, inner
                                   model_data_loss, sgd_step)
 from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.types import DataInfo, PyTree
+from fedjax_lab.core.validation import check_number, is_scalar, is_traced
 from fedjax_lab.models import Model
 from fedjax_lab.options import non_negative, one_of, option, positive, positive_int
 
@@ -143,9 +144,9 @@ def perfedavg(model: Model, *, variant: str = "hf", alpha: float = 0.01, beta: f
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r} is unknown; allowed: {', '.join(VARIANTS)}")
     for name, value in (("alpha", alpha), ("beta", beta), ("delta", delta)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"{name}={value!r} is invalid; expected a number >= 0")
-    if variant == "hf" and not delta > 0:
+        check_number(name, value, "a number >= 0",
+                     lambda number: is_scalar(number) and number >= 0)
+    if variant == "hf" and not is_traced(delta) and not delta > 0:
         raise ValueError(f"delta={delta!r} is invalid for the hf variant; expected delta > 0")
     for name, value in (("num_local_steps", num_local_steps), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -19,6 +19,7 @@ import optax
 from fedjax_lab.core import factored
 from fedjax_lab.core.client_execution import ClientExecution
 from fedjax_lab.core.types import Algorithm, DataInfo
+from fedjax_lab.core.validation import is_zero
 from fedjax_lab.options import (OptionError, fraction, non_negative, one_of, option, optional,
                                 optional_positive_int, positive, positive_int)
 
@@ -45,15 +46,16 @@ class ClientTraining:
     momentum: float = option(0.0, "SGD momentum (0: plain SGD)", fraction)
     weight_decay: float = option(0.0, "weight decay added to the gradient", non_negative)
     clip_norm: float | None = option(None, "clip each gradient to this global norm; none = no "
-                                     "clipping", optional(positive))
+                                     "clipping", optional(positive), sweepable=True)
 
     def optimizer(self) -> optax.GradientTransformation:
-        if self.momentum == 0 and self.weight_decay == 0 and self.clip_norm is None:
+        # A traced momentum or weight decay (never a concrete 0) keeps its step in the program.
+        if is_zero(self.momentum) and is_zero(self.weight_decay) and self.clip_norm is None:
             return factored.sgd(self.lr)  # declared plain SGD: the factored update applies
         # The references' order (pFedHN's inner optimiser): clip, then decay, then SGD.
-        steps = ([optax.clip_by_global_norm(self.clip_norm)] if self.clip_norm else []) + (
-            [optax.add_decayed_weights(self.weight_decay)] if self.weight_decay else [])
-        sgd = optax.sgd(self.lr, momentum=self.momentum or None)
+        steps = ([] if self.clip_norm is None else [optax.clip_by_global_norm(self.clip_norm)]) + (
+            [] if is_zero(self.weight_decay) else [optax.add_decayed_weights(self.weight_decay)])
+        sgd = optax.sgd(self.lr, momentum=None if is_zero(self.momentum) else self.momentum)
         return optax.chain(*steps, sgd) if steps else sgd
 
 

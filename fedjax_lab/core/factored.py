@@ -32,6 +32,7 @@ import optax
 from fedjax_lab.core.client_execution import ClientExecution
 from fedjax_lab.core.local_training import batch_schedule
 from fedjax_lab.core.losses import ProximalTerm, cross_entropy
+from fedjax_lab.core.validation import check_number, is_traced, is_zero
 
 PyTree = Any
 
@@ -47,13 +48,13 @@ class PlainSGD(NamedTuple):
 def sgd(learning_rate: float) -> PlainSGD:
     """Plain SGD, exactly `optax.sgd(learning_rate)`, usable wherever an optax optimiser is.
 
-    Declaring the (constant) learning rate lets FedAvg and FedProx use the factored dense update
-    for models with a `DenseSplit`.
+    Declaring the learning rate (a number, or a traced scalar in a sweep) lets FedAvg and FedProx
+    use the factored dense update for models with a `DenseSplit`.
     """
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate={learning_rate!r} is invalid; expected > 0")
+    check_number("learning_rate", learning_rate, "> 0", lambda lr: lr > 0)
     base = optax.sgd(learning_rate)
-    return PlainSGD(base.init, base.update, float(learning_rate))
+    return PlainSGD(base.init, base.update,
+                    learning_rate if is_traced(learning_rate) else float(learning_rate))
 
 
 def unsupported_reason(model, client_optimizer, local_regularizer) -> str | None:
@@ -126,7 +127,7 @@ def factored_local_sgd(split, learning_rate: float, params: PyTree, x: jax.Array
             z = shared + correction + small[split.layer]["bias"][:, None, :] + probe
             logits = execution.map(lambda c: split.head(*c), (small, z))
             losses = jax.vmap(cross_entropy)(logits, yb, batch_mask)
-            if mu:
+            if not is_zero(mu):
                 losses = (losses + jax.vmap(ProximalTerm(mu), (0, None))(small, start)
                           + 0.5 * mu * _squared_low_rank_norm(factors_u, factors_v))
             return jnp.sum(losses), (losses, h)
@@ -137,7 +138,7 @@ def factored_local_sgd(split, learning_rate: float, params: PyTree, x: jax.Array
         keep = lambda new, old: jnp.where(is_active.reshape((-1,) + (1,) * (new.ndim - 1)),
                                           new, old)
         small = jax.tree.map(lambda p, g: keep(p - learning_rate * g, p), small, grads)
-        if mu:
+        if not is_zero(mu):
             decay = jnp.where(is_active, 1 - learning_rate * mu, 1).astype(factors_v.dtype)
             factors_v = factors_v * decay[:, None, None]
         offset = step_index * rows
