@@ -206,3 +206,10 @@ def test_a_private_run_calibrates_and_records_epsilon_in_every_evaluation():
     assert result.summary["final"]["delta"] == pytest.approx(8 ** -1.1)
     assert result.history[-1]["dp_noise_std"] == pytest.approx(
         private.options.noise_multiplier * 1.0 / 4)
+
+
+def test_a_poisson_cohort_that_often_overflows_its_capacity_warns():
+    options = DPOptions(clip=1.0, noise_multiplier=1.0, sampling="poisson", expected_cohort=10.0)
+    with pytest.warns(UserWarning, match="overflows run.cohort_size=12 in 20.4% of rounds"):
+        private = plan_run(options, num_clients=200, cohort_size=12, rounds=5)
+    assert private.mechanism.truncation_probability == pytest.approx(0.2035, abs=1e-4)

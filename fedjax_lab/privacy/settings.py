@@ -33,6 +33,8 @@ BUDGET_POLICIES = ("stop", "warn")
 _POISSON_DRAW = 2
 # Where the options sit in a run's config: errors name the full path.
 PREFIX = "algorithm.dp."
+# A Poisson cohort overflowing its capacity more often than this is worth a warning.
+TRUNCATION_WARNING = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +193,12 @@ def plan_run(options: DPOptions, *, num_clients: int, cohort_size: int,
                           f"adaptive clipping's count noise carries at most z < 2 sigma_b = "
                           f"{max_noise:g}, and z is {noise:g}; raise count_noise")
     mechanism = mechanism.with_noise(noise)
+    if mechanism.truncation_probability > TRUNCATION_WARNING:
+        warnings.warn(f"a Poisson cohort of expected size {options.expected_cohort:g} overflows "
+                      f"run.cohort_size={cohort_size} in {mechanism.truncation_probability:.1%} of "
+                      "rounds, which then keep a random cohort_size of it (accounted, but fewer "
+                      "clients than the denominator assumes); D + 4 sqrt(D) makes it rare",
+                      stacklevel=2)
     if options.target_epsilon is not None and options.noise_multiplier is not None:
         within = accounting.rounds_within(mechanism, options.target_epsilon, rounds, delta)
         if within < rounds:
