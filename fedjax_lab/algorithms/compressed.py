@@ -42,6 +42,7 @@ from fedjax_lab.core.aggregation import WEIGHTINGS
 from fedjax_lab.core.gradients import minibatch_gradient
 from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.types import DataInfo
+from fedjax_lab.core.validation import check_number, is_zero
 from fedjax_lab.models import Model
 from fedjax_lab.options import (fraction, non_negative, one_of, option, optional_positive_int,
                                 positive, positive_int)
@@ -196,13 +197,12 @@ def compressed_sgd(model: Model, compression: Compression, learning_rate, *,
         An `Algorithm` whose state is `FetchSGDState`.
     """
     check_choice("client_update", client_update, CLIENT_UPDATES)
-    if not callable(learning_rate) and not learning_rate > 0:
-        raise ValueError(f"learning_rate={learning_rate!r} is invalid; expected a positive "
-                         "number or an optax schedule")
+    if not callable(learning_rate):
+        check_number("learning_rate", learning_rate, "a positive number or an optax schedule",
+                     lambda lr: lr > 0)
     if client_update == "local_steps" and client_optimizer is None:
         raise ValueError("client_update='local_steps' needs client_optimizer")
-    if not weight_decay >= 0:
-        raise ValueError(f"weight_decay={weight_decay!r} is invalid; expected >= 0")
+    check_number("weight_decay", weight_decay, ">= 0", lambda value: value >= 0)
     if num_clients is not None and (isinstance(num_clients, bool)
                                     or not isinstance(num_clients, int) or num_clients < 1):
         raise ValueError(f"num_clients={num_clients!r} is invalid; expected a positive integer")
@@ -213,7 +213,8 @@ def compressed_sgd(model: Model, compression: Compression, learning_rate, *,
     base_loss = model_loss(model.apply) if loss is None else loss
 
     def loss_fn(params, x, y, mask, rng):
-        decay = 0.5 * weight_decay * optax.tree.norm(params, squared=True) if weight_decay else 0
+        decay = (0 if is_zero(weight_decay)
+                 else 0.5 * weight_decay * optax.tree.norm(params, squared=True))
         return base_loss(params, x, y, mask, rng) + decay
 
     dim = model_dim(model)

@@ -50,7 +50,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
 from fedjax_lab.core.aggregation import WEIGHTINGS
 from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.types import DataInfo, server_key
-from fedjax_lab.core.validation import check_positive_int
+from fedjax_lab.core.validation import check_number, check_positive_int, is_traced, is_zero
 from fedjax_lab.models.split import SplitModel
 from fedjax_lab.options import OptionError, non_negative, one_of, option, positive_int
 
@@ -91,7 +91,8 @@ class FedGenConfig:
                            "paper)", non_negative, sweepable=True)
     regularizer_decay: float = option(0.98, "per-round factor of alpha_t and beta_t",
                                       decay_factor, sweepable=True)
-    regularizer_floor: float = option(1e-4, "floor of alpha_t and beta_t", non_negative)
+    regularizer_floor: float = option(1e-4, "floor of alpha_t and beta_t", non_negative,
+                                      sweepable=True)
     generated_batch_size: int = option(32, "generated latents per local step", positive_int)
     label_counts: str = option("dataset", "c_k(y): each client's label counts (paper), or 1 + "
                                "the labels of the batches drawn (reference)",
@@ -185,7 +186,7 @@ def fedgen(model: SplitModel, client_optimizer: optax.GradientTransformation, *,
         An `Algorithm` whose state is `FedGenState`.
     """
     _validate(locals())
-    if not use_generator and (alpha_0 > 0 or beta_0 > 0):
+    if not use_generator and any(not is_traced(w) and w > 0 for w in (alpha_0, beta_0)):
         raise ValueError(f"use_generator=False needs alpha_0 = beta_0 = 0 (got alpha_0={alpha_0}, "
                          f"beta_0={beta_0}): the client terms sample the generator")
     if sharing == "all" and (client_architectures, architecture_of_client, num_clients) != (
@@ -204,7 +205,10 @@ def fedgen(model: SplitModel, client_optimizer: optax.GradientTransformation, *,
         learning_rate=generator_learning_rate, weight_decay=generator_weight_decay,
         lr_decay=generator_lr_decay, teacher_weight=teacher_weight,
         diversity_weight=diversity_weight, teacher_loss=teacher_loss, execution=execution)
-    uses_generator_on_clients = alpha_0 > 0 or beta_0 > 0
+    # Traced (swept) initial weights keep the client terms in the program; a grid point whose
+    # weights are both 0 then adds 0 times them and, like a concrete 0, downloads no generator.
+    uses_generator_on_clients = not (is_zero(alpha_0) and is_zero(beta_0))
+    swept_weights = is_traced(alpha_0) or is_traced(beta_0)
     add_generator_terms = client_terms(generator, model.head, alpha_0=alpha_0, beta_0=beta_0,
                                        generated_batch_size=generated_batch_size)
 
@@ -294,6 +298,9 @@ def fedgen(model: SplitModel, client_optimizer: optax.GradientTransformation, *,
                                             FedGenClientState(kept), participating)
         down = tree_bytes(shared) + (tree_bytes(state.generator) if uses_generator_on_clients
                                      else 0)
+        if swept_weights:
+            down = jnp.where((alpha_0 > 0) | (beta_0 > 0), float(down),
+                             float(tree_bytes(shared)))
         up = tree_bytes(shared) + (model.num_classes * counts.dtype.itemsize if use_generator
                                    else 0)
         return FedGenState(params, opt_state, generator_variables, generator_opt_state,
@@ -328,11 +335,9 @@ def _validate(options: dict) -> None:
             check_positive_int(name, options[name])
     for name in ("alpha_0", "beta_0", "regularizer_floor", "generator_learning_rate",
                  "generator_weight_decay", "teacher_weight", "diversity_weight"):
-        if not options[name] >= 0:
-            raise ValueError(f"{name}={options[name]!r} is invalid; expected {name} >= 0")
+        check_number(name, options[name], f"{name} >= 0", lambda value: value >= 0)
     for name in ("regularizer_decay", "generator_lr_decay"):
-        if not 0 < options[name] <= 1:
-            raise ValueError(f"{name}={options[name]!r} is invalid; expected 0 < {name} <= 1")
+        check_number(name, options[name], f"0 < {name} <= 1", lambda value: 0 < value <= 1)
 
 
 def _round_metrics(weights, losses, steps, mean_delta, teacher, diversity, down,

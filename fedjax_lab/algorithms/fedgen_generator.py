@@ -37,6 +37,7 @@ import optax
 
 from fedjax_lab.core import ClientBatch, ClientExecution
 from fedjax_lab.core.distillation import kd_loss
+from fedjax_lab.core.validation import is_zero
 from fedjax_lab.models import Model
 from fedjax_lab.options import non_negative, one_of, option, positive, positive_int
 
@@ -233,11 +234,11 @@ def fedgen_generator(head: Model, latent_dim: int, *, noise: str = "gaussian",
 def regularizer_weight(initial: float, round_index, decay: float = 0.98,
                        floor: float = 1e-4) -> jax.Array:
     """w_t = max(floor, w_0 decay^t) from round 1 on; 0 in round 0 and whenever w_0 = 0."""
-    if initial == 0:
+    if is_zero(initial):
         return jnp.zeros((), jnp.result_type(float))
     round_index = jnp.asarray(round_index)
     decayed = initial * jnp.asarray(decay, jnp.result_type(float)) ** round_index
-    return jnp.where(round_index > 0, jnp.maximum(floor, decayed), 0.0)
+    return jnp.where((round_index > 0) & (initial > 0), jnp.maximum(floor, decayed), 0.0)
 
 
 def client_terms(generator: Generator, head: Model, *, alpha_0: float, beta_0: float,
@@ -246,17 +247,18 @@ def client_terms(generator: Generator, head: Model, *, alpha_0: float, beta_0: f
     alpha_t, beta_t)` is `loss` plus the terms whose initial weight is positive.
 
     `logits` are the head's on the real batch `(y, mask)`; `rng` is the local step's key, so each
-    step samples its own labels and noise; G (`variables`) is frozen.
+    step samples its own labels and noise; G (`variables`) is frozen. A traced (swept) initial
+    weight keeps its term, weighted by its w_t (0 when the swept w_0 is 0).
     """
 
     def add(loss, variables, head_params, logits, y, mask, rng, alpha_t, beta_t):
-        if alpha_0 > 0:
+        if not is_zero(alpha_0):
             label_key, noise_key = jax.random.split(jax.random.fold_in(rng, _TEACHER_TERM))
             sampled = jax.random.randint(label_key, (generated_batch_size,), 0, head.num_classes)
             latents = generator.generate(variables, noise_key, sampled)
             loss = loss + alpha_t * jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
                 head.apply(head_params, latents), sampled))
-        if beta_0 > 0:
+        if not is_zero(beta_0):
             latents = generator.generate(variables, jax.random.fold_in(rng, _LATENT_TERM), y)
             loss = loss + beta_t * kd_loss(logits, head.apply(head_params, latents), mask)
         return loss

@@ -36,7 +36,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
 from fedjax_lab.core.distillation import kd_loss
 from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.types import DataInfo, server_key
-from fedjax_lab.core.validation import check_positive_int
+from fedjax_lab.core.validation import check_number, check_positive_int, is_zero
 from fedjax_lab.models import Model, get_model
 from fedjax_lab.models.split import SplitModel
 from fedjax_lab.options import (OptionError, all_positive, non_negative, one_of, option,
@@ -175,10 +175,8 @@ def fedgkt(client_model: SplitModel, server_model: Model,
         if value is not None:
             check_positive_int(name, value)
     for name, value in (("alpha", alpha), ("beta", beta)):
-        if not value >= 0:
-            raise ValueError(f"{name}={value!r} is invalid; expected {name} >= 0")
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature!r} is invalid; expected temperature > 0")
+        check_number(name, value, f"{name} >= 0", lambda weight: weight >= 0)
+    check_number("temperature", temperature, "temperature > 0", lambda t: t > 0)
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction {prediction!r} is unknown; allowed: {', '.join(PREDICTIONS)}")
     if tuple(server_model.feature_shape) != (client_model.latent_dim,) or \
@@ -233,7 +231,7 @@ def fedgkt(client_model: SplitModel, server_model: Model,
             del rng
             logits = server_model.apply(server_params, server_features[ids])
             loss = cross_entropy(logits, y, mask)
-            if beta > 0:
+            if not is_zero(beta):
                 loss = loss + beta * kd_loss(logits, server_targets[ids], mask, temperature)
             return loss
 
@@ -281,7 +279,7 @@ def _client_loss(client_model: SplitModel, x: jax.Array, own: FedGKTClientState,
         del rng
         logits = client_model.apply(params, x[ids])
         loss = cross_entropy(logits, y, mask)
-        if alpha > 0:
+        if not is_zero(alpha):
             distill = kd_loss(logits, own.server_logits[ids], mask, temperature)
             loss = loss + alpha * jnp.where(own.has_server_logits, distill, 0)
         return loss

@@ -46,6 +46,7 @@ from fedjax_lab.core.local_training import LossFn
 from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.robust import coordinate_median, majority_vote
 from fedjax_lab.core.types import DataInfo
+from fedjax_lab.core.validation import check_number
 from fedjax_lab.models import Model
 from fedjax_lab.options import non_negative, one_of, option, optional_positive_int, positive
 
@@ -156,10 +157,8 @@ def _gradient_aggregation(model: Model, rule: str, learning_rate: float, noise_s
         attack: optional `Attack`; malicious nodes poison their labels or their gradients.
         execution: how nodes run.
     """
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate={learning_rate!r} is invalid; expected a positive number")
-    if not noise_scale >= 0:
-        raise ValueError(f"noise_scale={noise_scale!r} is invalid; expected b >= 0")
+    check_number("learning_rate", learning_rate, "a positive number", lambda lr: lr > 0)
+    check_number("noise_scale", noise_scale, "b >= 0", lambda b: b >= 0)
     if noise not in NOISES:
         raise ValueError(f"noise {noise!r} is unknown; allowed: {', '.join(NOISES)}")
     if noise_reference not in NOISE_REFERENCES:
