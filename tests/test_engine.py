@@ -52,13 +52,18 @@ def _training_clients(model, params):
     return client_fn, (batch.x, batch.y, batch.mask, batch.rng), batch.num_examples
 
 
+def _jitted_map(execution, client_fn):
+    return jax.jit(lambda per_client: execution.map(client_fn, per_client))
+
+
 @pytest.mark.parametrize("execution", STRATEGIES)
 def test_every_strategy_equals_vmap(execution):
+    # Jitted: eager execution is covered by the map-reduce test below.
     with jax.enable_x64(True):
         model = small_model()
         client_fn, per_client, _ = _training_clients(model, float64_params(model))
-        assert_trees_close(execution.map(client_fn, per_client),
-                           ClientExecution("vmap").map(client_fn, per_client))
+        assert_trees_close(_jitted_map(execution, client_fn)(per_client),
+                           _jitted_map(ClientExecution("vmap"), client_fn)(per_client))
 
 
 @pytest.mark.parametrize("execution", STRATEGIES + [ClientExecution("vmap")])
@@ -72,7 +77,7 @@ def test_map_reduce_is_the_weighted_mean_of_map(execution, jit):
         pair_fn = lambda client: (client_fn(client).params, client_fn(client).num_steps)
         reduce = lambda p, w: execution.map_reduce(pair_fn, p, w)
         total, steps = (jax.jit(reduce) if jit else reduce)(per_client, weights)
-        stacked = ClientExecution("vmap").map(client_fn, per_client)
+        stacked = _jitted_map(ClientExecution("vmap"), client_fn)(per_client)
         assert_trees_close(total, weighted_mean(stacked.params, weights), rtol=1e-13, atol=1e-13)
         np.testing.assert_array_equal(steps, stacked.num_steps)
 

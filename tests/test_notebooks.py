@@ -3,7 +3,9 @@
 The notebooks run in a Jupyter kernel started from this interpreter (a kernelspec written to a
 temporary folder names `sys.executable`, so the kernel sees the same packages as pytest), with
 matplotlib's non-interactive Agg backend and the repository on the kernel's PYTHONPATH. A failing
-cell fails its notebook's test with that cell's source and traceback.
+cell fails its notebook's test with that cell's source and traceback. The default suite runs them
+in their smoke setting (FEDJAX_LAB_SMOKE=1: a few rounds, every cell); `pytest -m slow` runs them
+in full, as a reader does.
 
 Notebooks are committed with outputs stripped, so that diffs show code and prose only. Strip them
 with this file's command line, which uses nbformat only:
@@ -71,8 +73,10 @@ def test_notebook_is_stripped(path):
                        f"them with `python tests/test_notebooks.py notebooks/{path.name}`")
 
 
+@pytest.mark.parametrize("smoke", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["smoke", "full"])
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
-def test_notebook_runs(path, kernel_dir):
+def test_notebook_runs(path, smoke, kernel_dir):
     notebook = nbformat.read(path, as_version=4)
     # The kernel must be this interpreter; checked in the kernel itself after the last cell.
     notebook.cells.append(nbformat.v4.new_code_cell(
@@ -80,7 +84,8 @@ def test_notebook_runs(path, kernel_dir):
     manager = KernelManager(kernel_name=KERNEL_NAME,
                             kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernel_dir)]))
     pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": pythonpath}
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": pythonpath,
+           "FEDJAX_LAB_SMOKE": "1" if smoke else "0"}
     client = NotebookClient(notebook, km=manager, timeout=CELL_TIMEOUT_S,
                             resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
     try:
