@@ -224,7 +224,9 @@ def run_experiment(algorithm: Algorithm | TracedAlgorithm, dataset, *, num_round
             it (a leading axis that does not divide evenly is replicated). None uses every
             visible device when there are several, and places nothing on a single device.
         privacy: a DP run's accounting (`fedjax_lab.privacy.PrivateRun`): each evaluation
-            records the `epsilon` spent so far at its `delta`.
+            records the `epsilon` spent so far at its `delta`, and so does each round's metrics
+            row under the RDP accountant ("fixed" sampling; under PLD, "poisson", the rows of
+            evaluated rounds, since each round count is a composition of its own).
     """
     for name, value in (("num_rounds", num_rounds), ("eval_every", eval_every),
                         ("checkpoint_every", 1 if checkpoint_every is None else checkpoint_every)):
@@ -294,11 +296,18 @@ def run_experiment(algorithm: Algorithm | TracedAlgorithm, dataset, *, num_round
         rows = [{"round": done + i + 1, **to_python(jax.tree.map(lambda m: m[i], metrics))}
                 for i in range(stop - done)]
         done = stop
+        evaluating = done % eval_every == 0 or done == num_rounds
+        bad = first_non_finite(rows)
+        if privacy is not None:
+            # Every round's ε where the accountant composes cheaply (RDP), else the evaluated
+            # round's (a PLD composition each).
+            for row in rows:
+                if privacy.mechanism.cheap_per_round or (evaluating and row is rows[-1]):
+                    row["epsilon"] = privacy.epsilon(row["round"])
         history.extend(rows)
         if output_dir is not None:
             with open(os.path.join(output_dir, METRICS_FILE), "a") as out:
                 out.writelines(json.dumps(row) + "\n" for row in rows)
-        bad = first_non_finite(rows)
         if bad is None and not _all_finite(state):
             bad = (done, "parameters", math.nan)
         if bad is not None and not allow_divergence:
@@ -307,7 +316,7 @@ def run_experiment(algorithm: Algorithm | TracedAlgorithm, dataset, *, num_round
             raise DivergenceError(f"training diverged at round {bad[0]}: {bad[1]} is {bad[2]}; "
                                   f"stopped ({where}); allow_divergence continues past it")
         evaluation = None
-        if done % eval_every == 0 or done == num_rounds:
+        if evaluating:
             # The last evaluation also keeps every client's accuracy (for `fedjax-lab plot`).
             evaluation = {"round": done, **{name: evaluate(state, per_client=done == num_rounds)
                                             for name, evaluate in evaluators.items()}}

@@ -196,16 +196,27 @@ def test_default_delta_is_n_to_the_minus_1_1():
     np.testing.assert_allclose(accounting.default_delta(10 ** 6), 10 ** -6.6, rtol=1e-12)
 
 
-def test_a_private_run_calibrates_and_records_epsilon_in_every_evaluation():
-    config = small_digits_config(**{"algorithm.dp.clip": 1.0, "algorithm.dp.target_epsilon": 20.0})
+@pytest.mark.parametrize("sampling, rows_with_epsilon", [
+    ({}, [1, 2, 3, 4, 5]),
+    ({"algorithm.dp.sampling": "poisson", "algorithm.dp.expected_cohort": 2.0}, [2, 4, 5])],
+    ids=["fixed", "poisson"])
+def test_a_private_run_calibrates_and_records_epsilon_in_every_evaluation(sampling,
+                                                                           rows_with_epsilon):
+    # Metrics rows carry ε every round under RDP, at the evaluated rounds under PLD.
+    config = small_digits_config(**{"algorithm.dp.clip": 1.0, "algorithm.dp.target_epsilon": 20.0,
+                                    **sampling})
     result = run_config.run(config, progress=False)
     private = plan_run(config.algorithm.options.dp, num_clients=8, cohort_size=4, rounds=5)
     assert [e["round"] for e in result.evaluations] == [2, 4, 5]
     assert [e["epsilon"] for e in result.evaluations] == [private.epsilon(t) for t in (2, 4, 5)]
+    assert [row["round"] for row in result.history if "epsilon" in row] == rows_with_epsilon
+    assert all(row["epsilon"] == private.epsilon(row["round"])
+               for row in result.history if "epsilon" in row)
     assert result.evaluations[0]["epsilon"] < result.evaluations[-1]["epsilon"] <= 20.0
     assert result.summary["final"]["delta"] == pytest.approx(8 ** -1.1)
+    denominator = private.options.expected_cohort or 4  # the fixed-denominator estimator's
     assert result.history[-1]["dp_noise_std"] == pytest.approx(
-        private.options.noise_multiplier * 1.0 / 4)
+        private.options.noise_multiplier * 1.0 / denominator)
 
 
 def test_a_poisson_cohort_that_often_overflows_its_capacity_warns():

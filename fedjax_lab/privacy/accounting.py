@@ -134,6 +134,13 @@ class SampledGaussian:
         return pld_privacy_accountant.PLDAccountant(
             self.neighboring_relation, value_discretization_interval=self.pld_discretization)
 
+    @property
+    def cheap_per_round(self) -> bool:
+        """Whether ε costs next to nothing per round count: RDP ("fixed") composes by a product,
+        while each PLD ("poisson") round count is a composition of its own (0.5-0.8 s each on
+        N = 1000, q = 0.05, C = 80, z = 1)."""
+        return self.sampling == "fixed"
+
     def epsilon(self, rounds: int, delta: float) -> float:
         """ε after `rounds` rounds at `delta` (0 rounds spend nothing)."""
         return _epsilon(self, rounds, delta)
@@ -148,9 +155,21 @@ def _epsilon(mechanism: SampledGaussian, rounds: int, delta: float) -> float:
     check_delta(delta)
     if rounds == 0:
         return 0.0
+    if mechanism.sampling == "fixed":
+        # The accountant's own arithmetic (its RDP is count times the event's, then
+        # compute_epsilon), with the event's RDP computed once for every round count.
+        orders, one_round = _one_round_rdp(mechanism)
+        return float(rdp_privacy_accountant.compute_epsilon(orders, rounds * one_round, delta)[0])
     accountant = mechanism.accountant()
     accountant.compose(mechanism.event(), int(rounds))
     return float(accountant.get_epsilon(delta))
+
+
+@functools.lru_cache(maxsize=64)
+def _one_round_rdp(mechanism: SampledGaussian):
+    accountant = mechanism.accountant()
+    accountant.compose(mechanism.event())
+    return accountant.orders, accountant.rdp
 
 
 def check_delta(delta: float) -> None:
