@@ -49,6 +49,7 @@ def commands(rounds: int, folder: str) -> dict:
                          "off" if cache_name == "off" else os.path.join(folder, "cache-sweep"))
         result[f"cache {cache_name}"] = {"separate_runs_s": separate, "sweep_s": swept,
                                          "ratio": separate / swept}
+        _report({f"cache {cache_name}": result[f"cache {cache_name}"]})
     cache = os.path.join(folder, "cache-twice")
     compile_seconds = []
     for attempt in ("first", "second"):
@@ -57,7 +58,13 @@ def commands(rounds: int, folder: str) -> dict:
         with open(os.path.join(output, "summary.json")) as f:
             compile_seconds.append(json.load(f)["compile_seconds"])
     result["compile_seconds_first_second"] = compile_seconds
+    _report({"compile_seconds_first_second": compile_seconds})
     return result
+
+
+def _report(measured: dict) -> None:
+    # Printed as measured, so a run cut short keeps what it finished.
+    print(json.dumps(measured), flush=True)
 
 
 def throughput(model: str, points: int, rounds: int = 20) -> dict:
@@ -90,13 +97,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{jax.devices()[0].device_kind}, jax {jax.__version__}, load "
-          f"{os.getloadavg()[0]:.1f}")
+          f"{os.getloadavg()[0]:.1f}", flush=True)
     if not args.skip_commands:
         with tempfile.TemporaryDirectory() as folder:
-            print(json.dumps(commands(args.rounds, folder), indent=2))
+            commands(args.rounds, folder)
     for model in ("logistic", "mlp"):
         for points in options.parse_text("points", args.points, tuple[int, ...]):
-            print(json.dumps(throughput(model, points)))
+            _report(throughput(model, points))
 
 
 if __name__ == "__main__":
