@@ -6,9 +6,10 @@ cache turns it on in a temporary folder.
 
 XLA compiles without its expensive LLVM passes (`jax_disable_most_optimizations`: backend
 optimisation level 0): the suite's programs are tiny, so compiling is nearly all of its time, and
-this cuts about a third of it (tests/test_ditto.py: 150 s -> 93 s on two cores). The passes change how fast the code runs, not what it computes; the tests'
-bit-for-bit comparisons set both sides under the same flags. Set in the environment before JAX is
-imported, so the subprocesses and notebook kernels that tests start inherit it.
+this cuts about a third of it (tests/test_ditto.py: 150 s -> 93 s on two cores). The passes change
+how fast the code runs, not what it computes; the tests' bit-for-bit comparisons compile both
+sides under the same flags. Set in the environment before JAX is imported, so the subprocesses
+and notebook kernels that tests start inherit it.
 """
 
 import os

@@ -1,4 +1,4 @@
-"""Every registered algorithm built as a sweep builds it: with each sweepable option a traced scalar.
+"""Every registered algorithm built as a sweep builds it, each sweepable option a traced scalar.
 
 A sweep builds each algorithm inside one jitted (and vmapped) function from its config with every
 sweepable option a traced scalar (`options.replace_paths`). For every case below, init and round
