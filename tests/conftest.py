@@ -16,13 +16,3 @@ import os
 
 os.environ["FEDJAX_LAB_COMPILE_CACHE"] = "off"
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-
-# The longest files (measured with --durations) go to the workers first, so that no worker is
-# left running one of them alone at the end.
-LONGEST_FIRST = ("test_registry_contract.py", "test_registry_sweepable.py", "test_notebooks.py",
-                 "test_engine.py", "test_factored.py", "test_sweep.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
