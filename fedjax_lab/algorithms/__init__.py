@@ -25,7 +25,8 @@ from fedjax_lab.algorithms.perfedavg import PerFedAvgState, perfedavg
 from fedjax_lab.algorithms.pfedhn import PFedHNState, pfedhn
 
 _MODULES = ("fedavg", "fedprox", "median_mean", "fetchsgd", "topk", "ditto", "fedamp",
-            "fedproto", "pfedhn", "fedmeta", "perfedavg", "fedgkt", "fedgen", "feddyn", "fednova")
+            "fedproto", "pfedhn", "fedmeta", "perfedavg", "fedgkt", "fedgen", "feddyn", "fednova",
+            "scaffold")
 REGISTRY: dict[str, AlgorithmSpec] = {
     spec.name: spec
     for module in _MODULES
