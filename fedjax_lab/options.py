@@ -57,6 +57,10 @@ def fraction(value) -> str | None:
     return None if 0 <= value <= 1 else "expected a fraction in [0, 1]"
 
 
+def below_one(value) -> str | None:
+    return None if 0 <= value < 1 else "expected 0 <= value < 1"
+
+
 def open_fraction(value) -> str | None:
     return None if 0 < value < 1 else "expected a fraction strictly between 0 and 1"
 

@@ -112,7 +112,8 @@ def test_uniform_weighting_differs_from_sample_weighting_when_sizes_differ():
 
 
 def test_server_optimizer_steps_on_the_mean_delta():
-    """FedAdam (Reddi et al.): the server's first Adam step moves each weight by about lr."""
+    """A server optimiser steps on the mean delta: optax's Adam's first step moves each weight by
+    about lr (Reddi et al.'s own forms: tests/test_fedopt.py)."""
     xs, ys = make_clients(SIZES)
     batch = stack_clients(xs, ys)
     model = small_model()

@@ -24,7 +24,7 @@ from fedjax_lab.algorithms.fedprox import fedprox, proximal_term
 from fedjax_lab.algorithms.perfedavg import PerFedAvgState, perfedavg
 from fedjax_lab.algorithms.pfedhn import PFedHNState, pfedhn
 
-_MODULES = ("fedavg", "fedprox", "median_mean", "fetchsgd", "topk", "ditto", "fedamp",
+_MODULES = ("fedavg", "fedprox", "fedopt", "median_mean", "fetchsgd", "topk", "ditto", "fedamp",
             "fedproto", "pfedhn", "fedmeta", "perfedavg", "fedgkt", "fedgen", "feddyn", "fednova",
             "scaffold")
 REGISTRY: dict[str, AlgorithmSpec] = {

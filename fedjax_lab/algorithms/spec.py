@@ -18,10 +18,11 @@ import optax
 
 from fedjax_lab.core import factored
 from fedjax_lab.core.client_execution import ClientExecution
+from fedjax_lab.core.server_optimizers import ADAPTIVE_RULES, adaptive_server_optimizer
 from fedjax_lab.core.types import Algorithm, DataInfo
 from fedjax_lab.core.validation import is_zero
-from fedjax_lab.options import (OptionError, fraction, non_negative, one_of, option, optional,
-                                optional_positive_int, positive, positive_int)
+from fedjax_lab.options import (OptionError, below_one, fraction, non_negative, one_of, option,
+                                optional, optional_positive_int, positive, positive_int)
 
 # build(config, model, data, execution) -> Algorithm
 Builder = Callable[[Any, Any, DataInfo, ClientExecution], Algorithm]
@@ -29,8 +30,10 @@ Builder = Callable[[Any, Any, DataInfo, ClientExecution], Algorithm]
 MODEL_KINDS = ("any", "split")
 
 
-SERVER_OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    "sgd": optax.sgd, "adam": optax.adam, "yogi": optax.yogi, "adagrad": optax.adagrad}
+# Plain and momentum SGD (FedAvgM), optax's adaptive optimisers as they are (FedMeta's outer Adam),
+# and Reddi et al.'s server forms of them (`fedjax_lab.core.server_optimizers`).
+SERVER_OPTIMIZERS = ("sgd", "adam", "yogi", "adagrad") + ADAPTIVE_RULES
+_OPTAX_ADAPTIVE = {"adam": optax.adam, "yogi": optax.yogi, "adagrad": optax.adagrad}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +64,34 @@ class ClientTraining:
 
 @dataclasses.dataclass(frozen=True)
 class ServerOptimizer:
-    """The server's optax optimiser on the mean client delta; sgd at lr 1 is plain averaging."""
+    """The server's optimiser on the mean client delta; sgd at lr 1 is plain averaging.
+
+    sgd with `momentum` beta is FedAvgM (Hsu, Qi, Brown, arXiv 1909.06335: v <- beta v + delta,
+    w <- w - lr v); fedadagrad, fedadam and fedyogi are Reddi et al.'s Algorithm 2 (ICLR 2021,
+    arXiv 2003.00295) with b1, b2 and tau; adam, yogi and adagrad are optax's, bias-corrected.
+    """
 
     optimizer: str = option("sgd", "server optimiser", one_of(*SERVER_OPTIMIZERS))
     lr: float = option(1.0, "server learning rate", positive, sweepable=True)
+    momentum: float = option(0.0, "sgd's server momentum beta (FedAvgM); 0: none", below_one)
+    b1: float = option(0.9, "first-moment decay of fedadagrad/fedadam/fedyogi", below_one,
+                       sweepable=True)
+    b2: float = option(0.99, "second-moment decay of fedadam/fedyogi", below_one, sweepable=True)
+    tau: float = option(1e-3, "degree of adaptivity tau of fedadagrad/fedadam/fedyogi", positive,
+                        sweepable=True)
+
+    def check(self) -> None:
+        if self.optimizer != "sgd" and self.momentum != 0:
+            raise OptionError("momentum", self.momentum, f"server momentum is sgd's (FedAvgM); "
+                              f"optimizer {self.optimizer!r} has its own moments")
 
     def build(self) -> optax.GradientTransformation:
-        return SERVER_OPTIMIZERS[self.optimizer](self.lr)
+        if self.optimizer in ADAPTIVE_RULES:
+            return adaptive_server_optimizer(self.optimizer, self.lr, b1=self.b1, b2=self.b2,
+                                             tau=self.tau)
+        if self.optimizer == "sgd":
+            return optax.sgd(self.lr, momentum=None if is_zero(self.momentum) else self.momentum)
+        return _OPTAX_ADAPTIVE[self.optimizer](self.lr)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,8 +48,9 @@ def server_update(params: PyTree, opt_state: PyTree, mean_delta: PyTree,
                   optimizer) -> tuple[PyTree, PyTree]:
     """One server optimiser step on the pseudo-gradient `mean_delta = sum_i p_i (w - w_i)`.
 
-    Plain FedAvg is `optax.sgd(1.0)`; FedAdam and FedYogi (Reddi et al., ICLR 2021,
-    arXiv 2003.00295) are `optax.adam` and `optax.yogi` with a server learning rate.
+    Plain FedAvg is `optax.sgd(1.0)`, FedAvgM `optax.sgd(lr, momentum=beta)`; FedAdagrad, FedAdam
+    and FedYogi (Reddi et al., ICLR 2021, arXiv 2003.00295) are
+    `fedjax_lab.core.server_optimizers.adaptive_server_optimizer`.
     """
     updates, opt_state = optimizer.update(mean_delta, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
