@@ -16,6 +16,7 @@ import functools
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from fedjax_lab.core import sharding
 from fedjax_lab.core.types import Algorithm
@@ -138,8 +139,24 @@ def compile_seconds() -> float:
 
 
 def init_state(traced: TracedAlgorithm, key: jax.Array) -> PyTree:
-    """The initial state, computed eagerly as a plain `algorithm.init(key)` is."""
-    return traced.build(traced.hyperparameters).init(key)
+    """The initial state, computed eagerly as a plain `algorithm.init(key)` is, with no buffer
+    shared between two leaves (an eager `init` may put one array in two places, which the
+    compiled rounds could not take as donated)."""
+    return _unaliased(traced.build(traced.hyperparameters).init(key))
+
+
+def _unaliased(tree: PyTree) -> PyTree:
+    seen = set()
+
+    def own_buffer(leaf):
+        if not isinstance(leaf, jax.Array):
+            return leaf
+        if id(leaf) in seen:
+            return jnp.copy(leaf)
+        seen.add(id(leaf))
+        return leaf
+
+    return jax.tree.map(own_buffer, tree)
 
 
 def metric_shapes(traced: TracedAlgorithm) -> dict:

@@ -74,6 +74,22 @@ def test_scan_blocks_do_not_change_the_trajectory():
     assert one.history == many.history
 
 
+def test_an_init_that_puts_one_array_in_two_leaves_still_runs():
+    """The rounds take the state donated, which XLA refuses for one buffer passed twice."""
+    dataset = digits(6, seed=1)
+    algorithm = fedavg(logistic_regression(dataset.feature_shape, 10), optax.sgd(0.1))
+
+    def init(key):
+        state = algorithm.init(key)
+        return state._replace(metrics=dict(state.metrics, bytes_down=state.metrics["bytes_up"]))
+
+    aliased = run_experiment(algorithm._replace(init=init), dataset, num_rounds=2, cohort_size=3,
+                             eval_every=2, progress=False)
+    plain = run_experiment(algorithm, dataset, num_rounds=2, cohort_size=3, eval_every=2,
+                           progress=False)
+    assert_trees_equal(aliased.state.params, plain.state.params)
+
+
 def test_summary_of_per_client_scores():
     metrics = summarize(np.array([1, 3, 0, 9]), np.array([2.0, 1.0, 0.0, 3.0]),
                         np.array([2, 4, 0, 10]))
