@@ -9,8 +9,7 @@ import pytest
 from common import (assert_trees_close, assert_trees_equal, float64_params, make_clients,
                     small_model, stack_clients)
 from fedjax_lab.algorithms import FedAvgState, fedavg
-from fedjax_lab.core import (ClientExecution, client_weights, local_train, model_loss,
-                             weighted_mean)
+from fedjax_lab.core import ClientExecution, local_train, model_loss, weighted_mean
 
 SIZES = [9, 4, 13, 6]
 

@@ -259,7 +259,6 @@ def test_poisson_subsample_is_a_truncated_binomial_count_of_uniform_slots():
 
 def test_poisson_cohorts_train_only_the_sampled_clients():
     xs, ys = make_clients([5] * 8)
-    batch = stack_clients(xs, ys)
     algorithm = fedavg(small_model(), optax.sgd(0.1), dp=dp_aggregator(1.0, 0.5,
                                                                        denominator=2.0))
     poisson = poisson_cohorts(algorithm, num_clients=100, expected_cohort=2.0)
