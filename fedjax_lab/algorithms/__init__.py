@@ -26,7 +26,7 @@ from fedjax_lab.algorithms.pfedhn import PFedHNState, pfedhn
 
 _MODULES = ("fedavg", "fedprox", "fedopt", "median_mean", "fetchsgd", "topk", "ditto", "fedamp",
             "fedproto", "pfedhn", "fedmeta", "perfedavg", "fedgkt", "fedgen", "feddyn", "fednova",
-            "scaffold", "qffl", "ifca", "apfl", "partial_sharing", "moon")
+            "scaffold", "qffl", "ifca", "apfl", "partial_sharing", "moon", "pfedme")
 REGISTRY: dict[str, AlgorithmSpec] = {
     spec.name: spec
     for module in _MODULES
