@@ -26,12 +26,13 @@ from test_registry_contract import COHORT, _batch, _build, _reference
 # Each case is an algorithm with the options that give every sweepable one a number (None is
 # structure: it is never traced) and the structural choices under which some take part (FedAMP's
 # self_weight exists only with the heuristic attention, the compressed methods' client.lr only with
-# local steps, DP's only with DP on).
+# local steps, DP's only with DP on, q-FFL's lipschitz only when set).
 SWEEP_CASES = tuple((name, ()) for name in sorted(set(REGISTRY) - {"fedamp", "pfedhn"})) + (
     ("fedamp", (("lam", 0.3), ("alpha_k", 0.15))),
     ("fedamp", (("attention", "heuristic"), ("self_weight", 0.3), ("alpha_k", 0.7))),
     ("momentum_sgd", (("client.update", "local_steps"),)),
     ("pfedhn", (("server_lr", 0.02), ("client.clip_norm", 5.0))),
+    ("qffl", (("lipschitz", 5.0),)),
     ("fedavg", (("dp.clip", 1.0), ("dp.noise_multiplier", 1.1), ("dp.adaptive_quantile", 0.5),
                 ("dp.count_noise", 2.0))),
 )
