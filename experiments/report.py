@@ -27,7 +27,7 @@ OUTPUT = os.path.join(ROOT, "docs", "RESULTS.md")
 # The experiment modules, in the page's order; each results folder is named after its module.
 EXPERIMENTS = ("fedavg_fedsgd", "fedprox_synthetic", "median_mean_bridge", "fetchsgd",
                "robust_aggregation", "ditto_fedamp", "fedproto_pfedhn", "meta_learning",
-               "knowledge_transfer", "dp_fedavg", "scaffold_drift")
+               "knowledge_transfer", "dp_fedavg", "scaffold_drift", "qffl_fairness")
 
 
 class Row(NamedTuple):
