@@ -27,7 +27,8 @@ OUTPUT = os.path.join(ROOT, "docs", "RESULTS.md")
 # The experiment modules, in the page's order; each results folder is named after its module.
 EXPERIMENTS = ("fedavg_fedsgd", "fedprox_synthetic", "median_mean_bridge", "fetchsgd",
                "robust_aggregation", "ditto_fedamp", "fedproto_pfedhn", "meta_learning",
-               "knowledge_transfer", "dp_fedavg", "scaffold_drift", "qffl_fairness")
+               "knowledge_transfer", "dp_fedavg", "scaffold_drift", "qffl_fairness",
+               "personalization_table")
 
 
 class Row(NamedTuple):
