@@ -18,6 +18,12 @@ f(w_i) + f(alpha_i v_i + (1 - alpha_i) sg(w_i)), whose gradient in w_i is FedAvg
 gradient), and FedAvg's weights, reduction and server step. v_i and alpha_i live in
 `client_states`, stacked over the whole population (v_i starting at w_0, alpha_i at `alpha`).
 
+Learned alpha can collapse to FedAvg: within a round w_i trains at the full rate and v_i at alpha
+times it, so the mixture's gradient tends to favour w_i. Measured on the default digits job (seed
+0, 60 rounds): the participants' mean alpha fell from 0.25 to 0.046 with E = 1 and to 0.002 with
+E = 5, and in experiments/personalization_table.py APFL ends equal to FedAvg. `alpha_lr 0` holds
+a chosen mix.
+
 Pitfalls avoided: the personal step is the gradient at the mixture, not at v_i; w_i's steps never
 see v_i (so the global model is FedAvg's bit for bit); alpha is projected back to [0, 1] after each
 round's local training (it is a mixing weight); the personal model predicts with the latest global
