@@ -133,10 +133,11 @@ def test_dp_is_refused_where_it_cannot_compose():
 def test_the_dp_options_are_listed_on_the_algorithms_that_compose_with_it():
     private = {name for name, spec in REGISTRY.items()
                if any(path.startswith("dp.") for path, *_ in describe(spec.config))}
-    assert private == {"fedavg", "fedprox", "ditto", "fedavg_meta"}
+    assert private == {"fedavg", "fedprox", "ditto", "fedavg_meta", "fedavgm", "fedadagrad",
+                       "fedadam", "fedyogi"}
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedprox", "ditto", "fedavg_meta"])
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "ditto", "fedavg_meta", "fedadam"])
 def test_every_private_builder_draws_poisson_cohorts(name):
     spec = REGISTRY[name]
     defaults = spec.config()
