@@ -265,6 +265,7 @@ def traced_algorithm(config: Config, info: DataInfo) -> TracedAlgorithm:
     compiled program for every seed and value (`fedjax_lab.compiled`)."""
     structure, traced = algorithm_structure(config)
     execution = ClientExecution(config.run.execution, config.run.chunk_size)
+    _spec("algorithm", config.algorithm.name).check_labels(config.data.name, info)
     build = _algorithm_builder(config.algorithm.name, structure, config.model, info, execution)
     return TracedAlgorithm(build, {path: jnp.asarray(value) for path, value in traced.items()})
 
@@ -288,6 +289,7 @@ def build(config: Config):
     dataset = load_data(config)
     model = model_spec.build(config.model.options, dataset.feature_shape, dataset.num_classes)
     algorithm_spec.check_model(config.model.name, model)
+    algorithm_spec.check_labels(config.data.name, dataset.info())
     execution = ClientExecution(config.run.execution, config.run.chunk_size)
     private_config, _ = private_run(config, dataset)
     algorithm = algorithm_spec.build(private_config.algorithm.options, model, dataset.info(),

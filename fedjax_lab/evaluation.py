@@ -31,7 +31,7 @@ import optax
 from fedjax_lab.compiled import TracedAlgorithm, as_traced, per_structure
 from fedjax_lab.core.client_execution import ClientExecution
 from fedjax_lab.core.local_training import local_train
-from fedjax_lab.core.losses import model_loss
+from fedjax_lab.core.losses import cross_entropies, model_loss
 from fedjax_lab.core.types import Algorithm, ClientBatch, client_keys
 
 PyTree = Any
@@ -58,22 +58,27 @@ class FineTuning(NamedTuple):
 
 
 def client_scores(logits: jax.Array, labels: jax.Array, mask: jax.Array):
-    """Per-client (correct count, summed cross-entropy, example count), each `[C]`."""
-    weight = mask.astype(logits.dtype)
-    correct = jnp.sum((jnp.argmax(logits, -1) == labels) * weight, axis=1)
-    losses = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels) * weight,
-                     axis=1)
-    return correct, losses, jnp.sum(weight, axis=1)
+    """Per-client (correct count, summed cross-entropy, count), each `[C]`: counts of examples,
+    or of counted tokens for sequence targets (`labels [C, N, T]`; ignored targets and padded
+    examples count nowhere)."""
+    losses, weight = cross_entropies(logits, labels, mask)
+    weight = weight.astype(logits.dtype)
+    summed = lambda values: jnp.sum((values * weight).reshape(values.shape[0], -1), axis=1)
+    return (summed(jnp.argmax(logits, -1) == labels), summed(losses), summed(weight))
 
 
 def summarize(correct: np.ndarray, loss_sums: np.ndarray, counts: np.ndarray, *,
               per_client: bool = False) -> dict:
-    """Pooled accuracy and loss, and the distribution of per-client accuracy.
+    """Pooled accuracy, loss and perplexity, and the distribution of per-client accuracy.
 
-    `client_accuracy_deciles` lists the 10th, 20th, ..., 90th percentiles; `client_accuracy_worst10`
-    is the mean accuracy of the worst ceil(10%) of clients (q-FFL's and Ditto's fairness metric).
-    With `per_client`, `client_accuracies` also lists every client's accuracy in row order (None
-    for a client without examples), which is what `fedjax-lab plot` draws.
+    For sequence targets every count is of tokens: `accuracy` is token accuracy, `loss` the mean
+    cross-entropy per token and `perplexity` its exponential, all over the counted tokens
+    (`num_examples` then counts tokens). `client_accuracy_deciles` lists the 10th, 20th, ...,
+    90th percentiles; `client_accuracy_worst10` is the mean accuracy of the worst ceil(10%) of
+    clients (q-FFL's and Ditto's fairness metric); `client_perplexity_mean` and
+    `client_perplexity_worst10` are the same for each client's own perplexity. With
+    `per_client`, `client_accuracies` and `client_perplexities` also list every client's value in
+    row order (None for a client without examples), which is what `fedjax-lab plot` draws.
     """
     correct, loss_sums, counts = (np.asarray(a, np.float64) for a in (correct, loss_sums, counts))
     total = counts.sum()
@@ -81,22 +86,32 @@ def summarize(correct: np.ndarray, loss_sums: np.ndarray, counts: np.ndarray, *,
         raise ValueError("evaluation data holds no examples")
     has_data = counts > 0
     accuracy = correct[has_data] / counts[has_data]
-    worst = np.sort(accuracy)[:int(np.ceil(0.1 * accuracy.size))]
+    num_worst = int(np.ceil(0.1 * accuracy.size))
+    worst = np.sort(accuracy)[:num_worst]
+    with np.errstate(over="ignore"):
+        perplexity = np.exp(loss_sums[has_data] / counts[has_data])
+        pooled_perplexity = np.exp(loss_sums.sum() / total)
     result = {
         "accuracy": float(correct.sum() / total),
         "loss": float(loss_sums.sum() / total),
+        "perplexity": float(pooled_perplexity),
         "client_accuracy_mean": float(accuracy.mean()),
         "client_accuracy_std": float(accuracy.std()),
         "client_accuracy_min": float(accuracy.min()),
         "client_accuracy_p10": float(np.percentile(accuracy, 10)),
         "client_accuracy_deciles": [float(q) for q in np.percentile(accuracy, range(10, 100, 10))],
         "client_accuracy_worst10": float(worst.mean()),
+        "client_perplexity_mean": float(perplexity.mean()),
+        "client_perplexity_worst10": float(np.sort(perplexity)[-num_worst:].mean()),
         "num_clients": int(has_data.sum()),
         "num_examples": int(total),
     }
     if per_client:
         result["client_accuracies"] = [float(c / n) if n > 0 else None
                                        for c, n in zip(correct, counts)]
+        with np.errstate(over="ignore"):
+            result["client_perplexities"] = [float(np.exp(l / n)) if n > 0 else None
+                                             for l, n in zip(loss_sums, counts)]
     return result
 
 

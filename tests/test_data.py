@@ -50,7 +50,9 @@ def test_client_data_converts_dtypes_and_reports_shapes():
 @pytest.mark.parametrize("x, y, names, message", [
     ([np.zeros((2, 4))] * 2, [np.zeros(2, int)], ["a", "b"], r"2 x arrays, 1 y arrays and 2 names"),
     ([np.zeros((2, 4))] * 2, [np.zeros(2, int), np.zeros((2, 1), int)], ["a", "b"],
-     r"client 1 \('b'\) y has shape \(2, 1\).*expected 1-D integer"),
+     r"client 1 \('b'\) y has label shape \(1,\); expected \(\) as client 0"),
+    ([np.zeros((2, 4))], [np.zeros((), int)], ["a"],
+     r"client 0 \('a'\) y has shape \(\).*expected integer labels \[n_i\]"),
     ([np.zeros((2, 4))], [np.zeros(2)], ["a"], r"client 0 \('a'\) y .*float64.*integer"),
     ([np.zeros((2, 4)), np.zeros((3, 4))], [np.zeros(2, int)] * 2, ["a", "b"],
      r"client 1 \('b'\) x has shape \(3, 4\); expected first dim 2"),

@@ -255,10 +255,11 @@ def _use_factored(dense_update, model, client_optimizer, local_regularizer, aggr
 
 
 def predict_with(model: Model, params: PyTree, x: jax.Array) -> jax.Array:
-    """Logits `[C, N, classes]` of one shared model on every client's examples `[C, N, ...]`."""
+    """Logits `[C, N, classes]` (`[C, N, T, classes]` for sequences) of one shared model on
+    every client's examples `[C, N, ...]`."""
     num_clients, num_examples = x.shape[:2]
     logits = model.apply(params, x.reshape((num_clients * num_examples,) + x.shape[2:]))
-    return logits.reshape(num_clients, num_examples, -1)
+    return logits.reshape((num_clients, num_examples) + logits.shape[1:])
 
 
 def _round_metrics(weights, losses, steps, mean_delta, **dp_metrics) -> dict[str, jax.Array]:

@@ -359,4 +359,6 @@ SPECS = (AlgorithmSpec(
           "Learning, ICML 2021, arXiv 2105.10056",
     summary="FedAvg (or head-only sharing) whose clients also fit latents from a server-trained "
             "conditional generator, a data-free distillation of the cohort's label knowledge",
-    model_kind="split"),)
+    model_kind="split",
+    class_labels_only="its generator is conditioned on a class label and counts labels per "
+                      "client"),)

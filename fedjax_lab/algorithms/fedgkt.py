@@ -320,4 +320,5 @@ SPECS = (AlgorithmSpec(
           "at the Edge, NeurIPS 2020, arXiv 2007.14513",
     summary="small client models upload features and logits; a large server model trains on "
             "them and sends its logits back for distillation; no parameters move",
-    model_kind="split"),)
+    model_kind="split",
+    class_labels_only="the server model trains on one feature vector and label per example"),)

@@ -320,4 +320,5 @@ SPECS = (AlgorithmSpec(
           "AAAI 2022, arXiv 2105.00243",
     summary="clients share per-class prototypes (mean embeddings), never weights; a regulariser "
             "pulls embeddings to the global prototypes",
-    model_kind="split"),)
+    model_kind="split",
+    class_labels_only="its prototypes are the mean embeddings of each class"),)

@@ -237,4 +237,5 @@ SPECS = (AlgorithmSpec(
     paper="Li, He, Song, Model-Contrastive Federated Learning, CVPR 2021, arXiv 2103.16257",
     summary="FedAvg whose clients add mu * a contrastive loss pulling their representation to "
             "the global model's and away from their own previous local model's",
-    model_kind="split", trains_model_state=True),)
+    model_kind="split", trains_model_state=True,
+    class_labels_only="its contrastive loss compares one representation per example"),)

@@ -109,6 +109,9 @@ class AlgorithmSpec:
             models with a training mode (dropout keys, BatchNorm statistics) train as they
             should; the others refuse such models rather than silently run them in inference
             mode.
+        class_labels_only: why the algorithm needs one class label per example (prototypes
+            per class, a label-conditioned generator), refusing next-token data sets; None
+            where it also trains on sequence targets (`DataInfo.label_shape` (T,)).
     """
 
     name: str
@@ -118,6 +121,7 @@ class AlgorithmSpec:
     summary: str
     model_kind: str = "any"
     trains_model_state: bool = False
+    class_labels_only: str | None = None
 
     def __post_init__(self):
         if self.model_kind not in MODEL_KINDS:
@@ -132,6 +136,15 @@ class AlgorithmSpec:
                               f"this model has a training mode (dropout or BatchNorm), which "
                               f"algorithm {self.name!r} does not run; use it without them, or "
                               "with an algorithm that trains through model_loss (fedavg, ...)")
+
+    def check_labels(self, data_name: str, info: DataInfo) -> None:
+        """Raises `OptionError` naming the data set when it has sequence targets and this
+        algorithm needs class labels (see `class_labels_only`)."""
+        if info.label_shape and self.class_labels_only is not None:
+            raise OptionError("data.name", data_name,
+                              f"this data set has next-token targets {info.label_shape}, and "
+                              f"algorithm {self.name!r} needs one class label per example "
+                              f"({self.class_labels_only})")
 
     def check_model_kind(self, model_name: str, model_kind: str) -> None:
         """Raises `OptionError` naming the model when this algorithm cannot use its kind

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from fedjax_lab.core.losses import IGNORE_LABEL
 from fedjax_lab.core.types import ClientBatch
 
 PyTree = Any
@@ -105,8 +106,11 @@ class Attack:
         random_labels = jax.vmap(lambda i: jax.random.randint(
             jax.random.fold_in(label_key, i), batch.y.shape[1:], 0, self.num_classes,
             dtype=batch.y.dtype))(batch.client_ids)
-        malicious = self.is_malicious(batch.client_ids)[:, None]
-        return batch._replace(y=jnp.where(malicious, random_labels, batch.y))
+        malicious = self.is_malicious(batch.client_ids)
+        # Ignored sequence targets stay ignored: poisoning changes labels, not what counts.
+        poisoned = malicious.reshape(malicious.shape + (1,) * (batch.y.ndim - 1)) \
+            & (batch.y != IGNORE_LABEL)
+        return batch._replace(y=jnp.where(poisoned, random_labels, batch.y))
 
     def corrupt_updates(self, updates: PyTree, batch: ClientBatch) -> PyTree:
         """The updates the server receives: malicious clients' `[C, ...]` rows replaced."""

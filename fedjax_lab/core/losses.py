@@ -1,5 +1,12 @@
 """Masked losses: padded examples contribute exactly nothing.
 
+Labels are one class per example (`[B]`) or, for next-token prediction, one target per position
+of a sequence (`[B, T]`, logits `[B, T, V]`). A sequence target equal to `IGNORE_LABEL` (padding;
+for next-word data also the beginning, end and out-of-vocabulary tokens, as fedjax and Reddi et
+al. report) counts neither in the loss nor in accuracy, and a padded example's targets never do.
+The loss of a batch of sequences is the mean over its counted tokens, as fedjax's and TFF's
+sequence losses are.
+
 `model_loss` runs the model in training mode (dropout from the step's key, batch statistics over
 the batch's real examples). A model with mutable collections (BatchNorm statistics) also returns
 their new values: its loss is then a `LossWithState`, which behaves as the scalar loss under
@@ -16,6 +23,9 @@ import jax.numpy as jnp
 import optax
 
 PyTree = Any
+# A sequence target that counts in no loss or metric (PyTorch's ignore_index, fedjax's masked
+# target values).
+IGNORE_LABEL = -1
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -24,9 +34,27 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
+def label_weights(labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """Which labels count, shaped like `labels`: the example is real (`mask [..., N]`) and,
+    for sequence targets (`labels` with more axes than `mask`), the target is not ignored."""
+    extra = labels.ndim - mask.ndim
+    if extra == 0:
+        return mask
+    return mask.reshape(mask.shape + (1,) * extra) & (labels != IGNORE_LABEL)
+
+
+def cross_entropies(logits: jax.Array, labels: jax.Array, mask: jax.Array):
+    """(per-label cross-entropy, per-label weight), both shaped like `labels`; an ignored
+    target's cross-entropy is that of class 0 times weight 0, so no index is out of range."""
+    weights = label_weights(labels, mask)
+    safe_labels = jnp.where(weights, labels, 0)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, safe_labels), weights
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy over the real examples."""
-    return masked_mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), mask)
+    """Mean softmax cross-entropy over the real examples (over the counted tokens of sequence
+    targets)."""
+    return masked_mean(*cross_entropies(logits, labels, mask))
 
 
 @jax.tree_util.register_dataclass

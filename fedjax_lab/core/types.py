@@ -41,7 +41,8 @@ class ClientBatch(NamedTuple):
 
     Attributes:
         x: inputs `[C, N, *feature_shape]`, padded to a common N.
-        y: integer labels `[C, N]`.
+        y: integer labels `[C, N]`, or `[C, N, T]` next-token targets of sequence examples (a
+            target of `IGNORE_LABEL` counts in no loss or metric; see `core.losses`).
         mask: `[C, N]` bool, True for real examples, False for padding.
         num_examples: `[C]` int32, the number of real examples (0 for a padded client).
         client_ids: `[C]` int32, each client's index in the population.
@@ -96,12 +97,15 @@ class DataInfo(NamedTuple):
         num_classes: the number of labels.
         feature_shape: the shape of one example.
         max_examples: the largest training client's number of examples (the padded N).
+        label_shape: the shape of one example's labels: () for classification, (T,) for
+            next-token targets of a sequence.
     """
 
     num_clients: int
     num_classes: int
     feature_shape: tuple[int, ...]
     max_examples: int
+    label_shape: tuple[int, ...] = ()
 
 
 def experiment_key(seed: int) -> jax.Array:

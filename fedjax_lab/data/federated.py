@@ -21,6 +21,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from fedjax_lab.core.losses import IGNORE_LABEL
 from fedjax_lab.core.types import DataInfo
 
 
@@ -28,7 +29,7 @@ class PaddedClients(NamedTuple):
     """All clients of a `ClientData`, stacked and padded to a common `n_max`."""
 
     x: np.ndarray  # [num_clients, n_max, *feature_shape] float32, padded slots 0
-    y: np.ndarray  # [num_clients, n_max] int32, padded slots 0
+    y: np.ndarray  # [num_clients, n_max, *label_shape] int32, padded slots 0
     mask: np.ndarray  # [num_clients, n_max] bool, True for real examples
     num_examples: np.ndarray  # [num_clients] int32
 
@@ -44,9 +45,11 @@ class ClientData:
     """Ragged per-client examples held on the host.
 
     Client i holds `x[i]` with shape [n_i, *feature_shape] (float32) and labels `y[i]` with shape
-    [n_i] (int32); `names[i]` is its id. Clients with n_i = 0 are allowed. Inputs are converted to
-    tuples of float32 / int32 arrays; labels must already have an integer dtype, so that float
-    labels (a common sign of swapped arguments) are rejected rather than truncated.
+    [n_i, *label_shape] (int32); `names[i]` is its id. `label_shape` is () for classification and
+    (T,) for next-token prediction, where a target of `IGNORE_LABEL` counts in no loss or metric.
+    Clients with n_i = 0 are allowed. Inputs are converted to tuples of float32 / int32 arrays;
+    labels must already have an integer dtype, so that float labels (a common sign of swapped
+    arguments) are rejected rather than truncated.
     """
 
     x: tuple[np.ndarray, ...]
@@ -67,15 +70,19 @@ class ClientData:
                 raise ValueError(f"ClientData: {_client(i, name)} name has type "
                                  f"{type(name).__name__}; expected str")
             # An empty label array has nothing to truncate, so np.array([]) (float64) is fine.
-            if y_i.ndim != 1 or (y_i.size and not np.issubdtype(y_i.dtype, np.integer)):
+            if y_i.ndim < 1 or (y_i.size and not np.issubdtype(y_i.dtype, np.integer)):
                 raise ValueError(f"ClientData: {_client(i, name)} y has shape {y_i.shape} and "
-                                 f"dtype {y_i.dtype}; expected 1-D integer labels [n_i]")
+                                 f"dtype {y_i.dtype}; expected integer labels [n_i] or "
+                                 "[n_i, *label_shape]")
             if x_i.ndim < 1 or x_i.shape[0] != y_i.shape[0]:
                 raise ValueError(f"ClientData: {_client(i, name)} x has shape {x_i.shape}; "
                                  f"expected first dim {y_i.shape[0]} to match y")
             if xs and x_i.shape[1:] != xs[0].shape[1:]:
                 raise ValueError(f"ClientData: {_client(i, name)} x has feature shape "
                                  f"{x_i.shape[1:]}; expected {xs[0].shape[1:]} as client 0")
+            if ys and y_i.shape[1:] != ys[0].shape[1:]:
+                raise ValueError(f"ClientData: {_client(i, name)} y has label shape "
+                                 f"{y_i.shape[1:]}; expected {ys[0].shape[1:]} as client 0")
             xs.append(x_i.astype(np.float32, copy=False))
             ys.append(y_i.astype(np.int32, copy=False))
         object.__setattr__(self, "x", tuple(xs))
@@ -94,6 +101,11 @@ class ClientData:
     def feature_shape(self) -> tuple:
         return tuple(self.x[0].shape[1:])
 
+    @property
+    def label_shape(self) -> tuple:
+        """() for one label per example, (T,) for a sequence of next-token targets."""
+        return tuple(self.y[0].shape[1:])
+
     def pad(self, multiple_of: int = 1) -> PaddedClients:
         """Stacks all clients, padding to n_max = max n_i rounded up to `multiple_of`.
 
@@ -107,7 +119,7 @@ class ClientData:
         sizes = self.num_examples
         n_max = max(-(-int(sizes.max()) // multiple_of), 1) * multiple_of
         x = np.zeros((self.num_clients, n_max, *self.feature_shape), np.float32)
-        y = np.zeros((self.num_clients, n_max), np.int32)
+        y = np.zeros((self.num_clients, n_max, *self.label_shape), np.int32)
         for i, (x_i, y_i) in enumerate(zip(self.x, self.y)):
             x[i, :len(y_i)] = x_i
             y[i, :len(y_i)] = y_i
@@ -149,22 +161,26 @@ class FederatedDataset:
             raise ValueError(f"FederatedDataset {self.name!r}: client {i} is "
                              f"{self.train.names[i]!r} in train but {self.test.names[i]!r} in "
                              "test; expected the same names in the same order")
-        if self.train.feature_shape != self.test.feature_shape:
-            raise ValueError(f"FederatedDataset {self.name!r}: test feature shape "
-                             f"{self.test.feature_shape}; expected {self.train.feature_shape} as "
-                             "train")
+        for shape in ("feature_shape", "label_shape"):
+            if getattr(self.train, shape) != getattr(self.test, shape):
+                raise ValueError(f"FederatedDataset {self.name!r}: test {shape.replace('_', ' ')} "
+                                 f"{getattr(self.test, shape)}; expected "
+                                 f"{getattr(self.train, shape)} as train")
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes,
                                                                 (int, np.integer)) \
                 or self.num_classes < 2:
             raise ValueError(f"FederatedDataset {self.name!r}: num_classes={self.num_classes!r}; "
                              "expected an integer >= 2")
+        # Only sequence targets may be ignored: a classification example always has its label.
+        ignorable = IGNORE_LABEL if self.train.label_shape else 0
         for split, data in (("train", self.train), ("test", self.test)):
             for i, (y_i, name) in enumerate(zip(data.y, data.names)):
-                bad = y_i[(y_i < 0) | (y_i >= self.num_classes)]
+                bad = y_i[((y_i < 0) & (y_i != ignorable)) | (y_i >= self.num_classes)]
                 if bad.size:
+                    ignored = f" or {IGNORE_LABEL} (ignored)" if self.train.label_shape else ""
                     raise ValueError(f"FederatedDataset {self.name!r}: {split} {_client(i, name)} "
                                      f"has label {int(bad[0])}; expected labels in "
-                                     f"[0, {self.num_classes})")
+                                     f"[0, {self.num_classes}){ignored}")
 
     @property
     def num_clients(self) -> int:
@@ -178,7 +194,8 @@ class FederatedDataset:
         """What an algorithm's builder may know of this data set before it sees a batch."""
         return DataInfo(num_clients=self.num_clients, num_classes=int(self.num_classes),
                         feature_shape=tuple(self.feature_shape),
-                        max_examples=int(self.train.num_examples.max(initial=1)))
+                        max_examples=int(self.train.num_examples.max(initial=1)),
+                        label_shape=self.train.label_shape)
 
 
 def train_test_split_per_client(x_list, y_list, names, test_fraction: float,

@@ -34,7 +34,7 @@ class PackedClients(NamedTuple):
     """Ragged clients as flat arrays: client i owns rows `index[offsets[i]:offsets[i + 1]]`."""
 
     x: np.ndarray  # [n, *feature_shape] float32, the examples in any order
-    y: np.ndarray  # [n] int32
+    y: np.ndarray  # [n, *label_shape] int32
     index: np.ndarray  # [total] int64 rows of x and y, client after client
     offsets: np.ndarray  # [num_clients + 1] int64, offsets[0] = 0
 
@@ -57,10 +57,11 @@ class PackedClients(NamedTuple):
         mask = slots[None, :] < sizes[:, None]
         if not self.index.size:  # no client has an example: nothing to gather
             return (np.zeros(mask.shape + self.x.shape[1:], np.float32),
-                    np.zeros(mask.shape, np.int32), mask, sizes.astype(np.int32))
+                    np.zeros(mask.shape + self.y.shape[1:], np.int32), mask,
+                    sizes.astype(np.int32))
         rows = self.index[np.where(mask, self.offsets[client_ids][:, None] + slots, 0)]
         x = np.where(mask.reshape(mask.shape + (1,) * (self.x.ndim - 1)), self.x[rows], 0)
-        y = np.where(mask, self.y[rows], 0)
+        y = np.where(mask.reshape(mask.shape + (1,) * (self.y.ndim - 1)), self.y[rows], 0)
         return x.astype(np.float32), y.astype(np.int32), mask, sizes.astype(np.int32)
 
 
