@@ -12,7 +12,7 @@ from fedjax_lab.data.synthetic import leaf_synthetic
 
 h5py = pytest.importorskip("h5py")
 from fedjax_lab.data.h5 import (load_emnist_h5, load_shakespeare_h5,  # noqa: E402
-                                load_stackoverflow_h5, read_h5_clients)
+                                load_stackoverflow_h5, read_h5_clients, read_word_counts)
 
 
 def _write(path, content):
@@ -75,7 +75,10 @@ def test_leaf_shakespeare_vocabulary_and_hierarchies(tmp_path):
     sample = _text("r2", 2)
     decode = lambda codes: "".join(SHAKESPEARE_VOCABULARY[int(c)] for c in codes)
     assert decode(ds.train.x[1][1]) == sample["x"][1]
-    assert decode(ds.train.y[1]) == "".join(sample["y"])
+    # Targets are every position's next character: x[1:] + y.
+    assert ds.train.y[1].shape == (2, 80)
+    assert decode(ds.train.y[1][1]) == sample["x"][1][1:] + sample["y"][1]
+    assert ds.test.y[1].shape == (0, 80)  # r2 has no test example
     assert SHAKESPEARE_VOCABULARY.index("o") == int(ds.train.x[0][0][0]) == 67  # "o be, or"
     assert ds.metadata["hierarchies"] == {"r1": "HAMLET", "r2": "HAMLET", "r7": "OTHELLO"}
 
@@ -181,33 +184,70 @@ def test_h5_emnist_loads_users_counts_values(tmp_path):
     assert only.train.names == ("f0002_07",) and only.test.num_examples.tolist() == [2]
 
 
-def test_h5_shakespeare_windows_and_stackoverflow_next_words(tmp_path):
-    snippets = {"ROMEO": ["But soft, what light", "through yonder window breaks?"],
-                "JULIET": ["O Romeo,", "Romeo!"]}
+def test_h5_shakespeare_sequences_exact(tmp_path):
+    # fedjax's preprocessing: [BOS] + ids + [EOS] per snippet, joined, shifted by one, padded
+    # with PAD to a multiple of T; PAD targets ignored.
+    snippets = {"ROMEO": ["But soft", "ay"], "JULIET": ["O Romeo,", "Romeo!"]}
     path = _h5(tmp_path / "s.h5", {c: {"snippets": v} for c, v in snippets.items()})
-    ds = load_shakespeare_h5(path, path, sequence_length=10)
-    assert ds.train.names == ("JULIET", "ROMEO")
-    text = "But soft, what light through yonder window breaks?"
-    assert ds.train.num_examples.tolist() == [len("O Romeo, Romeo!") - 10, len(text) - 10]
+    ds = load_shakespeare_h5(path, path, sequence_length=5)
     vocabulary = ds.metadata["vocabulary"]
-    decode = lambda codes: "".join(vocabulary[int(c)] for c in codes)
-    assert decode(ds.train.x[1][3]) == text[3:13] and decode([ds.train.y[1][3]]) == text[13]
-    short = _h5(tmp_path / "short.h5", {"A": {"snippets": ["tiny"]}, **{
-        c: {"snippets": v} for c, v in snippets.items()}})
-    assert load_shakespeare_h5(short, short, sequence_length=10).metadata["dropped_clients"] \
-        == ["A"]
+    assert ds.train.names == ("JULIET", "ROMEO") and ds.num_classes == 86 + 4 == 90
+    assert ds.metadata["special_ids"] == {"pad": 0, "bos": 1, "eos": 2, "out_of_vocabulary": 89}
+    code = {c: vocabulary.index(c) + 3 for c in "Butsofay "}
+    pad, bos, eos, ignored = 0, 1, 2, -1
+    b, u, t, s_, o, f, a, y, sp = (code[c] for c in "Butsofay ")
+    # ROMEO's stream: BOS B u t _ s o f t EOS BOS a y EOS (14 ids, 13 targets, 3 rows of 5).
+    np.testing.assert_array_equal(ds.train.x[1], [[bos, b, u, t, sp], [s_, o, f, t, eos],
+                                                  [bos, a, y, pad, pad]])
+    np.testing.assert_array_equal(ds.train.y[1], [[b, u, t, sp, s_], [o, f, t, eos, bos],
+                                                  [a, y, eos, ignored, ignored]])
+    assert ds.train.x[1].dtype == np.float32 and ds.train.y[1].dtype == np.int32
+    # JULIET: 8 + 6 characters and 4 specials = 18 ids, 17 targets -> 4 rows.
+    special = {pad: "_", bos: "<", eos: ">", ignored: "-"}
+    decode = lambda ids: "".join(special.get(int(i)) or vocabulary[int(i) - 3]
+                                 for i in np.ravel(ids))
+    assert ds.train.y[0].shape == (4, 5)
+    assert decode(ds.train.x[0]) == "<O Romeo,><Romeo!___"
+    assert decode(ds.train.y[0]) == "O Romeo,><Romeo!>---"
+    # A one-snippet client of one character still gives a sequence (nothing is dropped).
+    tiny = _h5(tmp_path / "tiny.h5", {"A": {"snippets": ["a"]}})
+    one = load_shakespeare_h5(tiny, tiny, sequence_length=4)
+    np.testing.assert_array_equal(one.train.x[0], [[bos, a, pad, pad]])
+    np.testing.assert_array_equal(one.train.y[0], [[a, eos, ignored, ignored]])
 
+
+def test_h5_stackoverflow_sequences_exact(tmp_path):
     posts = {"u1": {"tokens": ["how to sort a list", "python"]}, "u2": {"tokens": ["sort"]}}
     so = _h5(tmp_path / "so.h5", posts)
     words = ["sort", "list", "python", "to"]
-    ds = load_stackoverflow_h5(so, so, words, sequence_length=3)
-    assert ds.num_classes == 8 and ds.feature_shape == (3,)
-    # "how to sort a list": [BOS how to sort a list EOS] -> first 3 targets: how, to, sort.
-    oov, bos, eos = 7, 1, 2
-    np.testing.assert_array_equal(ds.train.x[0][:3], [[0, 0, bos], [0, bos, oov],
-                                                      [bos, oov, 6]])
-    np.testing.assert_array_equal(ds.train.y[0], [oov, 6, 3, 5, eos])
-    np.testing.assert_array_equal(ds.train.y[1], [3, eos])
+    ds = load_stackoverflow_h5(so, so, words, sequence_length=4)
+    assert ds.num_classes == 8 and ds.feature_shape == (4,)
+    pad, bos, eos, oov, ignored = 0, 1, 2, 7, -1
+    # [BOS how to sort a list EOS] truncated to T + 1 = 5 ids: BOS how to sort a.
+    np.testing.assert_array_equal(ds.train.x[0], [[bos, oov, 6, 3], [bos, 5, eos, pad]])
+    # Targets: how (OOV) ignored, to, sort, a (OOV) ignored; python, then EOS and PAD ignored.
+    np.testing.assert_array_equal(ds.train.y[0], [[ignored, 6, 3, ignored],
+                                                  [5, ignored, ignored, ignored]])
+    np.testing.assert_array_equal(ds.train.y[1], [[3, ignored, ignored, ignored]])
+    assert ds.metadata["ignored_targets"] == ["pad", "bos", "eos", "out_of_vocabulary"]
+
+
+def test_read_word_counts_and_its_errors(tmp_path):
+    path = tmp_path / "stackoverflow.word_count"
+    path.write_text("the 90\nto 50\n\nsort 50\nlist 3\n")
+    assert read_word_counts(str(path), 3) == ["the", "to", "sort"]
+    assert read_word_counts(str(path), 10) == ["the", "to", "sort", "list"]
+    path.write_text("the 90\nto fifty\n")
+    with pytest.raises(DataFormatError, match=r"stackoverflow.word_count: line 2: 'to fifty' is "
+                                              r"not 'word count' \(two fields, an integer"):
+        read_word_counts(str(path), 10)
+    path.write_text("the 90\nnew york 12\n")
+    with pytest.raises(DataFormatError, match=r"word_count: line 2: 'new york 12' is not"):
+        read_word_counts(str(path), 10)
+    path.write_text("the 9\nto 50\n")
+    with pytest.raises(DataFormatError, match=r"word_count: line 2: count 50 is above the "
+                                              r"previous line's 9"):
+        read_word_counts(str(path), 10)
 
 
 def test_h5_bad_input_names_file_client_and_feature(tmp_path):
@@ -234,9 +274,19 @@ def test_h5_bad_input_names_file_client_and_feature(tmp_path):
         load_emnist_h5(good, extra)
     odd = _h5(tmp_path / "odd.h5", {"KING": {"snippets": ["Now is the winter of our discontent\t"
                                                            "made glorious summer by this sun"]}})
-    with pytest.raises(DataFormatError, match=r"odd.h5: client 'KING': feature 'snippets': "
-                                              r"character '\\t' at position 35"):
+    with pytest.raises(DataFormatError, match=r"odd.h5: client 'KING': feature 'snippets', "
+                                              r"snippet 0: character '\\t' at position 35 is "
+                                              r"not in the vocabulary$"):
         load_shakespeare_h5(odd, odd, sequence_length=10)
+    no_snippets = _h5(tmp_path / "nosnippets.h5", {"KING": {"tokens": ["a b"]}})
+    with pytest.raises(DataFormatError, match=r"nosnippets.h5: client 'KING' has no feature "
+                                              r"'snippets' \(group 'examples/KING' holds "
+                                              r"\['tokens'\]\)$"):
+        load_shakespeare_h5(no_snippets, no_snippets)
+    no_tokens = _h5(tmp_path / "notokens.h5", {"u1": {"snippets": ["a b"]}})
+    with pytest.raises(DataFormatError, match=r"notokens.h5: client 'u1' has no feature "
+                                              r"'tokens'"):
+        load_stackoverflow_h5(no_tokens, no_tokens, ["a"])
     (tmp_path / "junk.h5").write_text("not hdf5")
     with pytest.raises(DataFormatError, match=r"junk.h5: not a readable HDF5 file"):
         read_h5_clients(str(tmp_path / "junk.h5"), ("x",))

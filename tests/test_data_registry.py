@@ -22,8 +22,8 @@ def _same_data(a, b):
 
 
 def test_registry_names_defaults_validate_and_round_trip():
-    assert list(REGISTRY) == ["digits", "mnist1d", "synthetic", "synthetic_iid", "leaf",
-                              "tff_h5"]
+    assert list(REGISTRY) == ["digits", "mnist1d", "synthetic", "synthetic_iid", "dialects",
+                              "leaf", "tff_h5"]
     # leaf and tff_h5 have a required path, so their defaults alone do not validate.
     paths = {"leaf": {"data_dir": "leaf/data"}, "tff_h5": {"data_dir": "tff"}}
     for name, spec in REGISTRY.items():
@@ -153,8 +153,10 @@ def test_tff_h5_from_tff_file_names_or_paths_and_errors(tmp_path):
     so = load_dataset("tff_h5", H5Config(dataset="stackoverflow", data_dir=str(tmp_path),
                                          vocabulary_size=3, sequence_length=4))
     assert so.num_classes == 3 + 4 and so.feature_shape == (4,)
-    # [BOS how to sort a list EOS]: "how" is out of the 3-word vocabulary (id 6), "to" is 5.
-    np.testing.assert_array_equal(so.train.y[0], [6, 5, 3, 6])
+    # [BOS how to sort a list EOS] truncated to 5 ids: "how" and "a" are out of the 3-word
+    # vocabulary (id 6, an ignored target), "to" is 5, "sort" 3.
+    np.testing.assert_array_equal(so.train.x[0], [[1, 6, 5, 3]])
+    np.testing.assert_array_equal(so.train.y[0], [[-1, 5, 3, -1]])
     with pytest.raises(OptionError, match=r"^data.vocabulary_path=None is invalid; stackoverflow "
                                           r"needs its word list"):
         load_dataset("tff_h5", H5Config(dataset="stackoverflow", train_path="a", test_path="b"))

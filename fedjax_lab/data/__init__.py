@@ -1,12 +1,14 @@
 """Federated data: host-side client containers, partitions, data sets, loaders and sampling.
 
 `REGISTRY` (`fedjax_lab.data.registry`) maps each data set a run can name to its config and
-loader; `describe` summarises a loaded data set. The LEAF and HDF5 loaders
+loader; `describe` summarises a loaded data set. `dialects` generates the default text data set;
+it and the text loaders give next-token sequences (`y [n, T]`). The LEAF and HDF5 loaders
 (`fedjax_lab.data.leaf`, `fedjax_lab.data.h5`) and MNIST-1D (`fedjax_lab.data.mnist1d`) import
 h5py and mnist1d only when called, so both stay optional until used.
 """
 
 from fedjax_lab.data.describe import describe, format_description, plot_label_distribution
+from fedjax_lab.data.dialects import dialects
 from fedjax_lab.data.digits import digits
 from fedjax_lab.data.federated import (ClientData, FederatedDataset, PaddedClients,
                                        split_clients, train_test_split_per_client)
@@ -38,6 +40,7 @@ __all__ = [
     "cohort_batch",
     "cohort_schedule",
     "describe",
+    "dialects",
     "digits",
     "dirichlet_partition",
     "fedprox_synthetic",

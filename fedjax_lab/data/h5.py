@@ -9,22 +9,36 @@ dataset per feature, all of the same length: `examples/<client_id>/<feature>`. F
 Other features in a group are not read. Users who have these files can load them; nothing is
 downloaded, and the loaders only read.
 
-Examples are one label each (`ClientBatch.y` is [C, N]), so the text sets become next-token
-windows, as LEAF's Shakespeare is:
-  Shakespeare: a client's snippets joined by single spaces; every window of `sequence_length`
-    characters is an example and the next character its label (stride 1). Characters index
-    `vocabulary`, by default the 86 symbols of TFF's Shakespeare tutorial.
-  Stack Overflow: each post becomes [BOS] + word ids + [EOS], with fedjax's ids (PAD 0, BOS 1,
-    EOS 2, the vocabulary's words 3.., one out-of-vocabulary id last). Target j of a post (its
-    first `sequence_length` targets, as fedjax truncates) is an example whose x is the ids
-    before it, left-padded with PAD to `sequence_length`: the same predictions a causal model
-    makes over fedjax's truncated [N, sequence_length] sequences.
-A text client with no window in train is dropped from both splits and listed in
-`metadata["dropped_clients"]`.
+Text becomes next-token sequences (x [n, T] float32 ids, y [n, T] int32 targets; see
+`fedjax_lab.core.losses`), with fedjax's preprocessing (google/fedjax, `fedjax/datasets/
+shakespeare.py` `preprocess_client` and `stackoverflow.py` `StackoverflowTokenizer`):
+  Shakespeare: ids PAD 0, BOS 1, EOS 2, the vocabulary's characters 3.. (by default the 86
+    symbols of TFF's Shakespeare tutorial) and one out-of-vocabulary id last (90 classes, as
+    fedjax's VOCAB_SIZE). Each snippet becomes [BOS] + character ids + [EOS]; a client's
+    snippets are joined into one stream s, and inputs s[:-1] and targets s[1:] are each padded
+    with PAD to a multiple of T and cut into rows of T. So sequence k is s[kT : kT + T + 1]
+    shifted by one: consecutive sequences share a boundary character and no target is lost
+    (fedjax notes that TFF's tutorial, which cuts disjoint chunks of T + 1, loses 1 in T). A PAD
+    target is `IGNORE_LABEL`; BOS and EOS targets count, as in fedjax's training loss.
+  Stack Overflow: ids PAD 0, BOS 1, EOS 2, the vocabulary's words 3.., one out-of-vocabulary id
+    last (10,000 + 4 classes by default). Each post (its `tokens`, split on whitespace) becomes
+    ids = [BOS] + word ids + [EOS], truncated to T + 1 and padded with PAD: x = ids[:-1],
+    y = ids[1:], one sequence per post. Targets PAD, BOS, EOS and out-of-vocabulary are
+    `IGNORE_LABEL`, so loss and accuracy count in-vocabulary words only: the accuracy Reddi et
+    al. (ICLR 2021) report, TFF research code's `accuracy_no_oov_or_eos` (PAD, EOS and OOV
+    masked; BOS is never a target).
+    (fedjax differs: its `accuracy_in_vocab` masks PAD and EOS targets and scores an OOV target
+    as a miss, and its training loss masks PAD only.) The vocabulary is the first
+    `vocabulary_size` lines of TFF's `stackoverflow.word_count` ("word count" per line, most
+    frequent first), read by `read_word_counts` as fedjax's `default_vocab` reads them.
+Every client with a snippet or a post has at least one sequence.
 
 Bad input is a `DataFormatError` naming the file, the client and the feature: a file that is not
 HDF5, a missing `examples` group, a missing client group or feature, features of different
-lengths, an empty client, a test client not in train, a character outside the vocabulary.
+lengths, an empty client, a test client not in train, a character outside the vocabulary
+(fedjax maps it to its out-of-vocabulary id silently; here it is an error naming the character).
+A word-count file line that is not "word count" with an integer count, or a count above the
+previous line's (not most frequent first), is a `DataFormatError` naming the file and the line.
 """
 
 from __future__ import annotations
@@ -33,12 +47,15 @@ from typing import Sequence
 
 import numpy as np
 
+from fedjax_lab.core.losses import IGNORE_LABEL
 from fedjax_lab.data.federated import ClientData, FederatedDataset
 from fedjax_lab.data.leaf import DataFormatError, encode_characters
 
 TFF_SHAKESPEARE_VOCABULARY = ("dhlptx@DHLPTX $(,048cgkoswCGKOSW[_#'/37;?bfjnrvzBFJNRVZ\"&*.26:\n"
                               "aeimquyAEIMQUY]!%)-159\r")
+# fedjax's reserved ids; a vocabulary's entries follow them, and one out-of-vocabulary id ends it.
 PAD, BOS, EOS = 0, 1, 2
+NUM_RESERVED = 3
 
 
 def _h5py():
@@ -98,18 +115,22 @@ def read_h5_clients(path: str, features: Sequence[str],
 
 
 def _pair(name: str, train: dict, test: dict, train_path: str, test_path: str, feature_shape,
-          num_classes: int, metadata: dict) -> FederatedDataset:
-    """A `FederatedDataset` of train clients {id: (x, y)}; test clients must be train clients."""
+          num_classes: int, metadata: dict, label_shape: tuple = ()) -> FederatedDataset:
+    """A `FederatedDataset` of train clients {id: (x, y)}; test clients must be train clients.
+
+    Sequence targets (`label_shape` (T,)) may be `IGNORE_LABEL`; every other label must lie in
+    [0, num_classes)."""
     for client_id in test:
         if client_id not in train:
             raise DataFormatError(f"{test_path}: client {client_id!r} is in the test file but "
                                   f"not in {train_path}")
     names = tuple(train)
-    empty = (np.zeros((0, *feature_shape), np.float32), np.zeros(0, np.int32))
+    empty = (np.zeros((0, *feature_shape), np.float32), np.zeros((0, *label_shape), np.int32))
     test = {client_id: test.get(client_id, empty) for client_id in names}
+    ignorable = IGNORE_LABEL if label_shape else 0
     for split, clients, path in (("train", train, train_path), ("test", test, test_path)):
         for client_id, (_, y) in clients.items():
-            bad = y[(y < 0) | (y >= num_classes)]
+            bad = y[((y < 0) & (y != ignorable)) | (y >= num_classes)]
             if bad.size:
                 raise DataFormatError(f"{path}: client {client_id!r}: label {int(bad[0])} "
                                       f"outside [0, {num_classes}) in {split}")
@@ -157,68 +178,127 @@ def _decode(values, path: str, client_id: str, feature: str) -> list[str]:
                               "text") from None
 
 
+def shakespeare_sequences(snippets: Sequence[str], vocabulary: str, sequence_length: int,
+                          where: str) -> tuple[np.ndarray, np.ndarray]:
+    """fedjax's Shakespeare preprocessing of one client: (x float32, y int32), each [n, T].
+
+    Each snippet becomes [BOS] + ids + [EOS]; the joined stream's inputs s[:-1] and targets s[1:]
+    are padded with PAD to a multiple of T and cut into rows; PAD targets are `IGNORE_LABEL`.
+    With T = 3, snippets ["ABCD", "E"] give x [[BOS A B] [C D EOS] [BOS E PAD]] and
+    y [[A B C] [D EOS BOS] [E EOS -1]].
+    """
+    pieces = []
+    for i, snippet in enumerate(snippets):
+        codes = encode_characters(snippet, vocabulary, f"{where}, snippet {i}") + NUM_RESERVED
+        pieces.append(np.concatenate([[BOS], codes, [EOS]]))
+    stream = np.concatenate(pieces).astype(np.int32)
+    length = -(-(len(stream) - 1) // sequence_length) * sequence_length
+    x = np.full(length, PAD, np.int32)
+    y = np.full(length, IGNORE_LABEL, np.int32)
+    x[:len(stream) - 1], y[:len(stream) - 1] = stream[:-1], stream[1:]
+    return (x.reshape(-1, sequence_length).astype(np.float32),
+            y.reshape(-1, sequence_length))
+
+
 def load_shakespeare_h5(train_path: str, test_path: str, *, sequence_length: int = 80,
                         vocabulary: str = TFF_SHAKESPEARE_VOCABULARY,
                         client_ids: Sequence[str] | None = None) -> FederatedDataset:
-    """Federated Shakespeare (TFF `shakespeare_{train,test}.h5`) as next-character windows.
+    """Federated Shakespeare (TFF `shakespeare_{train,test}.h5`) as next-character sequences.
 
-    x: `sequence_length` character indices (float32, exact), y: the next character's index.
+    x: [n, sequence_length] ids (float32, exact), y: the next ids, PAD targets `IGNORE_LABEL`;
+    num_classes = len(vocabulary) + 4 (PAD, BOS, EOS, the characters, out-of-vocabulary).
     """
-    def windows(path, ids):
-        out = {}
-        for client_id, f in read_h5_clients(path, ("snippets",), ids).items():
-            text = " ".join(_decode(f["snippets"], path, client_id, "snippets"))
-            codes = encode_characters(text, vocabulary,
-                                      f"{path}: client {client_id!r}: feature 'snippets'")
-            count = len(codes) - sequence_length
-            if count > 0:
-                starts = np.arange(count)[:, None] + np.arange(sequence_length)
-                out[client_id] = (codes[starts].astype(np.float32), codes[sequence_length:])
-        return out
+    def sequences(path, ids):
+        return {client_id: shakespeare_sequences(
+                    _decode(f["snippets"], path, client_id, "snippets"), vocabulary,
+                    sequence_length, f"{path}: client {client_id!r}: feature 'snippets'")
+                for client_id, f in read_h5_clients(path, ("snippets",), ids).items()}
 
-    train, test = windows(train_path, client_ids), windows(test_path,
-                                                           _in_file(client_ids, test_path))
-    every = client_ids if client_ids is not None else sorted(_client_ids(train_path))
-    dropped = [c for c in every if c not in train]
-    test = {c: v for c, v in test.items() if c not in dropped}
+    train, test = sequences(train_path, client_ids), sequences(test_path,
+                                                               _in_file(client_ids, test_path))
+    out_of_vocabulary = NUM_RESERVED + len(vocabulary)
     return _pair("shakespeare_h5", train, test, train_path, test_path, (sequence_length,),
-                 len(vocabulary), {"train_path": train_path, "test_path": test_path,
-                                   "sequence_length": sequence_length, "vocabulary": vocabulary,
-                                   "dropped_clients": dropped,
-                                   "source": "TensorFlow Federated Shakespeare HDF5"})
+                 out_of_vocabulary + 1,
+                 {"train_path": train_path, "test_path": test_path,
+                  "sequence_length": sequence_length, "vocabulary": vocabulary,
+                  "special_ids": {"pad": PAD, "bos": BOS, "eos": EOS,
+                                  "out_of_vocabulary": out_of_vocabulary},
+                  "ignored_targets": ["pad"],
+                  "source": "TensorFlow Federated Shakespeare HDF5, fedjax's preprocessing"},
+                 (sequence_length,))
+
+
+def read_word_counts(path: str, vocabulary_size: int) -> list[str]:
+    """The words of the first `vocabulary_size` lines of a "word count" file (TFF's
+    `stackoverflow.word_count`, most frequent first, as fedjax's `default_vocab` reads it).
+
+    Blank lines are skipped; a line that is not two fields with an integer count, or whose count
+    exceeds the previous line's, is a `DataFormatError` naming the file and the line number.
+    """
+    words, previous = [], None
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if len(words) == vocabulary_size:
+                break
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 2 or not fields[1].isdigit():
+                raise DataFormatError(f"{path}: line {number}: {line.rstrip()!r:.60} is not "
+                                      "'word count' (two fields, an integer count)")
+            count = int(fields[1])
+            if previous is not None and count > previous:
+                raise DataFormatError(f"{path}: line {number}: count {count} is above the "
+                                      f"previous line's {previous}; expected the words most "
+                                      "frequent first")
+            words.append(fields[0])
+            previous = count
+    return words
+
+
+def stackoverflow_sequences(posts: Sequence[str], lookup: dict[str, int], out_of_vocabulary: int,
+                            sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """One sequence per post: ids = [BOS] + word ids + [EOS] truncated to T + 1 and padded with
+    PAD; x = ids[:-1] (float32), y = ids[1:] with PAD, BOS, EOS and out-of-vocabulary targets
+    `IGNORE_LABEL`."""
+    ids = np.full((len(posts), sequence_length + 1), PAD, np.int32)
+    for row, post in zip(ids, posts):
+        words = [BOS] + [lookup.get(w, out_of_vocabulary) for w in post.split()] + [EOS]
+        words = words[:sequence_length + 1]
+        row[:len(words)] = words
+    y = ids[:, 1:].copy()
+    y[np.isin(y, (PAD, BOS, EOS, out_of_vocabulary))] = IGNORE_LABEL
+    return ids[:, :-1].astype(np.float32), y
 
 
 def load_stackoverflow_h5(train_path: str, test_path: str, vocabulary: Sequence[str], *,
                           sequence_length: int = 20,
                           client_ids: Sequence[str] | None = None) -> FederatedDataset:
-    """Stack Overflow (TFF `stackoverflow_{train,test}.h5`) as next-word examples.
+    """Stack Overflow (TFF `stackoverflow_{train,test}.h5`) as next-word sequences, one per post.
 
     Args:
-      vocabulary: the words, most frequent first (e.g. the first 10 000 lines of TFF's
-        `stackoverflow.word_count`), without special tokens; num_classes = len + 4.
-      sequence_length: fedjax's max_length (20 for training in its examples).
+      vocabulary: the words, most frequent first (e.g. `read_word_counts` of TFF's
+        `stackoverflow.word_count`, 10,000 words), without special tokens; num_classes =
+        len + 4.
+      sequence_length: fedjax's max_length (20 for training in Reddi et al. and fedjax).
     """
-    lookup = {word: i + 3 for i, word in enumerate(vocabulary)}
-    out_of_vocabulary = len(vocabulary) + 3
+    lookup = {word: i + NUM_RESERVED for i, word in enumerate(vocabulary)}
+    out_of_vocabulary = len(vocabulary) + NUM_RESERVED
 
-    def examples(path, ids):
-        out = {}
-        for client_id, f in read_h5_clients(path, ("tokens",), ids).items():
-            xs, ys = [], []
-            for post in _decode(f["tokens"], path, client_id, "tokens"):
-                ids_ = [BOS] + [lookup.get(w, out_of_vocabulary) for w in post.split()] + [EOS]
-                for j in range(1, min(len(ids_), sequence_length + 1)):
-                    xs.append([PAD] * (sequence_length - j) + ids_[:j])
-                    ys.append(ids_[j])
-            out[client_id] = (np.asarray(xs, np.float32), np.asarray(ys, np.int32))
-        return out
+    def sequences(path, ids):
+        return {client_id: stackoverflow_sequences(_decode(f["tokens"], path, client_id,
+                                                           "tokens"),
+                                                   lookup, out_of_vocabulary, sequence_length)
+                for client_id, f in read_h5_clients(path, ("tokens",), ids).items()}
 
-    train = examples(train_path, client_ids)
-    test = examples(test_path, _in_file(client_ids, test_path))
+    train = sequences(train_path, client_ids)
+    test = sequences(test_path, _in_file(client_ids, test_path))
     return _pair("stackoverflow_h5", train, test, train_path, test_path, (sequence_length,),
-                 len(vocabulary) + 4, {"train_path": train_path, "test_path": test_path,
-                                       "sequence_length": sequence_length,
-                                       "vocabulary_size": len(vocabulary),
-                                       "special_ids": {"pad": PAD, "bos": BOS, "eos": EOS,
-                                                       "out_of_vocabulary": out_of_vocabulary},
-                                       "source": "TensorFlow Federated Stack Overflow HDF5"})
+                 out_of_vocabulary + 1,
+                 {"train_path": train_path, "test_path": test_path,
+                  "sequence_length": sequence_length, "vocabulary_size": len(vocabulary),
+                  "special_ids": {"pad": PAD, "bos": BOS, "eos": EOS,
+                                  "out_of_vocabulary": out_of_vocabulary},
+                  "ignored_targets": ["pad", "bos", "eos", "out_of_vocabulary"],
+                  "source": "TensorFlow Federated Stack Overflow HDF5, fedjax's tokenizer"},
+                 (sequence_length,))

@@ -7,10 +7,13 @@ github.com/TalwalkarLab/leaf. Each `.json` file holds `users` (ids), `num_sample
 one or more files each; all files of a folder are merged (FEMNIST writes at most 100 writers per
 file), and train and test files need not pair up by name.
 
-Features: FEMNIST x = 784 floats (28 x 28 row-major, background 1.0), y in [0, 62); Shakespeare
-x = 80 characters and y = the next one, each mapped to its index in LEAF's 80-symbol vocabulary
-(x becomes 80 indices, stored as float32, exact below 2^24; an embedding model casts them back
-to integers); synthetic x = d floats, y an integer class.
+Features: FEMNIST x = 784 floats (28 x 28 row-major, background 1.0), y in [0, 62); synthetic
+x = d floats, y an integer class. Shakespeare's JSON pairs x = 80 characters with y = the next
+one; it becomes a next-character sequence (see `fedjax_lab.core.losses`): inputs x as 80 indices
+in LEAF's 80-symbol vocabulary (float32, exact below 2^24; an embedding model casts them back to
+integers) and targets x[1:] + y (80 int32 indices), so every position predicts its next
+character, as LEAF's and FedAvg's character LSTM train (McMahan et al., AISTATS 2017). No target
+is ignored.
 
 Policy: a test user must be a train user (LEAF's "-t sample" split); a train user without test
 examples gets an empty test split and is listed in `metadata["users_without_test"]`.
@@ -100,7 +103,7 @@ def _examples(path: str, user: str, data, dataset: str, vocabulary: str):
                       for i, x in enumerate(xs)])
         y = np.concatenate([encode_characters(y, vocabulary, f"{where}: field 'y' example {i}")
                             for i, y in enumerate(ys)])
-        return x, y
+        return x, np.concatenate([x[:, 1:], y[:, None]], axis=1)
     try:
         x = np.asarray(xs, np.float32)
     except (ValueError, TypeError):
@@ -189,7 +192,9 @@ def load_leaf(train_dir: str, test_dir: str, dataset: str, *, num_classes: int |
       vocabulary: Shakespeare's characters in index order (LEAF's 80 symbols by default).
 
     Returns:
-      A `FederatedDataset` named f"leaf_{dataset}" with the train users in file order.
+      A `FederatedDataset` named f"leaf_{dataset}" with the train users in file order;
+      Shakespeare's examples are sequences (x [n, 80], y [n, 80]: each position's next
+      character).
     """
     train, train_files, hierarchies = read_leaf_folder(train_dir, dataset, vocabulary)
     test, test_files, test_hierarchies = read_leaf_folder(test_dir, dataset, vocabulary)
@@ -200,10 +205,11 @@ def load_leaf(train_dir: str, test_dir: str, dataset: str, *, num_classes: int |
                                   f"in no train file of {train_dir!r}")
     test_row = {name: i for i, name in enumerate(test.names)}
     empty_x = np.zeros((0, *train.feature_shape), np.float32)
+    empty_y = np.zeros((0, *train.label_shape), np.int32)
     test = ClientData(
         tuple(test.x[test_row[u]] if u in test_row else empty_x for u in train.names),
-        tuple(test.y[test_row[u]] if u in test_row else np.zeros(0, np.int32)
-              for u in train.names), train.names)
+        tuple(test.y[test_row[u]] if u in test_row else empty_y for u in train.names),
+        train.names)
     if dataset == "shakespeare":
         num_classes = num_classes or len(vocabulary)
     else:

@@ -9,8 +9,12 @@ files of LEAF and TFF are already split and ignore it.
   digits, mnist1d   a centralised data set split by any partition of `PARTITIONS`
   synthetic         FedProx's Synthetic(alpha, beta), alpha = beta = 0 included
   synthetic_iid     FedProx's Synthetic-IID
+  dialects          generated next-character text, one Markov-chain dialect per client
   leaf              LEAF JSON folders (FEMNIST, Shakespeare, synthetic)
   tff_h5            TensorFlow Federated / fedjax HDF5 files (EMNIST, Shakespeare, Stack Overflow)
+
+A spec also names the model a data set trains by default (`default_model(config)`: "char_lstm"
+for character text, "word_lstm" for Stack Overflow's words; None leaves the algorithm's default).
 
 Every load validates its config first and checks that every file or folder it will read exists,
 so a bad option or a missing path is one `OptionError` naming the option ("data.data_dir") and
@@ -23,15 +27,17 @@ import dataclasses
 import os
 from typing import Callable
 
+from fedjax_lab.data.dialects import dialects
 from fedjax_lab.data.digits import digits
 from fedjax_lab.data.federated import FederatedDataset
-from fedjax_lab.data.h5 import load_emnist_h5, load_shakespeare_h5, load_stackoverflow_h5
+from fedjax_lab.data.h5 import (load_emnist_h5, load_shakespeare_h5, load_stackoverflow_h5,
+                                read_word_counts)
 from fedjax_lab.data.leaf import LEAF_DATASETS, load_leaf
 from fedjax_lab.data.mnist1d import mnist1d
 from fedjax_lab.data.partitioned import PARTITION_OPTIONS, PARTITIONS
 from fedjax_lab.data.synthetic import fedprox_synthetic
-from fedjax_lab.options import (OptionError, non_negative, non_negative_int, one_of, option,
-                                optional, optional_positive_int, positive, positive_int,
+from fedjax_lab.options import (OptionError, fraction, non_negative, non_negative_int, one_of,
+                                option, optional, optional_positive_int, positive, positive_int,
                                 validate)
 
 # Where the data config sits in a run's config: the prefix of every option path reported.
@@ -47,12 +53,15 @@ class DataSpec:
         config: the frozen config dataclass; `config()` is the defaults.
         load: `load(config, seed) -> FederatedDataset`.
         summary: what it is, one line.
+        default_model: `default_model(config)`, the model registry name a run uses when it
+            names none, or None for the algorithm's usual default.
     """
 
     name: str
     config: type
     load: Callable[..., FederatedDataset]
     summary: str
+    default_model: Callable[..., str | None] = lambda config: None
 
 
 def _below_one(value) -> str | None:
@@ -199,6 +208,41 @@ def load_synthetic_iid(config: SyntheticIIDConfig, seed: int) -> FederatedDatase
                              max_examples=config.max_examples, seed=seed)
 
 
+# --- generated text -----------------------------------------------------------------------------
+
+def _at_least_two_sequences(value) -> str | None:
+    return None if value >= 2 else "expected a number >= 2"
+
+
+@dataclasses.dataclass(frozen=True)
+class DialectsConfig:
+    """Generated next-character text (`fedjax_lab.data.dialects`): each client writes in its own
+    dialect, an order-2 character Markov chain drawn around a shared one, 30 symbols. The
+    defaults are the text default job: 50 clients of ~40 sequences of 80 characters, where a
+    client's own chain predicts 0.43 of the characters and the population's average chain 0.35
+    (exact Bayes accuracies, recorded in the data set's metadata)."""
+
+    num_clients: int = option(50, "number of clients (writers)", positive_int)
+    sequence_length: int = option(80, "characters per sequence (T)", positive_int)
+    mean_sequences: float = option(40.0, "mean sequences per client, train and test "
+                                   "(lognormal sizes, at least 2)", _at_least_two_sequences)
+    heterogeneity: float = option(1.0, "scale of the per-client dialect perturbation; 0 = every "
+                                  "client the same chain (IID)", non_negative)
+    num_families: int = option(4, "dialect families sharing part of their perturbation",
+                               positive_int)
+    family_share: float = option(0.5, "fraction of a dialect's perturbation variance shared "
+                                 "with its family", fraction)
+    test_fraction: float = option(0.2, "per-client held-out fraction of sequences", _below_one)
+
+
+def load_dialects(config: DialectsConfig, seed: int) -> FederatedDataset:
+    validate(config, PREFIX)
+    return dialects(config.num_clients, sequence_length=config.sequence_length,
+                    mean_sequences=config.mean_sequences, heterogeneity=config.heterogeneity,
+                    num_families=config.num_families, family_share=config.family_share,
+                    test_fraction=config.test_fraction, seed=seed)
+
+
 # --- LEAF JSON ----------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +251,8 @@ class LeafConfig:
     `data_dir` holds the `train/` and `test/` folders (e.g. leaf/data/femnist/data), or
     `train_dir` and `test_dir` name them. Every `.json` file of a folder is read."""
 
-    dataset: str = option("femnist", "which LEAF data set the files hold",
+    dataset: str = option("femnist", "which LEAF data set the files hold (shakespeare: "
+                          "next-character sequences)",
                           one_of(*LEAF_DATASETS))
     data_dir: str | None = option(None, "folder holding train/ and test/")
     train_dir: str | None = option(None, "folder of the train .json files (instead of data_dir)")
@@ -236,6 +281,10 @@ def load_leaf_folders(config: LeafConfig, seed: int) -> FederatedDataset:
     return load_leaf(train_dir, test_dir, config.dataset, num_classes=config.num_classes)
 
 
+def leaf_model(config: LeafConfig) -> str | None:
+    return "char_lstm" if config.dataset == "shakespeare" else None
+
+
 # --- TFF / fedjax HDF5 --------------------------------------------------------------------------
 
 # The file names TFF's `load_data` downloads, used when only data_dir is given.
@@ -249,7 +298,8 @@ class H5Config:
     """TensorFlow Federated's HDF5 client files (also read by early fedjax): `train_path` and
     `test_path`, or `data_dir` holding them under TFF's names (fed_emnist[_digitsonly]_{train,
     test}.h5, shakespeare_{train,test}.h5, stackoverflow_{train,test}.h5 and
-    stackoverflow.word_count). Text becomes next-token examples (see `fedjax_lab.data.h5`)."""
+    stackoverflow.word_count). Text becomes next-token sequences with fedjax's preprocessing (see
+`fedjax_lab.data.h5`)."""
 
     dataset: str = option("emnist", "which TFF data set the files hold",
                           one_of("emnist", "shakespeare", "stackoverflow"))
@@ -259,7 +309,7 @@ class H5Config:
     only_digits: bool = option(False, "the digits-only files, 10 classes instead of 62 (emnist)")
     sequence_length: int | None = option(None, "tokens per example; none = 80 (shakespeare) or "
                                          "20 (stackoverflow)", optional_positive_int)
-    vocabulary_path: str | None = option(None, "word list, one word first on each line, most "
+    vocabulary_path: str | None = option(None, "word counts, 'word count' per line, most "
                                          "frequent first; none = data_dir's "
                                          f"{STACKOVERFLOW_WORD_COUNT} (stackoverflow)")
     vocabulary_size: int = option(10_000, "words kept from the list (stackoverflow)",
@@ -288,18 +338,13 @@ class H5Config:
                      for split in ("train", "test"))
 
     def vocabulary(self) -> list[str]:
-        """The first `vocabulary_size` words of the word list (Stack Overflow)."""
+        """The first `vocabulary_size` words of the word-count file (Stack Overflow)."""
         if self.vocabulary_path is None:
             path = _require("data_dir", self.data_dir,
                             os.path.join(self.data_dir, STACKOVERFLOW_WORD_COUNT), False)
         else:
             path = _require("vocabulary_path", self.vocabulary_path, self.vocabulary_path, False)
-        words = []
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.split() and len(words) < self.vocabulary_size:
-                    words.append(line.split()[0])
-        return words
+        return read_word_counts(path, self.vocabulary_size)
 
 
 def load_h5(config: H5Config, seed: int) -> FederatedDataset:
@@ -317,6 +362,10 @@ def load_h5(config: H5Config, seed: int) -> FederatedDataset:
     return load_stackoverflow_h5(train_path, test_path, config.vocabulary(), **options)
 
 
+def h5_model(config: H5Config) -> str | None:
+    return {"shakespeare": "char_lstm", "stackoverflow": "word_lstm"}.get(config.dataset)
+
+
 # --- the registry -------------------------------------------------------------------------------
 
 REGISTRY: dict[str, DataSpec] = {spec.name: spec for spec in (
@@ -328,10 +377,14 @@ REGISTRY: dict[str, DataSpec] = {spec.name: spec for spec in (
              "FedProx's Synthetic(alpha, beta): 30 devices, 60 features, 10 classes"),
     DataSpec("synthetic_iid", SyntheticIIDConfig, load_synthetic_iid,
              "FedProx's Synthetic-IID: 30 devices sharing one model"),
+    DataSpec("dialects", DialectsConfig, load_dialects,
+             "generated next-character text: 50 writers, each in its own Markov-chain dialect",
+             lambda config: "char_lstm"),
     DataSpec("leaf", LeafConfig, load_leaf_folders,
-             "LEAF JSON folders: FEMNIST, Shakespeare or synthetic (needs data_dir)"),
+             "LEAF JSON folders: FEMNIST, Shakespeare or synthetic (needs data_dir)", leaf_model),
     DataSpec("tff_h5", H5Config, load_h5,
-             "TFF/fedjax HDF5 files: EMNIST, Shakespeare or Stack Overflow (needs data_dir, h5py)"),
+             "TFF/fedjax HDF5 files: EMNIST, Shakespeare or Stack Overflow (needs data_dir, h5py)",
+             h5_model),
 )}
 
 
