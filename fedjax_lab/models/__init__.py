@@ -4,7 +4,9 @@ from fedjax_lab.models.model import DenseSplit, Model, from_flax
 from fedjax_lab.models.networks import cifar_cnn, femnist_cnn, logistic_regression, mlp
 from fedjax_lab.models.registry import MODELS, REGISTRY, ModelSpec, get_model, model_spec
 from fedjax_lab.models.split import SplitModel, split_cnn, split_mlp, split_model
+from fedjax_lab.models.text import bigram, char_lstm, transformer, word_lstm
 
-__all__ = ["MODELS", "REGISTRY", "DenseSplit", "Model", "ModelSpec", "SplitModel", "cifar_cnn",
-           "femnist_cnn", "from_flax", "get_model", "logistic_regression", "mlp", "model_spec",
-           "split_cnn", "split_mlp", "split_model"]
+__all__ = ["MODELS", "REGISTRY", "DenseSplit", "Model", "ModelSpec", "SplitModel", "bigram",
+           "char_lstm", "cifar_cnn", "femnist_cnn", "from_flax", "get_model",
+           "logistic_regression", "mlp", "model_spec", "split_cnn", "split_mlp", "split_model",
+           "transformer", "word_lstm"]

@@ -12,6 +12,7 @@ from typing import Any, Callable
 from fedjax_lab.models.model import Model
 from fedjax_lab.models.networks import cifar_cnn, femnist_cnn, logistic_regression, mlp
 from fedjax_lab.models.split import SplitModel, split_cnn, split_mlp
+from fedjax_lab.models.text import bigram, char_lstm, transformer, word_lstm
 from fedjax_lab.options import OptionError, all_positive, from_dict, option, positive_int
 
 # build(config, feature_shape, num_classes) -> Model | SplitModel
@@ -78,6 +79,45 @@ class SplitCNNConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CharLSTMConfig:
+    """LEAF's and fedjax's Shakespeare model: Embed(V, 8), two LSTM(256), Dense(V)."""
+
+    embed: int = option(8, "character embedding width", positive_int)
+    hidden: int = option(256, "LSTM width", positive_int)
+    layers: int = option(2, "number of stacked LSTM layers", positive_int)
+
+
+@dataclasses.dataclass(frozen=True)
+class WordLSTMConfig:
+    """Reddi et al.'s Stack Overflow model: Embed(V, 96), LSTM(670), Dense(96), Dense(V)."""
+
+    embed: int = option(96, "word embedding width", positive_int)
+    hidden: int = option(670, "LSTM width", positive_int)
+    projection: int = option(96, "width of the dense layer between the LSTM and the "
+                             "vocabulary layer", positive_int)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """A small decoder-only causal transformer (GPT-2 style, pre-LayerNorm); the widths are
+    the library's."""
+
+    width: int = option(128, "embedding and residual width", positive_int)
+    layers: int = option(2, "number of transformer blocks", positive_int)
+    heads: int = option(4, "attention heads per block (must divide width)", positive_int)
+    hidden: int = option(512, "MLP hidden width of each block", positive_int)
+    context: int = option(128, "longest sequence (rows of the learned positional "
+                          "embedding); must be >= the data's sequence length", positive_int)
+
+
+@dataclasses.dataclass(frozen=True)
+class BigramConfig:
+    """Embed(V, d) then Dense(V) per position: the next token from the current one."""
+
+    embed: int = option(16, "token embedding width d", positive_int)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """One registered model.
 
@@ -126,6 +166,26 @@ SPECS = (
               lambda config, shape, classes: split_cnn(shape, classes, config.latent_dim),
               "FEMNIST CNN as feature extractor (up to its dense layer) + linear head",
               kind="split"),
+    ModelSpec("char_lstm", CharLSTMConfig,
+              lambda config, shape, classes: char_lstm(shape, classes, embed=config.embed,
+                                                       hidden=config.hidden,
+                                                       layers=config.layers),
+              "LEAF/fedjax Shakespeare next-character LSTM (Embed 8, two LSTM 256) for "
+              "token sequences"),
+    ModelSpec("word_lstm", WordLSTMConfig,
+              lambda config, shape, classes: word_lstm(shape, classes, embed=config.embed,
+                                                       hidden=config.hidden,
+                                                       projection=config.projection),
+              "Reddi et al.'s Stack Overflow next-word LSTM (Embed 96, LSTM 670, Dense 96) "
+              "for token sequences"),
+    ModelSpec("transformer", TransformerConfig,
+              lambda config, shape, classes: transformer(
+                  shape, classes, width=config.width, layers=config.layers,
+                  heads=config.heads, hidden=config.hidden, context=config.context),
+              "small decoder-only causal transformer (GPT-2 style) for token sequences"),
+    ModelSpec("bigram", BigramConfig,
+              lambda config, shape, classes: bigram(shape, classes, embed=config.embed),
+              "bigram model (Embed, Dense per position), a cheap text baseline"),
 )
 
 REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in SPECS}
