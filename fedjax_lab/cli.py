@@ -142,10 +142,12 @@ def _run(argv: list[str]) -> int:
     final = result.summary["final"]["test"]
     views = "".join(f", {view} {final[view]['accuracy']:.4f}" for view in ("global", "adapted")
                     if view in final)
-    print(f"{config.algorithm.name} on {config.data.name}: test accuracy {final['accuracy']:.4f}"
-          f" (per client mean {final['client_accuracy_mean']:.4f}, min "
-          f"{final['client_accuracy_min']:.4f}{views}) after {config.run.rounds} rounds in "
-          f"{result.seconds:.1f} s")
+    tokens = result.summary["counted"] == "tokens"
+    perplexity = f", perplexity {final['perplexity']:.3f}" if tokens else ""
+    print(f"{config.algorithm.name} on {config.data.name}: test {'token ' if tokens else ''}"
+          f"accuracy {final['accuracy']:.4f}{perplexity} (per client mean "
+          f"{final['client_accuracy_mean']:.4f}, min {final['client_accuracy_min']:.4f}{views}) "
+          f"after {config.run.rounds} rounds in {result.seconds:.1f} s")
     return 0
 
 
@@ -254,6 +256,10 @@ def _list(argv: list[str]) -> int:
                 tags.append("trains dropout and BatchNorm models")
             if section == "model" and spec.kind == "split":
                 tags.append("split")
+            if section == "model" and spec.next_token:
+                tags.append("text")
+            if section == "algorithm" and spec.class_labels_only is not None:
+                tags.append("class labels only")
             tag = f" [{', '.join(tags)}]" if tags else ""
             print(f"  {name:14s} {spec.summary}{tag}")
             if section == "algorithm":

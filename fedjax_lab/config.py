@@ -198,15 +198,22 @@ def default_config() -> Config:
 
 
 def chosen_name(section: str, mapping: dict) -> str:
-    """The registry name a nested mapping chooses for `section`, defaults applied (a model
-    defaults to the kind the chosen algorithm needs)."""
+    """The registry name a nested mapping chooses for `section`, defaults applied: a model
+    defaults to the data set's own (`DataSpec.default_model`: a text model for text) when the
+    chosen algorithm takes any model, else to the kind the algorithm needs."""
     table = mapping.get(section, {})
     name = table.get("name") if isinstance(table, dict) else table
     if name is not None:
         return name
-    if section == "model":
-        return DEFAULT_MODEL[_spec("algorithm", chosen_name("algorithm", mapping)).model_kind]
-    return DEFAULT_NAMES[section]
+    if section != "model":
+        return DEFAULT_NAMES[section]
+    kind = _spec("algorithm", chosen_name("algorithm", mapping)).model_kind
+    data_spec = _spec("data", chosen_name("data", mapping))
+    data_table = mapping.get("data", {})
+    values = {key: value for key, value in data_table.items() if key != "name"} \
+        if isinstance(data_table, dict) else {}
+    data_model = data_spec.default_model(options.from_dict(data_spec.config, values, "data."))
+    return data_model if kind == "any" and data_model is not None else DEFAULT_MODEL[kind]
 
 
 def override_annotation(dotted: str, mapping: dict):
@@ -266,6 +273,7 @@ def traced_algorithm(config: Config, info: DataInfo) -> TracedAlgorithm:
     structure, traced = algorithm_structure(config)
     execution = ClientExecution(config.run.execution, config.run.chunk_size)
     _spec("algorithm", config.algorithm.name).check_labels(config.data.name, info)
+    _spec("model", config.model.name).check_targets(config.data.name, info.label_shape)
     build = _algorithm_builder(config.algorithm.name, structure, config.model, info, execution)
     return TracedAlgorithm(build, {path: jnp.asarray(value) for path, value in traced.items()})
 
@@ -290,6 +298,7 @@ def build(config: Config):
     model = model_spec.build(config.model.options, dataset.feature_shape, dataset.num_classes)
     algorithm_spec.check_model(config.model.name, model)
     algorithm_spec.check_labels(config.data.name, dataset.info())
+    model_spec.check_targets(config.data.name, dataset.info().label_shape)
     execution = ClientExecution(config.run.execution, config.run.chunk_size)
     private_config, _ = private_run(config, dataset)
     algorithm = algorithm_spec.build(private_config.algorithm.options, model, dataset.info(),

@@ -334,7 +334,9 @@ def run_experiment(algorithm: Algorithm | TracedAlgorithm, dataset, *, num_round
     seconds = time.perf_counter() - start
     summary = {"rounds": num_rounds, "seconds": seconds,
                "compile_seconds": compiled.compile_seconds() - compile_start,
-               "final": evaluations[-1], "final_train_loss": history[-1]["train_loss"]}
+               "final": evaluations[-1], "final_train_loss": history[-1]["train_loss"],
+               # What accuracy and loss count: examples, or the tokens of next-token targets.
+               "counted": "tokens" if dataset.train.label_shape else "examples"}
     if output_dir is not None:
         write_json_atomic(os.path.join(output_dir, SUMMARY_FILE), summary)
     return ExperimentResult(state=state, history=history, evaluations=evaluations,

@@ -28,9 +28,13 @@ def test_every_registered_model_builds_with_its_defaults_and_gives_logits(name):
     assert options.from_dict(spec.config, options.to_dict(spec.config())) == spec.config()
     model = spec.build(spec.config(), DIGITS_SHAPE, 10)
     assert isinstance(model, SplitModel) == (spec.kind == "split")
-    x = jax.random.normal(jax.random.key(1), (3,) + DIGITS_SHAPE)
+    if spec.next_token:  # token ids in, one prediction per position out
+        x = jax.random.randint(jax.random.key(1), (3,) + DIGITS_SHAPE, 0, 10).astype(jnp.float32)
+    else:
+        x = jax.random.normal(jax.random.key(1), (3,) + DIGITS_SHAPE)
     logits = jax.jit(lambda key: model.apply(model.init(key), x))(jax.random.key(0))
-    assert logits.shape == (3, 10) and np.isfinite(logits).all()
+    expected = (3,) + DIGITS_SHAPE + (10,) if spec.next_token else (3, 10)
+    assert logits.shape == expected and np.isfinite(logits).all()
 
 
 def test_get_model_reads_options_and_names_bad_ones():

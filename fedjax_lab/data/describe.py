@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedjax_lab.core.losses import IGNORE_LABEL
 from fedjax_lab.data.federated import FederatedDataset
 
 
 def client_label_counts(dataset: FederatedDataset):
-    """Yields each client's [num_classes] label counts, train and test examples together."""
+    """Yields each client's [num_classes] label counts, train and test examples together (for
+    next-token data, the counted target tokens: ignored targets are left out)."""
     for train, test in zip(dataset.train.y, dataset.test.y):
-        yield np.bincount(np.concatenate([train, test]), minlength=dataset.num_classes)
+        labels = np.concatenate([train.ravel(), test.ravel()])
+        yield np.bincount(labels[labels != IGNORE_LABEL], minlength=dataset.num_classes)
 
 
 def entropy_bits(counts: np.ndarray) -> np.ndarray:

@@ -127,6 +127,9 @@ class ModelSpec:
         build: `build(config, feature_shape, num_classes) -> Model | SplitModel`.
         summary: what it is, with its source, one line.
         kind: "plain" (a `Model`) or "split" (a `SplitModel`: feature extractor + head).
+        next_token: whether it predicts the next token at every position of a sequence of token
+            ids (logits `[B, T, V]`, for data with next-token targets) rather than one class
+            per example (logits `[B, classes]`).
     """
 
     name: str
@@ -134,10 +137,21 @@ class ModelSpec:
     build: Builder
     summary: str
     kind: str = "plain"
+    next_token: bool = False
 
     def __post_init__(self):
         if self.kind not in MODEL_KINDS:
             raise ValueError(f"kind {self.kind!r} is unknown; allowed: {', '.join(MODEL_KINDS)}")
+
+    def check_targets(self, data_name: str, label_shape: tuple) -> None:
+        """Raises `OptionError` naming the model when it predicts other targets than the data
+        set holds (a text model on images, a classifier on text)."""
+        if self.next_token != bool(label_shape):
+            has = f"next-token targets {label_shape}" if label_shape else "one class per example"
+            wants = "next-token targets" if self.next_token else "one class per example"
+            raise OptionError("model.name", self.name, f"this model predicts {wants}, and data "
+                              f"set {data_name!r} has {has}; `fedjax-lab list` marks the text "
+                              "models [text]")
 
 
 SPECS = (
@@ -171,21 +185,23 @@ SPECS = (
                                                        hidden=config.hidden,
                                                        layers=config.layers),
               "LEAF/fedjax Shakespeare next-character LSTM (Embed 8, two LSTM 256) for "
-              "token sequences"),
+              "token sequences", next_token=True),
     ModelSpec("word_lstm", WordLSTMConfig,
               lambda config, shape, classes: word_lstm(shape, classes, embed=config.embed,
                                                        hidden=config.hidden,
                                                        projection=config.projection),
               "Reddi et al.'s Stack Overflow next-word LSTM (Embed 96, LSTM 670, Dense 96) "
-              "for token sequences"),
+              "for token sequences", next_token=True),
     ModelSpec("transformer", TransformerConfig,
               lambda config, shape, classes: transformer(
                   shape, classes, width=config.width, layers=config.layers,
                   heads=config.heads, hidden=config.hidden, context=config.context),
-              "small decoder-only causal transformer (GPT-2 style) for token sequences"),
+              "small decoder-only causal transformer (GPT-2 style) for token sequences",
+              next_token=True),
     ModelSpec("bigram", BigramConfig,
               lambda config, shape, classes: bigram(shape, classes, embed=config.embed),
-              "bigram model (Embed, Dense per position), a cheap text baseline"),
+              "bigram model (Embed, Dense per position), a cheap text baseline",
+              next_token=True),
 )
 
 REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in SPECS}
