@@ -11,6 +11,7 @@ from fedjax_lab.core import (ClientExecution, client_keys, client_weights, exper
                              gather_clients, local_train, model_loss, sample_stragglers,
                              scatter_clients, weighted_mean)
 from fedjax_lab.data.sampling import sample_cohort
+from fedjax_lab.models import get_model
 
 
 def test_sample_weights_sum_to_one_and_empty_clients_weigh_zero():
@@ -96,6 +97,13 @@ def test_auto_picks_by_backend_program_and_memory():
 
     conv = ClientExecution().resolve(conv_fn, per_client)
     assert conv.strategy == ("unrolled" if jax.default_backend() == "cpu" else "vmap")
+
+    lstm = get_model("char_lstm", (5,), 5, hidden=4, layers=1)
+    text_fn = lambda client: lstm.apply(lstm.init(jax.random.key(0)), client[0][:1])
+    recurrent = ClientExecution().resolve(text_fn, per_client)
+    assert recurrent.strategy == ("sequential" if jax.default_backend() == "cpu" else "vmap")
+    # A loop without the model's mark is not a recurrence: local training's own step loop.
+    assert ClientExecution().resolve(client_fn, per_client).strategy == "vmap"
 
 
 def test_execution_rejects_unknown_strategy_and_bad_chunks():

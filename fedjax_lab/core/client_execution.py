@@ -9,7 +9,11 @@ strategy is chosen separately and never hard-coded by an algorithm. Strategies:
   the cohort; `resolve` shows the choice. On CPU a program containing convolutions runs its
   clients "unrolled" (in chunks of `UNROLLED_CHUNK` when the cohort is larger), because XLA:CPU
   turns per-client convolution weights under vmap into grouped convolutions that run 10-50x
-  slower (shared/XLA_CPU.md). Otherwise "vmap", or "chunked" when the cohort's working set
+  slower (shared/XLA_CPU.md); a program with a recurrent time loop (a loop a model marks with
+  `RECURRENT_SCOPE`, as the text LSTMs do) runs its clients "sequential", because under vmap
+  every time step's small per-client matmuls become batched matmuls that XLA:CPU runs 1.8-3.7x
+  slower than one client's plain ones (benchmarks/RESULTS.md, text rows). Otherwise "vmap", or
+  "chunked" when the cohort's working set
   (about `WORKING_SET_FACTOR` times the per-client inputs and outputs) exceeds `memory_budget`.
 - "vmap": all clients as one batched program (fastest for small models).
 - "chunked": a loop over chunks of `chunk_size` clients, vmapped (or unrolled, with
@@ -43,6 +47,8 @@ UNROLLED_CHUNK = 10
 # optimiser state, the update): the multiplier behind "auto"'s working-set estimate.
 WORKING_SET_FACTOR = 4
 _CONVOLUTIONS = ("conv_general_dilated",)
+# The `jax.named_scope` a model puts around a recurrent time loop, so "auto" can recognise it.
+RECURRENT_SCOPE = "recurrent_time_loop"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +111,14 @@ class ClientExecution:
         num_clients = _num_clients(per_client)
         one_client = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype),
                                   per_client)
-        if jax.default_backend() == "cpu" and _has_convolution(client_fn, one_client):
-            if num_clients <= UNROLLED_CHUNK:
-                return ClientExecution("unrolled")
-            return ClientExecution("chunked", UNROLLED_CHUNK, chunk_strategy="unrolled")
+        if jax.default_backend() == "cpu":
+            program = jax.make_jaxpr(client_fn)(one_client).jaxpr
+            if _jaxpr_has(program, lambda equation: equation.primitive.name in _CONVOLUTIONS):
+                if num_clients <= UNROLLED_CHUNK:
+                    return ClientExecution("unrolled")
+                return ClientExecution("chunked", UNROLLED_CHUNK, chunk_strategy="unrolled")
+            if _jaxpr_has(program, _is_recurrent_loop):
+                return ClientExecution("sequential")
         outputs = jax.eval_shape(client_fn, one_client)
         per_client_bytes = WORKING_SET_FACTOR * (tree_bytes(one_client) + tree_bytes(outputs))
         fitting = max(1, self.memory_budget // max(per_client_bytes, 1))
@@ -226,18 +236,19 @@ def _chunked_reduce(client_fn, per_client: PyTree, weights: jax.Array | None, ch
     return total, others
 
 
-def _has_convolution(client_fn, one_client: PyTree) -> bool:
-    jaxpr = jax.make_jaxpr(client_fn)(one_client)
-    return _jaxpr_has(jaxpr.jaxpr, _CONVOLUTIONS)
+def _is_recurrent_loop(equation) -> bool:
+    return equation.primitive.name in ("scan", "while") \
+        and RECURRENT_SCOPE in str(equation.source_info.name_stack)
 
 
-def _jaxpr_has(jaxpr, primitive_names) -> bool:
+def _jaxpr_has(jaxpr, predicate) -> bool:
+    """Whether an equation of `jaxpr`, or of a program nested in it, satisfies `predicate`."""
     for equation in jaxpr.eqns:
-        if equation.primitive.name in primitive_names:
+        if predicate(equation):
             return True
         for value in equation.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
                 inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns") and _jaxpr_has(inner, primitive_names):
+                if hasattr(inner, "eqns") and _jaxpr_has(inner, predicate):
                     return True
     return False

@@ -41,6 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fedjax_lab.core.client_execution import RECURRENT_SCOPE
 from fedjax_lab.models.model import Model, from_flax
 from fedjax_lab.options import OptionError
 
@@ -99,7 +100,9 @@ def _lstm_forward(gate_inputs, recurrent_kernel):
         return (h, c), (h, c, jnp.concatenate([i, f, g, o], axis=-1))
 
     zeros = jnp.zeros((batch, hidden), gate_inputs.dtype)
-    _, (hs, cs, activations) = jax.lax.scan(step, (zeros, zeros), gate_inputs, unroll=UNROLL)
+    with jax.named_scope(RECURRENT_SCOPE):
+        _, (hs, cs, activations) = jax.lax.scan(step, (zeros, zeros), gate_inputs,
+                                                unroll=UNROLL)
     return hs, cs, activations
 
 
@@ -126,8 +129,10 @@ def _lstm_backward(residuals, hs_cotangent):
                                   dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], axis=-1)
         return (dgates @ recurrent_kernel.T, dc * f), dgates
 
-    _, dgates = jax.lax.scan(step, (zeros, zeros), (hs_cotangent, cs, previous_cs, activations),
-                             reverse=True, unroll=UNROLL)
+    with jax.named_scope(RECURRENT_SCOPE):
+        _, dgates = jax.lax.scan(step, (zeros, zeros),
+                                 (hs_cotangent, cs, previous_cs, activations), reverse=True,
+                                 unroll=UNROLL)
     kernel_cotangent = jnp.einsum("tbh,tbk->hk", previous_hs, dgates)
     return dgates, kernel_cotangent
 
