@@ -28,7 +28,7 @@ OUTPUT = os.path.join(ROOT, "docs", "RESULTS.md")
 EXPERIMENTS = ("fedavg_fedsgd", "fedprox_synthetic", "median_mean_bridge", "fetchsgd",
                "robust_aggregation", "ditto_fedamp", "fedproto_pfedhn", "meta_learning",
                "knowledge_transfer", "dp_fedavg", "scaffold_drift", "qffl_fairness",
-               "personalization_table")
+               "personalization_table", "adaptive_text")
 
 
 class Row(NamedTuple):

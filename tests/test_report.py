@@ -11,7 +11,7 @@ from experiments.report import EXPERIMENTS, OUTPUT, ROOT, ROWS, main, measure_ro
 ALGORITHMS = ["FedAvg", "FedProx", "Noisy signSGD / medianSGD", "FetchSGD", "Robust aggregation",
               "Ditto", "FedAMP", "FedProto", "pFedHN", "FedMeta (MAML, Meta-SGD, FOMAML)",
               "Per-FedAvg", "FedGKT", "FedGen", "DP-FedAvg", "SCAFFOLD", "q-FFL",
-              "Personalisation table"]
+              "Personalisation table", "FedAdam / FedYogi (text)"]
 
 
 def test_results_page_is_generated_from_the_committed_results():
