@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from common import assert_trees_close, float64_params, make_clients, small_model, stack_clients
+from fedjax_lab.core import client_execution
 from fedjax_lab.core import (ClientExecution, client_keys, client_weights, experiment_key,
                              gather_clients, local_train, model_loss, sample_stragglers,
                              scatter_clients, weighted_mean)
@@ -104,6 +105,18 @@ def test_auto_picks_by_backend_program_and_memory():
     assert recurrent.strategy == ("sequential" if jax.default_backend() == "cpu" else "vmap")
     # A loop without the model's mark is not a recurrence: local training's own step loop.
     assert ClientExecution().resolve(client_fn, per_client).strategy == "vmap"
+
+
+@pytest.mark.parametrize("strategy, skips", [("sequential", True), ("unrolled", True),
+                                              ("vmap", False)])
+def test_a_client_run_alone_skips_its_inactive_steps(strategy, skips):
+    """Local training's inactive steps (a short client's padding) are a `cond`, which a client
+    run unbatched keeps (the step is skipped) and vmap turns into a select (it is computed)."""
+    model = small_model()
+    client_fn, per_client, _ = _training_clients(model, model.init(jax.random.key(0)))
+    program = jax.make_jaxpr(lambda p: ClientExecution(strategy).map(client_fn, p))(per_client)
+    is_cond = lambda equation: equation.primitive.name == "cond"
+    assert client_execution._jaxpr_has(program.jaxpr, is_cond) == skips
 
 
 def test_execution_rejects_unknown_strategy_and_bad_chunks():

@@ -203,7 +203,9 @@ def _chunked_reduce(client_fn, per_client: PyTree, weights: jax.Array | None, ch
     num_clients = _num_clients(per_client)
     chunk_size = min(chunk_size, num_clients)
     num_chunks = -(-num_clients // chunk_size)
-    run_chunk = jax.vmap(client_fn) if chunk_strategy == "vmap" else (
+    # One client at a time runs unbatched, so its program keeps its own control flow (a
+    # skipped inactive step stays skipped instead of becoming vmap's select).
+    run_chunk = jax.vmap(client_fn) if chunk_strategy == "vmap" and chunk_size > 1 else (
         lambda chunk: _unrolled(client_fn, chunk))
     one_client = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype),
                               per_client)

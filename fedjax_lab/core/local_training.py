@@ -148,19 +148,22 @@ def local_train(loss_fn: LossFn, optimizer: optax.GradientTransformation, params
     def loss_and_state(*args):
         return split_loss(loss_fn(*args))
 
-    def step(carry, step_index):
+    def train_step(carry, indices, batch_mask, batch_key):
         params, opt_state, loss_sum = carry
-        indices, batch_mask, batch_key, active = schedule.at(step_index)
         (loss, state), grads = jax.value_and_grad(loss_and_state, has_aux=True)(
             params, x[indices], y[indices], batch_mask, batch_key)
         grads = replace_subtrees(grads, jax.tree.map(jnp.zeros_like, state))
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = replace_subtrees(optax.apply_updates(params, updates), state)
-        keep_if_inactive = lambda new, old: jnp.where(active, new, old)
-        params = jax.tree.map(keep_if_inactive, new_params, params)
-        opt_state = jax.tree.map(keep_if_inactive, new_opt_state, opt_state)
-        loss_sum = loss_sum + jnp.where(active, loss, jnp.zeros_like(loss))
-        return (params, opt_state, loss_sum), active
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = replace_subtrees(optax.apply_updates(params, updates), state)
+        return params, opt_state, loss_sum + loss.astype(loss_sum.dtype)
+
+    def step(carry, step_index):
+        indices, batch_mask, batch_key, active = schedule.at(step_index)
+        # A client run alone (sequential or unrolled clients) skips its inactive steps; under
+        # vmap the condition becomes a select and every step is computed, as it must be.
+        carry = jax.lax.cond(active, train_step, lambda carry, *_: carry, carry, indices,
+                             batch_mask, batch_key)
+        return carry, active
 
     loss_dtype = jax.eval_shape(lambda *args: loss_and_state(*args)[0], params, x[:batch_size],
                                 y[:batch_size], mask[:batch_size], rng).dtype
