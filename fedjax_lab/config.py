@@ -141,6 +141,10 @@ def config_from_dict(mapping: dict) -> Config:
             raise OptionError(section, table, "expected a table with a name and options")
         spec = _spec(section, chosen_name(section, mapping))
         values = {key: value for key, value in table.items() if key != "name"}
+        if section == "model" and "name" not in table:
+            proposed = _data_default_model(mapping)
+            if proposed is not None and proposed["name"] == spec.name:
+                values = {**{k: v for k, v in proposed.items() if k != "name"}, **values}
         chosen[section] = (spec, options.from_dict(spec.config, values, f"{section}."))
     run = options.from_dict(RunOptions, mapping.get("run", {}), "run.")
     algorithm_spec, model_spec = chosen["algorithm"][0], chosen["model"][0]
@@ -208,12 +212,18 @@ def chosen_name(section: str, mapping: dict) -> str:
     if section != "model":
         return DEFAULT_NAMES[section]
     kind = _spec("algorithm", chosen_name("algorithm", mapping)).model_kind
+    data_model = _data_default_model(mapping)
+    return data_model["name"] if kind == "any" and data_model is not None else DEFAULT_MODEL[kind]
+
+
+def _data_default_model(mapping: dict) -> dict | None:
+    """The model table the chosen data set proposes (`DataSpec.default_model`), or None."""
     data_spec = _spec("data", chosen_name("data", mapping))
     data_table = mapping.get("data", {})
     values = {key: value for key, value in data_table.items() if key != "name"} \
         if isinstance(data_table, dict) else {}
-    data_model = data_spec.default_model(options.from_dict(data_spec.config, values, "data."))
-    return data_model if kind == "any" and data_model is not None else DEFAULT_MODEL[kind]
+    proposed = data_spec.default_model(options.from_dict(data_spec.config, values, "data."))
+    return {"name": proposed} if isinstance(proposed, str) else proposed
 
 
 def override_annotation(dotted: str, mapping: dict):

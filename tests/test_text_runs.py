@@ -46,7 +46,13 @@ def test_the_registry_splits_into_sequence_and_class_label_algorithms():
 
 
 def test_text_data_sets_default_to_a_text_model():
-    assert make_config(**{"data.name": "dialects"}).model.name == "char_lstm"
+    dialects = make_config(**{"data.name": "dialects"}).model
+    assert dialects.name == "char_lstm" and (dialects.options.hidden, dialects.options.layers) \
+        == (64, 1)
+    # The run's own model options win over the data set's proposal.
+    assert make_config(**{"data.name": "dialects", "model.hidden": 32}).model.options.hidden == 32
+    assert make_config(**{"data.name": "leaf", "data.dataset": "shakespeare",
+                          "data.data_dir": "leaf"}).model.options.hidden == 256
     assert make_config(**{"data.name": "tff_h5", "data.dataset": "stackoverflow",
                           "data.data_dir": "tff"}).model.name == "word_lstm"
     assert make_config(**{"data.name": "digits"}).model.name == "mlp"
