@@ -112,7 +112,8 @@ def test_bayes_accuracies_hand_chain():
 
 def test_registry_config_validation_and_default_models(tmp_path):
     spec = REGISTRY["dialects"]
-    assert spec.default_model(DialectsConfig()) == "char_lstm"
+    assert spec.default_model(DialectsConfig()) == {"name": "char_lstm", "hidden": 64,
+                                                    "layers": 1}
     small = load_dataset("dialects", DialectsConfig(num_clients=4, mean_sequences=3,
                                                     sequence_length=10), seed=2)
     assert small.num_clients == 4 and small.feature_shape == (10,)

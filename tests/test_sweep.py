@@ -25,8 +25,9 @@ SWEEPS = [("fedavg", "algorithm.client.lr", [0.05, 0.2]),
 
 # A vmapped program may sum float32 terms (a client's cross-entropies, the cohort's losses) in
 # another order than the single run's, so float metrics agree to float32 rounding: at most a few
-# ulp measured (relative 1e-7) over these two-round runs, bounded here at 1e-5; integers, counts
-# and accuracies agree exactly, and FedAvg's training metrics are bit for bit.
+# ulp measured (relative 1e-7) over these two-round runs, bounded here at 1e-5 (also each
+# client's perplexity); integers, counts and accuracies agree exactly, and FedAvg's training
+# metrics are bit for bit.
 RTOL = 1e-5
 
 
@@ -36,8 +37,11 @@ def _assert_rows_equal(swept: list[dict], single: list[dict]) -> None:
         swept_row, single_row = options.flatten(swept_row), options.flatten(single_row)
         assert swept_row.keys() == single_row.keys()
         for path, value in swept_row.items():
-            if isinstance(value, float) and path.rpartition(".")[2] != "accuracy":
+            name = path.rpartition(".")[2]
+            if isinstance(value, float) and name != "accuracy":
                 assert value == pytest.approx(single_row[path], rel=RTOL, abs=1e-7), path
+            elif name == "client_perplexities":  # exponentiated float32 losses
+                assert value == pytest.approx(single_row[path], rel=RTOL), path
             else:
                 assert value == single_row[path], path
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from fedjax_lab.core import sharding
 from fedjax_lab.core.communication import tree_bytes
+from fedjax_lab.core.local_training import client_alone
 
 PyTree = Any
 STRATEGIES = ("auto", "vmap", "chunked", "sequential", "unrolled", "sharded")
@@ -186,8 +187,9 @@ def _weighted_sum(stacked: PyTree, weights: jax.Array) -> PyTree:
 
 
 def _unrolled(client_fn, per_client: PyTree) -> PyTree:
-    outputs = [client_fn(jax.tree.map(lambda leaf: leaf[i], per_client))
-               for i in range(_num_clients(per_client))]
+    with client_alone():
+        outputs = [client_fn(jax.tree.map(lambda leaf: leaf[i], per_client))
+                   for i in range(_num_clients(per_client))]
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)
 
 

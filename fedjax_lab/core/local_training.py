@@ -21,6 +21,8 @@ optimiser sees it (a regulariser's pull on them, weight decay or a global-norm c
 involves them) and the optimiser's update of them is replaced by the new values.
 """
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
@@ -36,6 +38,26 @@ PyTree = Any
 # loss_fn(params, x_batch, y_batch, mask_batch, rng) -> scalar mean loss over the real examples
 # (or a `LossWithState` carrying the model's updated statistics).
 LossFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array, jax.Array], Any]
+
+
+_RUNNING_ALONE = contextvars.ContextVar("running_alone", default=False)
+
+
+@contextlib.contextmanager
+def client_alone():
+    """Marks the client program traced inside as run alone (not under `vmap`), so that local
+    training skips inactive steps with a `lax.cond` rather than computing and discarding them
+    (under `vmap` a cond would become a select of both branches)."""
+    token = _RUNNING_ALONE.set(True)
+    try:
+        yield
+    finally:
+        _RUNNING_ALONE.reset(token)
+
+
+def running_alone() -> bool:
+    """Whether the client program being traced runs alone (`client_alone`)."""
+    return _RUNNING_ALONE.get()
 
 
 class LocalTrainingResult(NamedTuple):
@@ -157,12 +179,18 @@ def local_train(loss_fn: LossFn, optimizer: optax.GradientTransformation, params
         params = replace_subtrees(optax.apply_updates(params, updates), state)
         return params, opt_state, loss_sum + loss.astype(loss_sum.dtype)
 
+    skip_inactive = running_alone()
+
     def step(carry, step_index):
         indices, batch_mask, batch_key, active = schedule.at(step_index)
-        # A client run alone (sequential or unrolled clients) skips its inactive steps; under
-        # vmap the condition becomes a select and every step is computed, as it must be.
-        carry = jax.lax.cond(active, train_step, lambda carry, *_: carry, carry, indices,
-                             batch_mask, batch_key)
+        if skip_inactive:
+            # A client run alone (sequential or unrolled) skips its inactive steps outright.
+            carry = jax.lax.cond(active, train_step, lambda carry, *_: carry, carry, indices,
+                                 batch_mask, batch_key)
+        else:
+            # Batched clients compute every step and keep the old values where inactive.
+            new_carry = train_step(carry, indices, batch_mask, batch_key)
+            carry = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_carry, carry)
         return carry, active
 
     loss_dtype = jax.eval_shape(lambda *args: loss_and_state(*args)[0], params, x[:batch_size],
