@@ -82,7 +82,7 @@ def device_rounds(build: Callable, num_clients: int, cohort_size: int) -> Callab
     `population` on the device. The single run jits it, a sweep jits its `vmap`."""
 
     def one_round(population, key, algorithm, state, _):
-        ids = sample_cohort(key, state.round, num_clients, cohort_size)
+        ids = (algorithm.cohorts or sample_cohort)(key, state.round, num_clients, cohort_size)
         state = algorithm.round(state, cohort_batch(population, ids, key, state.round))
         return state, state.metrics
 

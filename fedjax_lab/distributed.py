@@ -133,7 +133,7 @@ class ProcessCohortStream:
         stream = self.stream
         ids = cohort_schedule(stream.key, num_rounds, stream.clients.num_clients,
                               stream.cohort_size, start_round=start_round,
-                              probabilities=stream.probabilities)
+                              probabilities=stream.probabilities, cohorts=stream.cohorts)
         local = ids[:, self.slice.start:self.slice.stop]
         x, y, mask, sizes = stream.clients.gather(local.ravel(), stream.padded_length)
         rounds = np.arange(start_round, start_round + num_rounds, dtype=np.int32)

@@ -262,7 +262,8 @@ def run_experiment(algorithm: Algorithm | TracedAlgorithm, dataset, *, num_round
         run_block = lambda state, first, length: device_block(state, population, key,
                                                               hyperparameters, length)
     else:
-        stream = HostCohortStream(dataset.train, key, cohort_size)
+        stream = HostCohortStream(dataset.train, key, cohort_size,
+                                  cohorts=traced.build(hyperparameters).cohorts)
         if jax.process_count() > 1:
             stream = distributed.ProcessCohortStream(stream, mesh)
         host_block = compiled.host_block(traced.build)

@@ -80,6 +80,10 @@ class Algorithm(NamedTuple):
             (meta-learning): `adapted_predict(server_state, support, query) -> logits
             [C, Nq, num_classes]`, each client adapting on the real examples of its `support`
             row (its training data) and predicting its `query` row (held-out data).
+        cohorts: optional `cohorts(key, round, num_clients, cohort_size) -> ids [cohort_size]`,
+            the cohort schedule the algorithm's guarantee assumes, which every runner then draws
+            instead of the uniform `data.sampling.sample_cohort` (DP-FTRL's epochs,
+            `data.sampling.EpochCohorts`); None where any cohort will do.
     """
 
     init: Callable[[jax.Array], ServerState]
@@ -87,6 +91,7 @@ class Algorithm(NamedTuple):
     predict: Callable[[ServerState, ClientBatch], jax.Array]
     predict_global: Callable[[ServerState, ClientBatch], jax.Array] | None = None
     adapted_predict: Callable[[ServerState, ClientBatch, ClientBatch], jax.Array] | None = None
+    cohorts: Callable[[jax.Array, Any, int, int], jax.Array] | None = None
 
 
 class DataInfo(NamedTuple):

@@ -100,25 +100,27 @@ class HostCohortStream:
         key: the experiment key.
         cohort_size: clients per round, K.
         probabilities: optional `[num_clients]` sampling weights, as for `sample_cohort`.
+        cohorts: optional schedule drawn instead of `sample_cohort` (`Algorithm.cohorts`).
         multiple_of: pad to the population's n_max rounded up to this (as `ClientData.pad`).
         prefetch: blocks prepared ahead of the consumer, >= 1.
     """
 
     def __init__(self, clients: ClientData | PackedClients, key: jax.Array, cohort_size: int, *,
-                 probabilities=None, multiple_of: int = 1, prefetch: int = 2):
+                 probabilities=None, cohorts=None, multiple_of: int = 1, prefetch: int = 2):
         self.clients = clients if isinstance(clients, PackedClients) else pack_clients(clients)
         check_cohort_size(cohort_size, self.clients.num_clients)
         check_probabilities(probabilities, self.clients.num_clients, cohort_size)
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
             raise ValueError(f"prefetch={prefetch!r}; expected an integer >= 1")
         self.key, self.cohort_size, self.prefetch = key, cohort_size, prefetch
-        self.probabilities = probabilities
+        self.probabilities, self.cohorts = probabilities, cohorts
         self.padded_length = self.clients.padded_length(multiple_of)
 
     def block(self, start_round: int, num_rounds: int) -> ClientBatch:
         """Rounds start_round.. stacked: every field `[num_rounds, K, ...]`, on the device."""
         ids = cohort_schedule(self.key, num_rounds, self.clients.num_clients, self.cohort_size,
-                              start_round=start_round, probabilities=self.probabilities)
+                              start_round=start_round, probabilities=self.probabilities,
+                              cohorts=self.cohorts)
         x, y, mask, sizes = self.clients.gather(ids.ravel(), self.padded_length)
         shape = ids.shape
         rounds = np.arange(start_round, start_round + num_rounds, dtype=np.int32)
