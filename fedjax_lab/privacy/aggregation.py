@@ -1,11 +1,14 @@
 """DP-FedAvg's private aggregation: clip each delta, sum, add Gaussian noise, divide by a fixed
-denominator; optionally adapt the clip norm to a quantile of the update norms.
+denominator; optionally adapt the clip norm to a quantile of the update norms, or noise the
+rounds through a binary tree instead (DP-FTRL).
 
 References:
     McMahan, Ramage, Talwar, Zhang. "Learning Differentially Private Recurrent Language Models."
     ICLR 2018, arXiv 1710.06963 (flat clipping, the fixed-denominator estimator).
     Andrew, Thakkar, McMahan, Ramaswamy. "Differentially Private Learning with Adaptive
     Clipping." NeurIPS 2021, arXiv 1905.03871 (geometric update from a privatised count).
+    Kairouz, McMahan, Song, Thakkar, Thakurta, Xu. "Practical and Private (Deep) Learning
+    without Sampling or Shuffling." ICML 2021, arXiv 2103.00039 (DP-FTRL, tree aggregation).
 
 Update: with Δ_i the participating clients' deltas, S the clip norm and D the expected cohort
 (C for fixed-size cohorts, qN under Poisson sampling),
@@ -16,11 +19,26 @@ S <- S exp(-η (b̃ - γ)), so S tracks the γ-quantile of the norms; the centre
 sensitivity 1/2, and the two releases compose into one Gaussian mechanism with
 z = (z_Δ^-2 + (2σ_b)^-2)^-1/2 (Andrew et al., Theorem 1), the z accounted.
 
+DP-FTRL (`TreeAggregation`) releases the prefix sums of the clipped sums instead, each through
+a binary tree over the rounds of an epoch (the tree restarts every epoch of R rounds): node
+(l, j) covers rounds j 2^l + 1 .. (j + 1) 2^l of the epoch and carries its own N(0, z²S²), and
+prefix k's noise is the sum of node (l, (k >> l) - 1) over the set bits l of k, so a client in
+one round of the epoch is in at most ceil(log2(R + 1)) released nodes. FTRL with server SGD is
+θ_t = θ_0 - η Σ_s Δ̃_s, so releasing the round's difference of consecutive prefixes,
+    Δ̃_k = (Σ_i clip(Δ_i) + node(a, (k >> a) - 1) - Σ_{l<a} node(l, ((k - 1) >> l) - 1)) / D,
+a = the trailing zeros of k (what prefix k adds and what it retires), is the same release; any
+server optimiser on it is post-processing, so FedAvg, FedAdam, FedProx or Ditto's global model
+become DP-FTRL (DP-FTRLM with server momentum) unchanged. Every node of an epoch's tree is drawn
+from one key taken from the epoch's first round, folded with (l, j), so a node has the same noise
+each time it is used and nodes of different epochs are independent.
+
 Pitfalls avoided: the denominator is fixed, not the realised number or weight of participants
 (dividing by it would release that count unnoised); clipping is flat over the whole update, so
 S bounds the sensitivity; the noise and count keys come from the round's keys (the caller
 passes `core.types.server_key(batch)`), never from a key kept in the state; clients that do not
 participate (padding, unsampled, dropped stragglers) add exactly zero and are not counted in b̃.
+Under the tree, a node's noise is regenerated from the epoch's key rather than kept, so the state
+holds one key, not a model-sized buffer per level.
 """
 
 from typing import Any, Callable, NamedTuple
@@ -32,8 +50,9 @@ import optax
 from fedjax_lab.core.client_execution import ClientExecution
 
 PyTree = Any
-# Sub-streams of the server key: the noise on the sum and the noise on the count never coincide.
-_SUM_NOISE, _COUNT_NOISE = 0, 1
+# Sub-streams of the server key: the noise on the sum, the noise on the count and the key of an
+# epoch's tree never coincide.
+_SUM_NOISE, _COUNT_NOISE, _TREE_NOISE = 0, 1, 2
 METRICS = ("dp_clip_norm", "dp_noise_std", "dp_clipped_fraction")
 ADAPTIVE_METRICS = ("dp_unclipped_estimate",)
 
@@ -46,6 +65,24 @@ class AdaptiveClipping(NamedTuple):
     target_quantile: float = 0.5
     learning_rate: float = 0.2
     count_noise: float | None = None
+
+
+class TreeAggregation(NamedTuple):
+    """DP-FTRL's tree-aggregated noise (Kairouz et al.): the tree restarts every
+    `rounds_per_epoch` rounds R, within which each client takes part at most once (the schedule
+    `fedjax_lab.data.sampling.EpochCohorts` draws)."""
+
+    rounds_per_epoch: int
+
+
+class TreeAggregatorState(NamedTuple):
+    """Attributes: clip_norm (S, fixed); round, the rounds aggregated so far (round mod R is the
+    position in the epoch's tree, aligned with the schedule, which counts the same rounds); and
+    epoch_key, the key data every node of the current epoch's tree derives from."""
+
+    clip_norm: jax.Array
+    round: jax.Array
+    epoch_key: jax.Array
 
 
 class DPAggregatorState(NamedTuple):
@@ -77,7 +114,7 @@ class DPAggregator(NamedTuple):
         metric_names: the names of the scalars `metrics` holds.
     """
 
-    init: Callable[[], DPAggregatorState]
+    init: Callable[[], DPAggregatorState | TreeAggregatorState]
     aggregate: Callable[..., tuple]
     aggregate_stacked: Callable[..., tuple]
     metric_names: tuple[str, ...]
@@ -119,9 +156,31 @@ def gaussian_noise(key: jax.Array, like: PyTree, std) -> PyTree:
         for leaf_key, leaf in zip(keys, leaves)])
 
 
+def tree_noise(key: jax.Array, position, like: PyTree, std) -> PyTree:
+    """The noise DP-FTRL adds in round k = position + 1 of an epoch: prefix k's tree noise minus
+    prefix k - 1's, node(a, (k >> a) - 1) - Σ_{l<a} node(l, ((k - 1) >> l) - 1) with a the
+    trailing zeros of k, each node N(0, std²) drawn from `key` (the epoch's) folded with (l, j).
+
+    The nodes both prefixes share cancel exactly rather than in floating point, and only the
+    a + 1 nodes that change are drawn.
+    """
+    k = jnp.asarray(position, jnp.int32) + 1
+    completed = jax.lax.population_count((k & -k) - 1)
+
+    def node(level, index):
+        return gaussian_noise(jax.random.fold_in(jax.random.fold_in(key, level), index), like,
+                              std)
+
+    def retire(level, noise):
+        return optax.tree.sub(noise, node(level, ((k - 1) >> level) - 1))
+
+    return jax.lax.fori_loop(0, completed, retire, node(completed, (k >> completed) - 1))
+
+
 def dp_aggregator(clip_norm: float, noise_multiplier: float, *,
                   denominator: float | None = None,
-                  adaptive: AdaptiveClipping | None = None) -> DPAggregator:
+                  adaptive: AdaptiveClipping | None = None,
+                  tree: TreeAggregation | None = None) -> DPAggregator:
     """Builds DP-FedAvg's aggregation.
 
     Args:
@@ -133,6 +192,9 @@ def dp_aggregator(clip_norm: float, noise_multiplier: float, *,
         denominator: D, the expected cohort; None is the cohort size C of each round (fixed-size
             sampling, where the expected cohort is the cohort).
         adaptive: quantile tracking of the clip norm; None keeps S fixed.
+        tree: DP-FTRL's tree-aggregated noise (each node z S, accounted by
+            `fedjax_lab.privacy.accounting.TreeAggregatedGaussian`); None draws fresh noise
+            every round. The cohorts must then hold each client at most once per epoch.
 
     Returns:
         A `DPAggregator`.
@@ -148,11 +210,22 @@ def dp_aggregator(clip_norm: float, noise_multiplier: float, *,
             and (adaptive.count_noise is None or adaptive.count_noise > 0)):
         raise ValueError(f"adaptive={adaptive!r} is invalid; expected 0 < target_quantile < 1, "
                          "learning_rate > 0 and count_noise > 0")
+    if tree is not None and adaptive is not None:
+        raise ValueError("adaptive clipping with tree aggregation is not accounted: its count "
+                         "would need a tree of its own; use one or the other")
+    if tree is not None and not (isinstance(tree.rounds_per_epoch, int)
+                                 and tree.rounds_per_epoch >= 1):
+        raise ValueError(f"tree={tree!r} is invalid; expected rounds_per_epoch >= 1")
     dtype = jnp.result_type(float)
     metric_names = METRICS + (ADAPTIVE_METRICS if adaptive is not None else ())
 
-    def init() -> DPAggregatorState:
-        return DPAggregatorState(jnp.asarray(clip_norm, dtype))
+    def init() -> DPAggregatorState | TreeAggregatorState:
+        if tree is None:
+            return DPAggregatorState(jnp.asarray(clip_norm, dtype))
+        # Key data, not a typed key: the state stays plain arrays (checkpoints, sweeps).
+        no_key = jnp.zeros_like(jax.random.key_data(jax.random.key(0)))
+        return TreeAggregatorState(jnp.asarray(clip_norm, dtype), jnp.zeros((), jnp.int32),
+                                   no_key)
 
     def weights_of(participating: jax.Array) -> tuple[jax.Array, float]:
         cohort_denominator = participating.shape[0] if denominator is None else denominator
@@ -169,8 +242,17 @@ def dp_aggregator(clip_norm: float, noise_multiplier: float, *,
             sum_noise = update_noise_multiplier(noise_multiplier, count_noise)
         # A z of 0 with S = inf would otherwise make 0 * inf = nan.
         std = jnp.where(sum_noise > 0, sum_noise * clip, 0.0) / cohort_denominator
-        private_mean = optax.tree.add(
-            clipped_mean, gaussian_noise(jax.random.fold_in(key, _SUM_NOISE), clipped_mean, std))
+        if tree is None:
+            noise = gaussian_noise(jax.random.fold_in(key, _SUM_NOISE), clipped_mean, std)
+        else:
+            position = state.round % tree.rounds_per_epoch
+            epoch_key = jnp.where(position == 0,
+                                  jax.random.key_data(jax.random.fold_in(key, _TREE_NOISE)),
+                                  state.epoch_key)
+            noise = tree_noise(jax.random.wrap_key_data(epoch_key,
+                                                        impl=jax.random.key_impl(key)),
+                               position, clipped_mean, std)
+        private_mean = optax.tree.add(clipped_mean, noise)
         unclipped = participating & (norms <= clip)
         num_participating = jnp.sum(participating)
         metrics = {
@@ -187,6 +269,8 @@ def dp_aggregator(clip_norm: float, noise_multiplier: float, *,
             estimate = (centred + noise) / cohort_denominator + 0.5
             clip = clip * jnp.exp(-adaptive.learning_rate * (estimate - adaptive.target_quantile))
             metrics["dp_unclipped_estimate"] = estimate.astype(dtype)
+        if tree is not None:
+            return private_mean, TreeAggregatorState(clip, state.round + 1, epoch_key), metrics
         return private_mean, DPAggregatorState(clip.astype(dtype)), metrics
 
     def aggregate(client_update, per_client, participating, state, key, *,

@@ -9,6 +9,15 @@ its server aggregates with `aggregator()` (`fedjax_lab.privacy.aggregation`), an
 wraps it with `sampled(algorithm, data)`, which makes Poisson cohorts out of the runner's
 uniform ones when `sampling` is "poisson".
 
+`mechanism` "tree" makes it DP-FTRL instead (Kairouz et al., "Practical and Private (Deep)
+Learning without Sampling or Shuffling", ICML 2021, arXiv 2103.00039): no sampling, the cohorts
+are epochs of R = `rounds_per_epoch` rounds (default N // C) cut from a fresh permutation of the
+clients, so each client takes part at most once per epoch (`sampled` names that schedule in
+`Algorithm.cohorts`, which the runners draw), and the noise is a binary tree over each epoch's
+rounds, restarted every epoch. When C does not divide N, the N - RC clients last in an epoch's
+permutation sit it out (a different few each epoch) rather than fill a short cohort. Adaptive
+clipping is refused with the tree: its count would need a tree and an accounting of its own.
+
 A run also needs what the algorithm cannot know: the population N, the cohort size (or padded
 capacity) C and the rounds T. `plan_run` takes them, calibrates z to `target_epsilon` when no z
 is given (`dp_accounting.calibrate_dp_mechanism`), applies the budget (stop at the last round
@@ -23,10 +32,12 @@ import warnings
 import jax
 
 from fedjax_lab.core.types import Algorithm, DataInfo, server_key
-from fedjax_lab.data.sampling import poisson_subsample
-from fedjax_lab.options import OptionError, one_of, open_fraction, option, optional, positive
+from fedjax_lab.data.sampling import EpochCohorts, poisson_subsample
+from fedjax_lab.options import (OptionError, one_of, open_fraction, option, optional, positive,
+                                positive_int)
 from fedjax_lab.privacy import accounting
-from fedjax_lab.privacy.aggregation import AdaptiveClipping, DPAggregator, dp_aggregator
+from fedjax_lab.privacy.aggregation import (AdaptiveClipping, DPAggregator, TreeAggregation,
+                                            dp_aggregator)
 
 BUDGET_POLICIES = ("stop", "warn")
 # Sub-stream of the server key that draws the Poisson sample (the aggregation uses 0 and 1).
@@ -39,8 +50,9 @@ TRUNCATION_WARNING = 0.01
 
 @dataclasses.dataclass(frozen=True)
 class DPOptions:
-    """User-level DP-FedAvg; off unless `clip` is set. Defaults are the papers': δ = N^-1.1
-    (McMahan et al.), quantile 0.5, η = 0.2 and σ_b = expected cohort / 20 (Andrew et al.)."""
+    """User-level DP-FedAvg, or DP-FTRL with `mechanism` "tree"; off unless `clip` is set.
+    Defaults are the papers': δ = N^-1.1 (McMahan et al.), quantile 0.5, η = 0.2 and σ_b =
+    expected cohort / 20 (Andrew et al.), one tree per epoch of N // C rounds (Kairouz et al.)."""
 
     clip: float | None = option(None, "L2 norm S each client's model delta is clipped to (the "
                                 "initial S with adaptive clipping); none = no DP",
@@ -52,10 +64,17 @@ class DPOptions:
                                           "is none, else the run stops or warns (on_budget) "
                                           "once it is spent", optional(positive))
     delta: float | None = option(None, "delta; none = 1 / N^1.1", optional(open_fraction))
-    sampling: str = option("fixed", "cohorts as the accountant assumes them: fixed (the run's "
-                           "cohort_size, uniformly; RDP, replace-one) or poisson (each client "
-                           "with probability expected_cohort / N, padded to cohort_size; PLD)",
-                           one_of(*accounting.SAMPLINGS))
+    mechanism: str = option("gaussian", "the noise: gaussian (fresh every round; DP-FedAvg) or "
+                            "tree (DP-FTRL: tree-aggregated over each epoch's rounds, cohorts "
+                            "an epoch schedule with each client at most once per epoch; RDP)",
+                            one_of(*accounting.MECHANISMS))
+    rounds_per_epoch: int | None = option(None, "tree: rounds per epoch, after which the tree "
+                                          "restarts; none = N // run.cohort_size",
+                                          optional(positive_int))
+    sampling: str = option("fixed", "gaussian: cohorts as the accountant assumes them: fixed "
+                           "(the run's cohort_size, uniformly; RDP, replace-one) or poisson "
+                           "(each client with probability expected_cohort / N, padded to "
+                           "cohort_size; PLD)", one_of(*accounting.SAMPLINGS))
     expected_cohort: float | None = option(None, "Poisson sampling's expected clients per round "
                                            "(the denominator); at most run.cohort_size",
                                            optional(positive))
@@ -86,6 +105,16 @@ class DPOptions:
         if self.noise_multiplier is None and self.target_epsilon is None:
             raise OptionError("noise_multiplier", None, "DP needs a noise multiplier > 0, or a "
                               "target_epsilon to calibrate one")
+        if self.mechanism == "tree":
+            if self.sampling != defaults.sampling:
+                raise OptionError("sampling", self.sampling, "the tree samples nothing: its "
+                                  "cohorts are epochs, each client at most once per epoch")
+            if self.adaptive_quantile is not None:
+                raise OptionError("adaptive_quantile", self.adaptive_quantile, "adaptive "
+                                  "clipping is not accounted with the tree; use a fixed clip")
+        elif self.rounds_per_epoch is not None:
+            raise OptionError("rounds_per_epoch", self.rounds_per_epoch, "only the tree "
+                              "mechanism has epochs; set mechanism tree")
         if self.sampling == "poisson" and self.expected_cohort is None:
             raise OptionError("expected_cohort", None, "Poisson sampling needs the expected "
                               "number of clients per round")
@@ -113,14 +142,28 @@ class DPOptions:
         adaptive = None if self.adaptive_quantile is None else AdaptiveClipping(
             self.adaptive_quantile, self.clip_lr, self.count_noise)
         return dp_aggregator(self.clip, self.noise_multiplier, denominator=self.expected_cohort,
-                             adaptive=adaptive)
+                             adaptive=adaptive, tree=self._tree())
 
     def sampled(self, algorithm: Algorithm, data: DataInfo) -> Algorithm:
         """`algorithm` whose cohorts are Poisson samples under "poisson" sampling (the others of
-        each runner cohort become padded clients); unchanged otherwise."""
-        if not self.enabled or self.sampling != "poisson":
+        each runner cohort become padded clients), or epochs under the tree; unchanged
+        otherwise."""
+        if not self.enabled:
+            return algorithm
+        if self.mechanism == "tree":
+            return algorithm._replace(cohorts=EpochCohorts(self._tree().rounds_per_epoch))
+        if self.sampling != "poisson":
             return algorithm
         return poisson_cohorts(algorithm, data.num_clients, self.expected_cohort)
+
+    def _tree(self) -> TreeAggregation | None:
+        if self.mechanism != "tree":
+            return None
+        if self.rounds_per_epoch is None:
+            raise OptionError(PREFIX + "rounds_per_epoch", None, "not planned: a run sets it "
+                              "to N // run.cohort_size (fedjax_lab.config.build); elsewhere "
+                              "set it, or use privacy.plan_run")
+        return TreeAggregation(self.rounds_per_epoch)
 
 
 def poisson_cohorts(algorithm: Algorithm, num_clients: int, expected_cohort: float) -> Algorithm:
@@ -147,7 +190,7 @@ class PrivateRun:
     """
 
     options: DPOptions
-    mechanism: accounting.SampledGaussian
+    mechanism: accounting.Mechanism
     delta: float
     rounds: int
 
@@ -163,7 +206,8 @@ def plan_run(options: DPOptions, *, num_clients: int, cohort_size: int,
     None when DP is off. Cached, so a config's build and its run calibrate once.
 
     Raises `OptionError` naming the option when the expected cohort exceeds the capacity, the
-    count noise cannot carry z, or the target ε cannot be reached (or is spent before round 1).
+    count noise cannot carry z, an epoch of the tree cannot fit its rounds' distinct clients, or
+    the target ε cannot be reached (or is spent before round 1).
     """
     if not options.enabled:
         return None
@@ -172,9 +216,19 @@ def plan_run(options: DPOptions, *, num_clients: int, cohort_size: int,
                           f"expected at most run.cohort_size ({cohort_size}), the padded "
                           "capacity of a Poisson cohort")
     delta = accounting.default_delta(num_clients) if options.delta is None else options.delta
-    mechanism = accounting.SampledGaussian(
-        options.noise_multiplier or 1.0, num_clients, cohort_size, options.sampling,
-        options.expected_cohort)
+    if options.mechanism == "tree":
+        most = num_clients // cohort_size
+        if options.rounds_per_epoch is not None and options.rounds_per_epoch > most:
+            raise OptionError(PREFIX + "rounds_per_epoch", options.rounds_per_epoch,
+                              f"at most {most}: an epoch holds each of the {num_clients} "
+                              f"clients at most once, {cohort_size} (run.cohort_size) a round")
+        options = dataclasses.replace(options, rounds_per_epoch=options.rounds_per_epoch or most)
+        mechanism = accounting.TreeAggregatedGaussian(options.noise_multiplier or 1.0,
+                                                      options.rounds_per_epoch)
+    else:
+        mechanism = accounting.SampledGaussian(
+            options.noise_multiplier or 1.0, num_clients, cohort_size, options.sampling,
+            options.expected_cohort)
     # Adaptive clipping's count noise takes part of the budget: z must stay below 2 sigma_b.
     max_noise = None
     if options.adaptive_quantile is not None:
