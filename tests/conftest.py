@@ -10,6 +10,13 @@ this cuts about a third of it (tests/test_ditto.py: 150 s -> 93 s on two cores).
 how fast the code runs, not what it computes; the tests' bit-for-bit comparisons compile both
 sides under the same flags. Set in the environment before JAX is imported, so the subprocesses
 and notebook kernels that tests start inherit it.
+
+For the same reason XLA:CPU generates its fused kernels with the older elemental emitters
+(`--xla_cpu_use_fusion_emitters=false`) in one piece (`--xla_cpu_parallel_codegen_split_count=1`):
+jaxlib 0.10.2's newer fusion emitters compile each kernel through an extra MLIR pipeline, which
+on two cores doubled the compile time of a tiny jitted function (25 against 46 ms), of the
+registry's FedAvg, Ditto, FedMeta, pFedHN and FedGen rounds (4.9 against 12.5 s) and made
+tests/test_fedamp.py plus tests/test_models.py take 134 s instead of 88.
 """
 
 import os
@@ -18,6 +25,9 @@ import pytest
 
 os.environ["FEDJAX_LAB_COMPILE_CACHE"] = "off"
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
+                                    "--xla_cpu_use_fusion_emitters=false",
+                                    "--xla_cpu_parallel_codegen_split_count=1"]).strip()
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -122,10 +122,14 @@ def _eight_device_checks() -> dict:
     return out
 
 
+def _with_devices(count: int) -> str:
+    """The suite's XLA flags (conftest.py) with `count` host devices."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
+
+
 @pytest.fixture(scope="module")
 def eight_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=_with_devices(8), JAX_PLATFORMS="cpu")
     here = os.path.dirname(os.path.abspath(__file__))
     completed = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=here,
                                capture_output=True, text=True, timeout=300)
@@ -253,8 +257,7 @@ def _launch(feed: str, processes: int) -> list[dict]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_"
-               f"count={8 // processes}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=_with_devices(8 // processes))
     if processes > 1:
         env.update(FEDJAX_COORDINATOR=f"127.0.0.1:{port}", FEDJAX_NUM_PROCESSES=str(processes))
     jobs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "multihost", feed],
