@@ -66,7 +66,11 @@ def test_with_zero_deltas_the_model_moves_by_exactly_the_tree_prefix_noise():
                 finished_epochs = optax.tree.add(finished_epochs, prefix)
             assert isinstance(state.opt_state.aggregator, TreeAggregatorState)
             assert int(state.opt_state.aggregator.round) == int(state.round) == t + 1
-            assert float(state.metrics["dp_noise_std"]) == pytest.approx(std, rel=1e-15)
+            # Round k adds one node and retires as many as k has trailing zeros (k = 4: two).
+            k = position + 1
+            retired = (k & -k).bit_length() - 1
+            assert float(state.metrics["dp_noise_std"]) == pytest.approx(
+                std * np.sqrt(1 + retired), rel=1e-15)
 
 
 @jax.jit

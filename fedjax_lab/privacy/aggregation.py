@@ -53,6 +53,8 @@ PyTree = Any
 # Sub-streams of the server key: the noise on the sum, the noise on the count and the key of an
 # epoch's tree never coincide.
 _SUM_NOISE, _COUNT_NOISE, _TREE_NOISE = 0, 1, 2
+# dp_noise_std: the std of the noise the round adds to the mean delta, per coordinate (under the
+# tree, sqrt(1 + a) node stds: the node it adds and the a it retires).
 METRICS = ("dp_clip_norm", "dp_noise_std", "dp_clipped_fraction")
 ADAPTIVE_METRICS = ("dp_unclipped_estimate",)
 
@@ -252,6 +254,9 @@ def dp_aggregator(clip_norm: float, noise_multiplier: float, *,
             noise = tree_noise(jax.random.wrap_key_data(epoch_key,
                                                         impl=jax.random.key_impl(key)),
                                position, clipped_mean, std)
+            # The round adds one node and retires the a = trailing-zeros(k) it completes.
+            k = position + 1
+            std = std * jnp.sqrt(1.0 + jax.lax.population_count((k & -k) - 1))
         private_mean = optax.tree.add(clipped_mean, noise)
         unclipped = participating & (norms <= clip)
         num_participating = jnp.sum(participating)
