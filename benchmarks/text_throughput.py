@@ -23,7 +23,6 @@ that has torch, because fedjax_lab does not depend on it:
 """
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import platform
@@ -39,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.throughput import timed
+from benchmarks.throughput import describe, recorded_resolutions, timed
 from fedjax_lab.algorithms import REGISTRY
 from fedjax_lab.algorithms.spec import ClientTraining
 from fedjax_lab.core import ClientBatch, ClientExecution, client_keys, experiment_key
@@ -91,29 +90,6 @@ def build_fedavg(w: TextWorkload, execution: ClientExecution):
     data = DataInfo(num_clients=w.clients, num_classes=w.vocab, feature_shape=(w.length,),
                     max_examples=w.sequences, label_shape=(w.length,))
     return spec.build(config, model, data, execution)
-
-
-@contextlib.contextmanager
-def recorded_resolutions():
-    """Records what `ClientExecution.resolve` returns while a round is traced ("auto"'s pick)."""
-    picks, resolve = [], ClientExecution.resolve
-
-    def recording(self, client_fn, per_client):
-        concrete = resolve(self, client_fn, per_client)
-        picks.append(concrete)
-        return concrete
-
-    ClientExecution.resolve = recording
-    try:
-        yield picks
-    finally:
-        ClientExecution.resolve = resolve
-
-
-def describe(execution: ClientExecution) -> str:
-    if execution.strategy == "chunked":
-        return f"chunked ({execution.chunk_size} per chunk, {execution.chunk_strategy})"
-    return execution.strategy
 
 
 def measure(w: TextWorkload, strategy: str, repeats: int) -> dict:

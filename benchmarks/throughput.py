@@ -13,15 +13,34 @@ otherwise. Reference points measured in the same run:
   SGD step (how fedjax and the PyTorch simulators run clients); for large cohorts a subset of
   clients is timed and scaled linearly (the loop's cost is linear in clients by construction).
 - ceiling: one jitted SGD step on one large batch of the model, in GFLOP/s.
+- torch (`--torch-python`): `benchmarks.torch_reference`'s PyTorch per-client loop of the same
+  workload (the `cnn-*` and `cifar-50*` rows), run in that Python's environment.
+- pfl (`--pfl-python`): pfl-research's own simulator on its CIFAR-10 benchmark
+  (`benchmarks.pfl_reference`: `FederatedAveraging` on a `SimulatedBackend`, its `simple_cnn`
+  in `PyTorchModel`), the reference of the `cifar-50*` rows, run in that Python's environment.
+
+The `cifar-50*` rows are that benchmark (Granqvist et al., arXiv 2404.06430;
+`configs/baseline.yaml` of its `image_classification`): the registry's `cifar_cnn` with its
+dropout, 50 clients of 50 random 32x32x3 images, batch 10, one epoch (5 SGD steps), client
+rate 0.1, plain averaging; one row per client execution strategy ("auto" records its pick).
+torch and pfl live in environments of their own (never fedjax_lab's dependencies), so one
+command records all three:
 
     python -m benchmarks.throughput [--workloads logreg-100 ...] [--repeats 10]
+    python -m benchmarks.throughput --workloads cifar-50 cifar-50-sequential --repeats 5 \
+        --scan-rounds 2 --torch-python /tmp/torchenv/bin/python --pfl-python /tmp/pflenv/bin/python
 """
 
 import argparse
+import contextlib
+import json
 import math
+import os
 import platform
+import re
 import resource
 import statistics
+import subprocess
 import time
 from typing import NamedTuple
 
@@ -33,7 +52,7 @@ import optax
 from fedjax_lab.algorithms import fedavg
 from fedjax_lab.core import ClientBatch, ClientExecution, client_keys, experiment_key, factored
 from fedjax_lab.core.losses import model_loss
-from fedjax_lab.models import Model, femnist_cnn, logistic_regression, mlp
+from fedjax_lab.models import Model, femnist_cnn, get_model, logistic_regression, mlp
 
 
 class Workload(NamedTuple):
@@ -45,6 +64,8 @@ class Workload(NamedTuple):
     epochs: int
     execution: ClientExecution = ClientExecution()
     dense_update: str = "auto"
+    learning_rate: float = 0.1
+    reference: str | None = None   # the references' name of this workload, if they have it
 
 
 def workloads() -> dict[str, Workload]:
@@ -54,9 +75,13 @@ def workloads() -> dict[str, Workload]:
     # 100 examples with batch 10 for two epochs is the issue's "20 local steps".
     table = [Workload(f"logreg-{c}", logreg, c, 100, 10, 2) for c in (100, 1000, 10000)]
     table += [Workload(f"mlp-{c}", perceptron, c, 100, 10, 2) for c in (100, 1000, 10000)]
-    table += [Workload(f"cnn-{c}", cnn, c, 200, 20, 1) for c in (10, 100)]
+    table += [Workload(f"cnn-{c}", cnn, c, 200, 20, 1, reference=f"cnn-{c}") for c in (10, 100)]
     # The CNN without the factored dense update: clients still unrolled by "auto".
     table.append(Workload("cnn-10-per-client", cnn, 10, 200, 20, 1, dense_update="per_client"))
+    cifar = get_model("cifar_cnn", (32, 32, 3), 10)
+    table += [Workload("cifar-50" + ("" if strategy == "auto" else f"-{strategy}"), cifar, 50,
+                       50, 10, 1, ClientExecution(strategy), reference="cifar-50")
+              for strategy in ("auto", "sequential", "unrolled", "vmap")]
     return {w.name: w for w in table}
 
 
@@ -137,8 +162,31 @@ def ceiling_gflops(w: Workload, flops: float, repeats: int) -> float:
     return 3 * flops * examples / seconds / 1e9
 
 
+@contextlib.contextmanager
+def recorded_resolutions():
+    """Records what `ClientExecution.resolve` returns while a round is traced ("auto"'s pick)."""
+    picks, resolve = [], ClientExecution.resolve
+
+    def recording(self, client_fn, per_client):
+        concrete = resolve(self, client_fn, per_client)
+        picks.append(concrete)
+        return concrete
+
+    ClientExecution.resolve = recording
+    try:
+        yield picks
+    finally:
+        ClientExecution.resolve = resolve
+
+
+def describe(execution: ClientExecution) -> str:
+    if execution.strategy == "chunked":
+        return f"chunked ({execution.chunk_size} per chunk, {execution.chunk_strategy})"
+    return execution.strategy
+
+
 def measure(w: Workload, repeats: int, scan_rounds: int = 10, references: bool = True) -> dict:
-    client_optimizer = factored.sgd(0.1)
+    client_optimizer = factored.sgd(w.learning_rate)
     factored_path = (w.dense_update != "per_client" and factored.unsupported_reason(
         w.model, client_optimizer, None) is None)
     algorithm = fedavg(w.model, client_optimizer, num_epochs=w.epochs,
@@ -147,8 +195,12 @@ def measure(w: Workload, repeats: int, scan_rounds: int = 10, references: bool =
     batch = client_batch(w)
     state = algorithm.init(jax.random.key(0))
     start = time.perf_counter()
-    compiled = jax.jit(algorithm.round).lower(state, batch).compile()
+    with recorded_resolutions() as picks:
+        compiled = jax.jit(algorithm.round).lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start
+    execution = w.execution.strategy
+    if execution == "auto" and picks:
+        execution = f"auto → {describe(picks[0])}"
     memory = compiled.memory_analysis()
     round_seconds = timed(compiled, state, batch, repeats=repeats)
 
@@ -174,7 +226,7 @@ def measure(w: Workload, repeats: int, scan_rounds: int = 10, references: bool =
         loop_seconds = loop_round_seconds(w, batch)
         ceiling = ceiling_gflops(w, flops, repeats)
     return {
-        "workload": w.name, "execution": w.execution.strategy,
+        "workload": w.name, "execution": execution,
         "dense": "factored" if factored_path else "per-client",
         "round_s": round_seconds, "scan_round_s": scan_seconds, "compile_s": compile_seconds,
         "block_compile_s": block_compile_seconds,
@@ -184,32 +236,117 @@ def measure(w: Workload, repeats: int, scan_rounds: int = 10, references: bool =
         "temp_mib": memory.temp_size_in_bytes / 2**20,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "loop_round_s": loop_seconds, "speedup_vs_loop": loop_seconds / round_seconds,
-        "ceiling_gflops": ceiling,
+        "ceiling_gflops": ceiling, "load": os.getloadavg()[0],
     }
+
+
+def reference_output(python: str, module: str, arguments: list[str]) -> str:
+    """Runs `python -m module arguments` from the repository root (another environment: torch
+    and pfl are not fedjax_lab's dependencies) and echoes its header lines."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    output = subprocess.run([python, "-m", module, *arguments], check=True, capture_output=True,
+                            text=True, cwd=root).stdout
+    print("\n".join(line for line in output.splitlines() if line.startswith("#")), flush=True)
+    return output
+
+
+def check_same_workload(output: str, module: str, w: Workload) -> None:
+    """Raises unless the reference's `# workload` line has our clients, data and training."""
+    expected = (f"# workload {w.reference}: clients={w.clients} examples={w.examples} "
+                f"batch={w.batch_size} ")
+    line = next((line for line in output.splitlines() if line.startswith(expected)), None)
+    if line is None or f"classes={w.model.num_classes} lr={w.learning_rate}" not in line:
+        raise SystemExit(f"{module} runs another {w.reference} than {w.name}: expected a line "
+                         f"starting {expected!r} with classes={w.model.num_classes} "
+                         f"lr={w.learning_rate}; its output:\n{output}")
+
+
+def torch_rounds(python: str, rows: list[Workload], repeats: int, threads: int) -> dict:
+    """{reference name: median seconds per round} of `benchmarks.torch_reference`."""
+    names = sorted({w.reference for w in rows if w.reference})
+    if not names:
+        return {}
+    output = reference_output(python, "benchmarks.torch_reference", [
+        "--workloads", *names, "--repeats", str(repeats), "--threads", str(threads)])
+    for w in rows:
+        if w.reference:
+            check_same_workload(output, "benchmarks.torch_reference", w)
+    rows_printed = re.findall(r"^\| (\S+) \| (\S+) \| (\S+) \|$", output, re.MULTILINE)
+    return {name: float(median) for name, median, _ in rows_printed if name in names}
+
+
+def pfl_rounds(python: str, rows: list[Workload], repeats: int, threads: int) -> dict:
+    """{"cifar-50": median seconds per round} of `benchmarks.pfl_reference`, if a row needs it."""
+    cifar = [w for w in rows if w.reference == "cifar-50"]
+    if not cifar:
+        return {}
+    output = reference_output(python, "benchmarks.pfl_reference", [
+        "--repeats", str(repeats), "--threads", str(threads)])
+    for w in cifar:
+        check_same_workload(output, "benchmarks.pfl_reference", w)
+    summary = json.loads([line for line in output.splitlines() if '"pfl_round_s"' in line][-1])
+    print(f"# pfl: median {summary['pfl_round_s']:.4g} s, best {summary['best_s']:.4g} s over "
+          f"{summary['rounds']} rounds, load {summary['load']:.2f}", flush=True)
+    return {"cifar-50": summary["pfl_round_s"]}
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def jaxlib_version() -> str:
+    import jaxlib  # noqa: PLC0415 (only for its version)
+    return getattr(jaxlib, "__version__", "?")
 
 
 def main(argv=None) -> None:
     table = workloads()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+",
-                        default=[n for n in table if n not in ("cnn-100", "mlp-10000")],
+                        default=[n for n in table if n not in ("cnn-100", "mlp-10000")
+                                 and not n.startswith("cifar-50")],
                         choices=list(table))
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--scan-rounds", type=int, default=10,
                         help="rounds in the scanned block timed against per-round calls (0: skip)")
     parser.add_argument("--no-references", action="store_true",
                         help="skip the per-client loop and the ceiling (memory runs)")
+    parser.add_argument("--torch-python", help="a Python with torch installed: adds "
+                        "benchmarks.torch_reference's round of the cnn-* and cifar-50* rows")
+    parser.add_argument("--pfl-python", help="a Python with pfl and torch installed: adds "
+                        "benchmarks.pfl_reference's round of the cifar-50* rows")
+    parser.add_argument("--reference-threads", type=int, default=2,
+                        help="torch threads of the torch and pfl references")
     args = parser.parse_args(argv)
-    print(f"# {platform.processor() or platform.machine()}, {jax.device_count()} "
-          f"{jax.default_backend()} device(s), jax {jax.__version__}, optax {optax.__version__}")
+    rows = [table[name] for name in args.workloads]
+    print(f"# {cpu_name()}, {os.cpu_count()} CPUs, {jax.device_count()} "
+          f"{jax.default_backend()} device(s), python {platform.python_version()}, jax "
+          f"{jax.__version__}, jaxlib {jaxlib_version()}, optax {optax.__version__}; load "
+          f"average at start {os.getloadavg()}", flush=True)
+    # The references first, each alone on the machine, then ours.
+    torch_seconds = (torch_rounds(args.torch_python, rows, args.repeats, args.reference_threads)
+                     if args.torch_python else {})
+    pfl_seconds = (pfl_rounds(args.pfl_python, rows, args.repeats, args.reference_threads)
+                   if args.pfl_python else {})
     columns = ["workload", "execution", "dense", "round_s", "scan_round_s", "compile_s",
                "block_compile_s",
                "steps_per_s", "gflops", "ceiling_gflops", "memory_mib", "temp_mib",
-               "peak_rss_gib", "loop_round_s", "speedup_vs_loop"]
+               "peak_rss_gib", "loop_round_s", "speedup_vs_loop", "load"]
+    if args.torch_python:
+        columns += ["torch_round_s", "torch/ours"]
+    if args.pfl_python:
+        columns += ["pfl_round_s", "pfl/ours"]
     print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for name in args.workloads:
-        row = measure(table[name], args.repeats, args.scan_rounds, not args.no_references)
+    print("|" + "---|" * len(columns), flush=True)
+    for w in rows:
+        row = measure(w, args.repeats, args.scan_rounds, not args.no_references)
+        for name, seconds in (("torch", torch_seconds), ("pfl", pfl_seconds)):
+            row[f"{name}_round_s"] = seconds.get(w.reference, math.nan)
+            row[f"{name}/ours"] = row[f"{name}_round_s"] / row["round_s"]
         print("| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])
                                 for c in columns) + " |", flush=True)
 

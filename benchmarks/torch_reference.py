@@ -5,6 +5,11 @@ global weights, run its local SGD steps, collect the weights; then average. Work
 
 - `cnn-10`, `cnn-100`: the `cnn-*` rows of `benchmarks.throughput`: the FEMNIST CNN, 200 random
   28x28 examples per client, batch 20, one epoch (10 steps), learning rate 0.1, float32.
+- `cifar-50`: the `cifar-50*` rows of `benchmarks.throughput`, pfl-research's CIFAR-10 benchmark
+  (`benchmarks.pfl_reference` runs it through pfl itself): its `simple_cnn` (two 3x3 VALID
+  convolutions, max-pool, dropout 0.25, dense 128, dropout 0.5; Glorot-uniform weights, dropout
+  on in training), 50 clients of 50 random 32x32x3 images, batch 10, one epoch (5 steps),
+  learning rate 0.1.
 - `char-10`, `so-10`: the rows of `benchmarks.text_throughput` (which runs this script in a
   PyTorch environment and checks that the shapes printed on the `# workload` lines are its own):
   the Shakespeare character LSTM (Embedding(80, 8), LSTM(256) x 2, Linear(80)) and the Stack
@@ -14,7 +19,8 @@ global weights, run its local SGD steps, collect the weights; then average. Work
 
 Needs PyTorch, which fedjax_lab does not depend on (install it in a separate environment):
 
-    python -m benchmarks.torch_reference [--workloads cnn-10 cnn-100] [--repeats 5] [--threads 2]
+    python -m benchmarks.torch_reference [--workloads cnn-10 cnn-100 cifar-50] [--repeats 5] \
+        [--threads 2]
 """
 
 import argparse
@@ -44,6 +50,17 @@ def femnist_cnn(num_classes: int = 62) -> nn.Module:
         nn.Flatten(), nn.Linear(3136, 2048), nn.ReLU(), nn.Linear(2048, num_classes))
 
 
+def cifar_cnn(num_classes: int = 10) -> nn.Module:
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Dropout(0.25), nn.Flatten(), nn.Linear(12544, 128), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(128, num_classes))
+    for layer in model:
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(layer.weight)  # pfl-research's initialisation
+    return model
+
+
 class CharLSTM(nn.Module):
     def __init__(self, vocab_size: int = 80, embed: int = 8, hidden: int = 256, layers: int = 2):
         super().__init__()
@@ -71,6 +88,7 @@ class WordLSTM(nn.Module):
 WORKLOADS = {
     "cnn-10": Workload(femnist_cnn, 10, 200, 20, 0.1, (1, 28, 28), 62, False),
     "cnn-100": Workload(femnist_cnn, 100, 200, 20, 0.1, (1, 28, 28), 62, False),
+    "cifar-50": Workload(cifar_cnn, 50, 50, 10, 0.1, (3, 32, 32), 10, False),
     "char-10": Workload(CharLSTM, 10, 50, 10, 1.0, (80,), 80, True),
     "so-10": Workload(WordLSTM, 10, 48, 16, 0.3, (20,), 10004, True),
 }
