@@ -124,8 +124,10 @@ def sgd_step(model: Model, learning_rate: float = 0.1):
     loss = model_loss(model.apply)
 
     @jax.jit
-    def step(params, x, y):
-        grads = jax.grad(loss)(params, x, y, jnp.ones(y.shape, bool), None)
+    def step(params, x, y, key):
+        # The key is an argument, not a constant, so that a model's dropout masks are drawn at
+        # run time as in a round rather than folded into the program.
+        grads = jax.grad(loss)(params, x, y, jnp.ones(y.shape, bool), key)
         return jax.tree.map(lambda p, g: p - learning_rate * g, params, grads)
 
     return step
@@ -137,7 +139,8 @@ def loop_round_seconds(w: Workload, batch: ClientBatch, max_clients: int = 100) 
     params = w.model.init(jax.random.key(0))
     timed_clients = min(w.clients, max_clients)
     x, y = np.asarray(batch.x[:timed_clients]), np.asarray(batch.y[:timed_clients])
-    jax.block_until_ready(step(params, x[0, :w.batch_size], y[0, :w.batch_size]))
+    key = jax.random.key(0)
+    jax.block_until_ready(step(params, x[0, :w.batch_size], y[0, :w.batch_size], key))
     start = time.perf_counter()
     models = []
     for c in range(timed_clients):
@@ -146,7 +149,7 @@ def loop_round_seconds(w: Workload, batch: ClientBatch, max_clients: int = 100) 
             order = np.random.default_rng(c).permutation(w.examples)
             for s in range(0, w.examples, w.batch_size):
                 idx = order[s:s + w.batch_size]
-                local = step(local, x[c, idx], y[c, idx])
+                local = step(local, x[c, idx], y[c, idx], jax.random.fold_in(key, s))
         models.append(local)
     mean = jax.tree.map(lambda *ws: sum(ws) / len(ws), *models)
     jax.block_until_ready(mean)
@@ -158,7 +161,8 @@ def ceiling_gflops(w: Workload, flops: float, repeats: int) -> float:
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(examples,) + w.model.feature_shape).astype(np.float32))
     y = jnp.asarray(rng.integers(0, w.model.num_classes, examples).astype(np.int32))
-    seconds = timed(sgd_step(w.model), w.model.init(jax.random.key(0)), x, y, repeats=repeats)
+    seconds = timed(sgd_step(w.model), w.model.init(jax.random.key(0)), x, y,
+                    jax.random.key(1), repeats=repeats)
     return 3 * flops * examples / seconds / 1e9
 
 
