@@ -44,6 +44,7 @@ import subprocess
 import time
 from typing import NamedTuple
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -329,7 +330,8 @@ def main(argv=None) -> None:
     rows = [table[name] for name in args.workloads]
     print(f"# {cpu_name()}, {os.cpu_count()} CPUs, {jax.device_count()} "
           f"{jax.default_backend()} device(s), python {platform.python_version()}, jax "
-          f"{jax.__version__}, jaxlib {jaxlib_version()}, optax {optax.__version__}; load "
+          f"{jax.__version__}, jaxlib {jaxlib_version()}, flax {flax.__version__}, optax "
+          f"{optax.__version__}, numpy {np.__version__}; load "
           f"average at start {os.getloadavg()}", flush=True)
     # The references first, each alone on the machine, then ours.
     torch_seconds = (torch_rounds(args.torch_python, rows, args.repeats, args.reference_threads)
