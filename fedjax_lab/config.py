@@ -340,6 +340,8 @@ def run(config: Config, *, progress: bool = True, resume: bool = False) -> Exper
     return run_experiment(algorithm, dataset, num_rounds=rounds,
                           cohort_size=config.run.cohort_size, seed=config.run.seed,
                           eval_every=config.run.eval_every, output_dir=config.run.output,
-                          config=config.to_dict(), progress=progress,
+                          config=config.to_dict(),
+                          complete_config=lambda saved: config_from_dict(saved).to_dict(),
+                          progress=progress,
                           checkpoint_every=config.run.checkpoint_every, resume=resume,
                           allow_divergence=config.run.allow_divergence, privacy=private)

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -111,12 +111,14 @@ class ConfigMismatchError(ValueError):
 RESUMABLE_CHANGES = frozenset({"output", "checkpoint_every", "allow_divergence"})
 
 
-def _check_same_config(output_dir: str, config: dict) -> None:
+def _check_same_config(output_dir: str, config: dict,
+                       complete: Callable[[dict], dict] | None) -> None:
     path = os.path.join(output_dir, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"cannot resume {output_dir!r}: it has no {CONFIG_FILE}")
     with open(path) as f:
-        saved = flatten(json.load(f))
+        saved = json.load(f)
+    saved = flatten(json.loads(json.dumps(saved if complete is None else complete(saved))))
     current = flatten(json.loads(json.dumps(config)))
     differing = [name for name in sorted(set(saved) | set(current))
                  if name.rpartition(".")[2] not in RESUMABLE_CHANGES
@@ -179,6 +181,7 @@ def make_evaluators(traced: TracedAlgorithm, dataset, key: jax.Array,
 def run_experiment(algorithm: Algorithm | TracedAlgorithm, dataset, *, num_rounds: int, cohort_size: int,
                    seed: int = 0, eval_every: int = 10, eval_train: bool = False,
                    output_dir: str | None = None, config: dict | None = None,
+                   complete_config: Callable[[dict], dict] | None = None,
                    progress: bool = True, checkpoint_every: int | None = None,
                    resume: bool = False, allow_divergence: bool = False,
                    population_on_device: bool | None = None,
@@ -206,6 +209,9 @@ def run_experiment(algorithm: Algorithm | TracedAlgorithm, dataset, *, num_round
             The last evaluation (and so summary["final"]) also lists `client_accuracies`.
         config: optional description of the run, saved as config.json; on resume it must equal
             the saved one except for RESUMABLE_CHANGES.
+        complete_config: on resume, fills the saved config.json in before that comparison (so a
+            run saved before an option existed resumes when today's value is the default):
+            `fedjax_lab.config.run` passes its registries' defaults.
         progress: print a progress line to standard error.
         checkpoint_every: checkpoint every this many rounds (and at the end); needs output_dir.
             With an output_dir and no period, a checkpoint is written at the end only.
@@ -241,7 +247,7 @@ def run_experiment(algorithm: Algorithm | TracedAlgorithm, dataset, *, num_round
         if not os.path.isdir(output_dir):
             raise FileNotFoundError(f"cannot resume {output_dir!r}: no such folder")
         if config is not None:
-            _check_same_config(output_dir, config)
+            _check_same_config(output_dir, config, complete_config)
     elif output_dir is not None:
         prepare_output_dir(output_dir)
         if config is not None:

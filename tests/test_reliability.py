@@ -194,3 +194,21 @@ def test_resume_with_a_changed_learning_rate_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("fedjax-lab: error: cannot resume") and "algorithm.client.lr" in err
     assert "run.rounds (saved 2, now 3)" in err and len(err.splitlines()) == 1
+
+
+def test_a_run_saved_before_an_option_existed_resumes_while_the_option_keeps_its_default(
+        tmp_path, capsys):
+    config = _small(str(tmp_path / "run"), **{"run.rounds": 4})
+    run(config, progress=False)
+    path = tmp_path / "run" / "config.json"
+    saved = json.loads(path.read_text())
+    # As written before these options existed.
+    del saved["algorithm"]["dp"]["mechanism"], saved["run"]["execution"]
+    path.write_text(json.dumps(saved))
+    os.remove(checkpoint.list_checkpoints(str(tmp_path / "run" / "checkpoints"))[-1])
+    from fedjax_lab.cli import main
+    assert main(["run", "--resume", config.run.output, "--execution", "vmap"]) == 2
+    assert "run.execution (saved 'auto', now 'vmap')" in capsys.readouterr().err
+    assert main(["run", "--resume", config.run.output]) == 0
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["round"] for row in rows] == [1, 2, 3, 4]
