@@ -2,6 +2,8 @@
 dp_accounting called directly, events follow the sampling, calibration, budgets, bad input."""
 
 import dataclasses
+import subprocess
+import sys
 import warnings
 
 import dp_accounting
@@ -226,3 +228,10 @@ def test_a_poisson_cohort_that_often_overflows_its_capacity_warns():
     with pytest.warns(UserWarning, match="overflows run.cohort_size=12 in 20.4% of rounds"):
         private = plan_run(options, num_clients=200, cohort_size=12, rounds=5)
     assert private.mechanism.truncation_probability == pytest.approx(0.2035, abs=1e-4)
+
+
+def test_the_command_line_starts_without_importing_dp_accounting():
+    # dp_accounting pulls in scipy.signal (seconds of start-up); a run without DP never needs it.
+    code = ("import sys, fedjax_lab.cli, fedjax_lab.config, fedjax_lab.privacy; "
+            "sys.exit('dp_accounting' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

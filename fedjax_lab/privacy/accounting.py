@@ -50,13 +50,16 @@ Without sampling there is no amplification: on N = 1500, C = 50 (R = 30), z = 1,
 tree spent ε = 10.4 in one epoch and 25.5 in 100 rounds, fixed-size sampling 10.1 and 18.1.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import functools
+from typing import TYPE_CHECKING
 
-import dp_accounting
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
-from scipy import stats
+# dp_accounting is imported where it is used: it pulls in scipy.signal (1.5-3 s here), which a
+# run without DP, and the command line's start, should not pay for.
+if TYPE_CHECKING:
+    import dp_accounting
 
 SAMPLINGS = ("fixed", "poisson")
 MECHANISMS = ("gaussian", "tree")
@@ -117,6 +120,7 @@ class SampledGaussian:
 
     @property
     def neighboring_relation(self) -> dp_accounting.NeighboringRelation:
+        import dp_accounting
         if self.sampling == "fixed":
             return dp_accounting.NeighboringRelation.REPLACE_ONE
         return dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
@@ -125,12 +129,14 @@ class SampledGaussian:
     def truncation_probability(self) -> float:
         """P(Binomial(N, q) > C): how often a Poisson cohort overflows its capacity (0 for
         fixed-size cohorts)."""
+        from scipy import stats
         if self.sampling == "fixed":
             return 0.0
         return float(stats.binom.sf(self.cohort_size, self.num_clients, self.sampling_rate))
 
     def event(self) -> dp_accounting.DpEvent:
         """The `DpEvent` of one round."""
+        import dp_accounting
         z = self.noise_multiplier
         if self.sampling == "fixed":
             return dp_accounting.SampledWithoutReplacementDpEvent(
@@ -143,6 +149,8 @@ class SampledGaussian:
 
     def accountant(self) -> dp_accounting.PrivacyAccountant:
         """A fresh accountant that supports this event: RDP for "fixed", PLD for "poisson"."""
+        from dp_accounting.pld import pld_privacy_accountant
+        from dp_accounting.rdp import rdp_privacy_accountant
         if self.sampling == "fixed":
             return rdp_privacy_accountant.RdpAccountant(
                 neighboring_relation=self.neighboring_relation)
@@ -162,6 +170,7 @@ class SampledGaussian:
 
     def run_event(self, rounds: int) -> dp_accounting.DpEvent:
         """The `DpEvent` of `rounds` rounds."""
+        import dp_accounting
         return dp_accounting.SelfComposedDpEvent(self.event(), rounds)
 
     def with_noise(self, noise_multiplier: float) -> "SampledGaussian":
@@ -195,6 +204,7 @@ class TreeAggregatedGaussian:
 
     def run_event(self, rounds: int) -> dp_accounting.DpEvent:
         """The `DpEvent` of `rounds` rounds: the full epochs' trees, then the one begun."""
+        import dp_accounting
         epochs, begun = divmod(int(rounds), self.rounds_per_epoch)
         tree = lambda steps: dp_accounting.SingleEpochTreeAggregationDpEvent(
             self.noise_multiplier, steps)
@@ -205,6 +215,8 @@ class TreeAggregatedGaussian:
 
     def accountant(self) -> dp_accounting.PrivacyAccountant:
         """A fresh RDP accountant, the one `dp_accounting` has for the tree."""
+        import dp_accounting
+        from dp_accounting.rdp import rdp_privacy_accountant
         return rdp_privacy_accountant.RdpAccountant(
             neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
 
@@ -232,6 +244,7 @@ def _epsilon(mechanism: Mechanism, rounds: int, delta: float) -> float:
     if mechanism.sampling == "fixed":
         # The accountant's own arithmetic (its RDP is count times the event's, then
         # compute_epsilon), with the event's RDP computed once for every round count.
+        from dp_accounting.rdp import rdp_privacy_accountant
         orders, one_round = _one_round_rdp(mechanism)
         return float(rdp_privacy_accountant.compute_epsilon(orders, rounds * one_round, delta)[0])
     accountant = mechanism.accountant()
@@ -280,6 +293,7 @@ def calibrate_noise_multiplier(mechanism: Mechanism, target_epsilon: float, roun
             if low <= MIN_NOISE_MULTIPLIER:
                 return MIN_NOISE_MULTIPLIER
             high, low = low, max(low / 2, MIN_NOISE_MULTIPLIER)
+    import dp_accounting
     noise = dp_accounting.calibrate_dp_mechanism(
         mechanism.accountant,
         lambda z: mechanism.with_noise(z).run_event(rounds),
