@@ -1,6 +1,5 @@
-"""The fast paths for conv nets: the custom-VJP convolution and the factored dense update."""
+"""The factored dense update of conv nets (the custom-VJP convolution: test_conv.py)."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,39 +10,6 @@ from fedjax_lab.algorithms import fedavg, fedprox
 from fedjax_lab.core import ClientBatch, client_keys, experiment_key, factored
 from fedjax_lab.core.robust import coordinate_median
 from fedjax_lab.models import femnist_cnn, mlp
-from fedjax_lab.models.conv import Conv, conv2d_same
-
-
-def _lax_conv(x, kernel):
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@pytest.mark.parametrize("kernel_shape", [(5, 5, 2, 4), (3, 1, 3, 2)])
-def test_custom_vjp_convolution_has_lax_convs_value_and_gradients(kernel_shape):
-    with jax.enable_x64(True):
-        keys = jax.random.split(jax.random.key(0), 3)
-        x = jax.random.normal(keys[0], (3, 8, 6, kernel_shape[2]), jnp.float64)
-        kernel = jax.random.normal(keys[1], kernel_shape, jnp.float64)
-        cotangent = jax.random.normal(keys[2], (3, 8, 6, kernel_shape[3]), jnp.float64)
-        np.testing.assert_allclose(conv2d_same(x, kernel), _lax_conv(x, kernel), atol=1e-12)
-        ours = jax.grad(lambda a, k: jnp.sum(cotangent * conv2d_same(a, k)), (0, 1))(x, kernel)
-        ref = jax.grad(lambda a, k: jnp.sum(cotangent * _lax_conv(a, k)), (0, 1))(x, kernel)
-        for mine, theirs in zip(ours, ref):
-            np.testing.assert_allclose(mine, theirs, rtol=1e-12, atol=1e-12)
-        in_scan = jax.jit(lambda a, k: jax.lax.scan(
-            lambda c, _: (c, jax.grad(lambda kk: jnp.sum(cotangent * conv2d_same(a, kk)))(k)),
-            0, None, length=2)[1][1])(x, kernel)
-        np.testing.assert_allclose(in_scan, ref[1], rtol=1e-12, atol=1e-12)
-
-
-def test_conv_module_initialises_like_flax_conv_and_rejects_even_kernels():
-    x = jnp.zeros((1, 8, 8, 3))
-    ours = Conv(4, (5, 5)).init(jax.random.key(3), x)
-    flax_conv = nn.Conv(4, (5, 5), padding="SAME").init(jax.random.key(3), x)
-    jax.tree.map(np.testing.assert_array_equal, ours, flax_conv)
-    with pytest.raises(ValueError, match=r"kernel_size=\(4, 4\) is invalid"):
-        Conv(4, (4, 4)).init(jax.random.key(0), x)
 
 
 def test_cnn_split_composes_to_the_model():

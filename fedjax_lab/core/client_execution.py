@@ -15,6 +15,10 @@ strategy is chosen separately and never hard-coded by an algorithm. Strategies:
   slower than one client's plain ones (benchmarks/RESULTS.md, text rows). Otherwise "vmap", or
   "chunked" when the cohort's working set
   (about `WORKING_SET_FACTOR` times the per-client inputs and outputs) exceeds `memory_budget`.
+  On CPU it also warns when the program holds a 2-D convolution in another layout than
+  NHWC/HWIO/NHWC: that is `lax.conv`'s own gradient (a model on `flax.linen.Conv`), which
+  XLA:CPU runs on a slow generic kernel inside loops; `fedjax_lab.models.Conv` is the drop-in
+  whose gradient stays canonical (models/conv.py).
 - "vmap": all clients as one batched program (fastest for small models).
 - "chunked": a loop over chunks of `chunk_size` clients, vmapped (or unrolled, with
   `chunk_strategy="unrolled"`) within each chunk. With `map_reduce` the loop carries a running
@@ -29,6 +33,7 @@ strategy is chosen separately and never hard-coded by an algorithm. Strategies:
 """
 
 import dataclasses
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -48,6 +53,8 @@ UNROLLED_CHUNK = 10
 # optimiser state, the update): the multiplier behind "auto"'s working-set estimate.
 WORKING_SET_FACTOR = 4
 _CONVOLUTIONS = ("conv_general_dilated",)
+# The one 2-D convolution layout XLA:CPU's fast kernels take inside loops (shared/XLA_CPU.md).
+_CANONICAL_CONV = jax.lax.conv_dimension_numbers((1,) * 4, (1,) * 4, ("NHWC", "HWIO", "NHWC"))
 # The `jax.named_scope` a model puts around a recurrent time loop, so "auto" can recognise it.
 RECURRENT_SCOPE = "recurrent_time_loop"
 
@@ -115,6 +122,12 @@ class ClientExecution:
         if jax.default_backend() == "cpu":
             program = jax.make_jaxpr(client_fn)(one_client).jaxpr
             if _jaxpr_has(program, lambda equation: equation.primitive.name in _CONVOLUTIONS):
+                if _jaxpr_has(program, _is_slow_conv):
+                    warnings.warn("the client program has 2-D convolutions outside the "
+                                  "NHWC/HWIO layout (flax.linen.Conv's gradient), which XLA:CPU "
+                                  "runs about 10x slower inside loops; build the model on "
+                                  "fedjax_lab.models.Conv, its drop-in with a fast gradient",
+                                  stacklevel=2)
                 if num_clients <= UNROLLED_CHUNK:
                     return ClientExecution("unrolled")
                 return ClientExecution("chunked", UNROLLED_CHUNK, chunk_strategy="unrolled")
@@ -243,6 +256,14 @@ def _chunked_reduce(client_fn, per_client: PyTree, weights: jax.Array | None, ch
 def _is_recurrent_loop(equation) -> bool:
     return equation.primitive.name in ("scan", "while") \
         and RECURRENT_SCOPE in str(equation.source_info.name_stack)
+
+
+def _is_slow_conv(equation) -> bool:
+    """A 2-D convolution in another layout than NHWC/HWIO/NHWC (`lax.conv`'s own gradient)."""
+    if equation.primitive.name not in _CONVOLUTIONS:
+        return False
+    numbers = equation.params["dimension_numbers"]
+    return len(numbers.lhs_spec) == 4 and numbers != _CANONICAL_CONV
 
 
 def _jaxpr_has(jaxpr, predicate) -> bool:

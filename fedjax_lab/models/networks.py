@@ -6,7 +6,7 @@
 - FEMNIST CNN (LEAF, Caldas et al., arXiv 1812.01097; McMahan et al.'s "CNN"): 5x5 conv 32, 2x2
   max pool, 5x5 conv 64, 2x2 max pool, dense 2048, dense classes; split around the dense 2048
   layer (`DenseSplit`) for the factored local update. The convolutions are
-  `conv.Conv` (flax's parameters, a backward pass that stays fast inside loops on XLA:CPU) and
+  `conv.Conv` (`nn.Conv`'s parameters, a backward pass that stays fast inside loops on XLA:CPU) and
   pooling reshapes and takes a max instead of `reduce_window`, whose backward pass is slow on
   XLA:CPU (shared/XLA_CPU.md).
 - CIFAR-10 CNN of pfl-research's benchmarks (Granqvist et al., "pfl-research: simulation
@@ -116,9 +116,9 @@ class CifarCNN(nn.Module):
     def __call__(self, x, train: bool = False):
         x = x.reshape((x.shape[0],) + self.image_shape)
         for features in (32, 64):
-            # A "VALID" 3x3 convolution is the "SAME" one without its border: the same sums,
-            # on the convolution whose backward pass stays fast inside loops (conv.py).
-            x = Conv(features, (3, 3), nn.initializers.glorot_uniform())(x)[:, 1:-1, 1:-1]
+            # A "VALID" 3x3 convolution is the "SAME" one without its border: the same sums.
+            x = Conv(features, (3, 3),
+                     kernel_init=nn.initializers.glorot_uniform())(x)[:, 1:-1, 1:-1]
             x = nn.relu(x)
         x = nn.Dropout(self.conv_dropout)(max_pool_2x2(x), deterministic=not train)
         x = nn.relu(nn.Dense(128, kernel_init=nn.initializers.glorot_uniform())(
