@@ -146,10 +146,12 @@ def first_non_finite(rows: list[dict]) -> tuple[int, str, float] | None:
     return None
 
 
-def _all_finite(state) -> bool:
-    leaves = [leaf for leaf in jax.tree.leaves(state)
-              if jax.dtypes.issubdtype(leaf.dtype, jnp.inexact)]
-    return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in leaves)
+@jax.jit
+def _all_finite(state) -> jax.Array:
+    # One program for the whole state: checked leaf by leaf, every leaf shape compiled its own
+    # pair of small programs, again in every process (most of a cached run's compile time).
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(state)
+                              if jax.dtypes.issubdtype(leaf.dtype, jnp.inexact)] or [True]))
 
 
 def next_stop(done: int, num_rounds: int, *periods: int | None) -> int:
@@ -300,6 +302,7 @@ def run_experiment(algorithm: Algorithm | TracedAlgorithm, dataset, *, num_round
     while done < num_rounds:
         stop = next_stop(done, num_rounds, eval_every, checkpoint_every)
         state, metrics = run_block(state, done, stop - done)
+        metrics = jax.device_get(metrics)
         rows = [{"round": done + i + 1, **to_python(jax.tree.map(lambda m: m[i], metrics))}
                 for i in range(stop - done)]
         done = stop
@@ -315,7 +318,7 @@ def run_experiment(algorithm: Algorithm | TracedAlgorithm, dataset, *, num_round
         if output_dir is not None:
             with open(os.path.join(output_dir, METRICS_FILE), "a") as out:
                 out.writelines(json.dumps(row) + "\n" for row in rows)
-        if bad is None and not _all_finite(state):
+        if bad is None and not bool(_all_finite(state)):
             bad = (done, "parameters", math.nan)
         if bad is not None and not allow_divergence:
             kept = checkpoint.list_checkpoints(checkpoint_dir) if checkpoint_dir else []

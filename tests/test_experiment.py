@@ -108,3 +108,14 @@ def test_host_fed_population_gives_the_same_run_as_the_device_population():
             for on_device in (True, False)]
     assert_trees_equal(runs[0].state.params, runs[1].state.params)
     assert runs[0].history == runs[1].history
+
+
+def test_the_finiteness_check_looks_at_every_float_leaf_and_only_those():
+    from fedjax_lab.experiment import _all_finite
+    state = {"params": {"w": np.ones((3, 2), np.float32), "b": np.zeros(2, np.float32)},
+             "round": np.int32(4), "count": np.arange(3)}
+    assert bool(_all_finite(state))
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = {**state, "params": {**state["params"], "b": np.array([0.0, bad], np.float32)}}
+        assert not bool(_all_finite(broken))
+    assert bool(_all_finite({"round": np.int32(1)}))
