@@ -1,4 +1,5 @@
-"""Models: the registry, dropout in training only, BatchNorm statistics through FedAvg."""
+"""Models: the registry, dropout in training only, BatchNorm statistics through FedAvg,
+ResNet-18 with GroupNorm."""
 
 import jax
 import jax.numpy as jnp
@@ -9,12 +10,15 @@ import pytest
 from common import (NUM_CLASSES, NUM_FEATURES, assert_trees_close, assert_trees_equal,
                     float64_params, make_clients, stack_clients)
 from fedjax_lab import options
+from fedjax_lab.algorithms import REGISTRY as ALGORITHMS
 from fedjax_lab.algorithms import fedavg
-from fedjax_lab.core import client_weights, local_train, model_loss
+from fedjax_lab.core import (ClientBatch, ClientExecution, client_keys, client_weights,
+                             experiment_key, local_train, model_loss)
 from fedjax_lab.core.factored import unsupported_reason
 from fedjax_lab.core.losses import LossWithState, ProximalTerm
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.models import (MODELS, REGISTRY, SplitModel, cifar_cnn, get_model, mlp,
-                               split_mlp)
+                               resnet18_gn, split_mlp)
 from fedjax_lab.options import OptionError
 
 DIGITS_SHAPE = (64,)
@@ -203,3 +207,67 @@ def test_fedavg_averages_batch_norm_statistics_and_evaluates_with_them():
         logits = algorithm.predict(state, batch)
         alone = algorithm.predict(state, batch._replace(x=batch.x[:, :1]))
         np.testing.assert_allclose(logits[:, :1], alone, rtol=1e-12, atol=1e-12)
+
+
+def _resnet18_parameter_count(num_classes: int, channels: int = 3, width: int = 64) -> int:
+    """ResNet-18's parameters from its layer shapes: bias-free convolutions, a scale and an
+    offset per normalised channel, a 1x1 projection where the width changes, the dense layer."""
+    conv = lambda size, c_in, c_out: size * size * c_in * c_out
+    norm = lambda c: 2 * c
+    count, c_in = conv(3, channels, width) + norm(width), width
+    for stage in range(4):
+        c_out = width * 2**stage
+        for _ in range(2):
+            count += conv(3, c_in, c_out) + conv(3, c_out, c_out) + 2 * norm(c_out)
+            if c_in != c_out:
+                count += conv(1, c_in, c_out) + norm(c_out)
+            c_in = c_out
+    return count + c_in * num_classes + num_classes
+
+
+def test_resnet18_gn_has_resnet18s_parameters_and_output_shape():
+    assert _resnet18_parameter_count(10) == 11_173_962  # kuangliu/pytorch-cifar's ResNet18
+    model = resnet18_gn((32, 32, 3), 10)
+    assert not model.has_train_mode and not model.has_state
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    assert sum(leaf.size for leaf in jax.tree.leaves(shapes)) == 11_173_962
+    assert shapes["Conv_0"]["kernel"].shape == (3, 3, 3, 64) and "bias" not in shapes["Conv_0"]
+    assert shapes["Dense_0"]["kernel"].shape == (512, 10)
+    images = jax.ShapeDtypeStruct((5, 32, 32, 3), jnp.float32)
+    assert jax.eval_shape(model.apply, shapes, images).shape == (5, 10)
+    with pytest.raises(OptionError, match=r"model.groups=3 is invalid; must divide "
+                                          r"model.width=64"):
+        get_model("resnet18_gn", (32, 32, 3), 10, groups=3)
+
+
+def test_resnet18_gn_normalises_each_example_alone_and_ignores_padding():
+    model = resnet18_gn((8, 8, 3), 10, width=8)
+    params = jax.jit(model.init)(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+    y, mask = jnp.array([1, 2, 3, 0]), jnp.arange(4) < 3  # the last example is padding
+    loss = model_loss(model.apply)
+    logits_and_grads = jax.jit(lambda xb: (model.apply(params, xb),
+                                           jax.grad(loss)(params, xb, y, mask, None)))
+    logits, grads = logits_and_grads(x)
+    others, _ = logits_and_grads(x.at[1:].set(5.0 * x[:3]))
+    np.testing.assert_allclose(others[0], logits[0], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(others[1], logits[1])
+    _, padding_changed = logits_and_grads(x.at[3].set(100.0))
+    assert_trees_close(padding_changed, grads, rtol=1e-6, atol=1e-7)
+
+
+def test_resnet18_gn_trains_a_fedavg_round_built_from_the_registries():
+    spec, fedavg_spec = REGISTRY["resnet18_gn"], ALGORITHMS["fedavg"]
+    model = spec.build(spec.config(width=4), (8, 8, 3), 10)
+    data = DataInfo(num_clients=1, num_classes=10, feature_shape=(8, 8, 3), max_examples=6)
+    algorithm = fedavg_spec.build(fedavg_spec.config(), model, data, ClientExecution())
+    ids = jnp.arange(1, dtype=jnp.int32)
+    batch = ClientBatch(x=jax.random.normal(jax.random.key(1), (1, 6, 8, 8, 3)),
+                        y=jax.random.randint(jax.random.key(2), (1, 6), 0, 10),
+                        mask=jnp.arange(6)[None] < 4, num_examples=jnp.array([4], jnp.int32),
+                        client_ids=ids, rng=client_keys(experiment_key(0), 0, ids))
+    state = jax.jit(algorithm.init)(jax.random.key(0))
+    trained = jax.jit(algorithm.round)(state, batch)
+    assert np.isfinite(trained.metrics["train_loss"]) and trained.metrics["participants"] == 1
+    moved = jax.tree.map(lambda a, b: not np.allclose(a, b), trained.params, state.params)
+    assert all(jax.tree.leaves(moved))

@@ -8,10 +8,11 @@ from fedjax_lab.models.conv import Conv, conv2d
 from fedjax_lab.models.model import DenseSplit, Model, from_flax
 from fedjax_lab.models.networks import cifar_cnn, femnist_cnn, logistic_regression, mlp
 from fedjax_lab.models.registry import MODELS, REGISTRY, ModelSpec, get_model, model_spec
+from fedjax_lab.models.resnet import resnet18_gn
 from fedjax_lab.models.split import SplitModel, split_cnn, split_mlp, split_model
 from fedjax_lab.models.text import bigram, char_lstm, transformer, word_lstm
 
 __all__ = ["MODELS", "REGISTRY", "Conv", "DenseSplit", "Model", "ModelSpec", "SplitModel",
            "bigram", "char_lstm", "cifar_cnn", "conv2d", "femnist_cnn", "from_flax", "get_model",
-           "logistic_regression", "mlp", "model_spec", "split_cnn", "split_mlp",
+           "logistic_regression", "mlp", "model_spec", "resnet18_gn", "split_cnn", "split_mlp",
            "split_model", "transformer", "word_lstm"]

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from fedjax_lab.models.model import Model
 from fedjax_lab.models.networks import cifar_cnn, femnist_cnn, logistic_regression, mlp
+from fedjax_lab.models.resnet import resnet18_gn
 from fedjax_lab.models.split import SplitModel, split_cnn, split_mlp
 from fedjax_lab.models.text import bigram, char_lstm, transformer, word_lstm
 from fedjax_lab.options import OptionError, all_positive, from_dict, option, positive_int
@@ -58,6 +59,16 @@ class CifarCNNConfig:
     conv_dropout: float = option(0.25, "dropout rate after the pooled convolutions",
                                  dropout_rate)
     dense_dropout: float = option(0.5, "dropout rate after the dense 128 layer", dropout_rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNet18GNConfig:
+    """ResNet-18 with GroupNorm; two groups per layer as Reddi et al. (ICLR 2021), the paper's
+    widths (64, 128, 256, 512)."""
+
+    width: int = option(64, "first stage's width (doubled at each of the four stages)",
+                        positive_int)
+    groups: int = option(2, "GroupNorm groups per layer (must divide width)", positive_int)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +183,11 @@ SPECS = (
                   dense_dropout=config.dense_dropout),
               "pfl-research's CIFAR-10 benchmark CNN (two 3x3 convolutions, dense 128, two "
               "dropout layers) for images"),
+    ModelSpec("resnet18_gn", ResNet18GNConfig,
+              lambda config, shape, classes: resnet18_gn(shape, classes, width=config.width,
+                                                         groups=config.groups),
+              "ResNet-18 with GroupNorm (Hsieh et al. 2020, Reddi et al. 2021), 3x3 stem, for "
+              "CIFAR-sized images"),
     ModelSpec("split_mlp", SplitMLPConfig,
               lambda config, shape, classes: split_mlp(shape, classes, config.hidden,
                                                        dropout=config.dropout),
