@@ -25,6 +25,7 @@ import jax
 
 from fedjax_lab import options
 from fedjax_lab import sweep as sweeps
+from fedjax_lab.stacked import StackedRuns
 
 SEEDS = 8
 
@@ -72,16 +73,14 @@ def throughput(model: str, points: int, rounds: int = 20) -> dict:
     base = {"model": {"name": model}, "run": {"rounds": rounds, "eval_every": rounds}}
     grid = sweeps.grid_points(base, range(points), {}, tempfile.mkdtemp())
     dataset = sweeps.run_config.load_data(grid[0].config)
-    chunk = sweeps._Chunk(grid, len(grid), dataset, tempfile.mkdtemp())
+    runs = StackedRuns([point.config for point in grid], dataset)
     population = jax.device_put(dataset.train.pad())
-    states = chunk.init()
-    compiled = chunk.block.lower(states, population, chunk.keys, chunk.hyperparameters,
-                                 rounds).compile()
-    stats = compiled.memory_analysis()
-    states, _ = compiled(states, population, chunk.keys, chunk.hyperparameters)  # warm-up
+    states = runs.init()
+    stats = runs.lower(states, population, rounds).compile().memory_analysis()
+    states, _ = runs.advance(states, population, rounds)  # warm-up, compiling the jitted block
     jax.block_until_ready(states)
     start = time.perf_counter()
-    states, metrics = compiled(states, population, chunk.keys, chunk.hyperparameters)
+    states, metrics = runs.advance(states, population, rounds)
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - start) / rounds
     memory = stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes

@@ -4,10 +4,11 @@
 points. The options a config marks sweepable (learning rates, mu, lambda, ...) are traced
 arguments of the compiled program (`config.traced_algorithm`), so the points that differ only in
 them and in the seed form one group and run as one program that `vmap`s whole runs (server state,
-client states, metrics, evaluations) over a leading run axis. Points that differ in structure
-(epochs, batch size, cohort size, model widths, data seed) are separate groups. A group whose
-stacked runs would not fit the memory budget runs in chunks of points, each chunk the same
-program (the last chunk is padded by repeating its final point, whose copies are dropped).
+client states, metrics, evaluations) over a leading run axis (`fedjax_lab.stacked`). Points that
+differ in structure (epochs, batch size, cohort size, model widths, data seed) are separate
+groups. A group whose stacked runs would not fit the memory budget runs in chunks of points, each
+chunk the same program (the last chunk is padded by repeating its final point, whose copies are
+dropped).
 
 A sweep's seeds vary the run (initial model, cohorts, client keys); every point draws its data
 with the base config's `run.data_seed` (default: its `run.seed`), so a group trains on one
@@ -30,11 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lab import checkpoint, compiled, experiment, options
+from fedjax_lab import checkpoint, experiment, options
 from fedjax_lab import config as run_config
-from fedjax_lab.core.types import experiment_key, init_key
-from fedjax_lab.evaluation import make_sweep_evaluator
 from fedjax_lab.options import OptionError
+from fedjax_lab.stacked import StackedRuns
 from fedjax_lab.sweep_report import write_report
 
 SWEEP_FILE = "sweep.json"
@@ -137,21 +137,6 @@ def memory_budget() -> int:
     return int(DEFAULT_MEMORY_SHARE * total)
 
 
-@compiled.per_structure
-def _sweep_block(build, num_clients: int, cohort_size: int):
-    rounds = compiled.device_rounds(build, num_clients, cohort_size)
-
-    def run(states, population, keys, hyperparameters, num_rounds):
-        one = lambda state, key, values: rounds(state, population, key, values, num_rounds)
-        return jax.vmap(one)(states, keys, hyperparameters)
-
-    return jax.jit(run, static_argnums=4, donate_argnums=0)
-
-
-def _stack(trees):
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
-
-
 def _finite_runs(states) -> np.ndarray:
     """`[P]` bool: whether each stacked run's inexact leaves are all finite."""
     finite = [jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
@@ -165,24 +150,11 @@ class _Chunk:
 
     def __init__(self, points: list[Point], real: int, dataset, folder: str):
         self.points, self.real, self.folder = points, real, folder
-        # DP noise is calibrated as a single run's is; the epsilon rows a single run writes into
-        # its evaluations are not written by a sweep (run the point alone for its accounting).
-        traced = [run_config.traced_algorithm(run_config.private_run(p.config, dataset)[0],
-                                              dataset.info()) for p in points]
-        self.build = traced[0].build
-        self.hyperparameters = _stack([t.hyperparameters for t in traced])
-        self.keys = jnp.stack([experiment_key(p.seed) for p in points])
-        run = points[0].config.run
-        self.block = _sweep_block(self.build, dataset.train.num_clients, run.cohort_size)
-        self.evaluate = make_sweep_evaluator(traced[0], dataset.test.pad(),
-                                             train_clients=dataset.train.pad())
+        self.runs = StackedRuns([p.config for p in points], dataset)
+        self.evaluate = self.runs.evaluator(dataset.test.pad(), train_clients=dataset.train.pad())
         self.histories = [[] for _ in points]
         self.evaluations = [[] for _ in points]
         self.diverged: list[dict | None] = [None] * len(points)
-
-    def init(self):
-        init = lambda values, key: self.build(values).init(init_key(key))
-        return jax.vmap(init)(self.hyperparameters, self.keys)
 
     def outputs(self) -> list[str]:
         """The real points' folders (a padded chunk's repeated copies write nothing)."""
@@ -190,7 +162,7 @@ class _Chunk:
 
     def rough_bytes(self, population) -> int:
         """A lower bound of the program's memory: states, population and cohorts."""
-        states = jax.eval_shape(self.init)
+        states = jax.eval_shape(self.runs.init)
         state_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(states))
         population_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(population))
         cohort = population_bytes * self.points[0].config.run.cohort_size // max(
@@ -208,7 +180,7 @@ def _point_rows(metrics, index: int, first_round: int) -> list[dict]:
 
 def _run_chunk(chunk: _Chunk, population, rounds: int, eval_every: int,
                checkpoint_every: int | None, resume: bool, progress: bool) -> None:
-    states = chunk.init()
+    states = chunk.runs.init()
     checkpoint_dir = chunk.folder
     if resume:
         restored = checkpoint.load_latest(checkpoint_dir, states)
@@ -226,13 +198,11 @@ def _run_chunk(chunk: _Chunk, population, rounds: int, eval_every: int,
     start = time.perf_counter()
     while done < rounds:
         stop = experiment.next_stop(done, rounds, eval_every, checkpoint_every)
-        states, metrics = chunk.block(states, population, chunk.keys, chunk.hyperparameters,
-                                      stop - done)
+        states, metrics = chunk.runs.advance(states, population, stop - done)
         finite = _finite_runs(states)
         evaluation = None
         if stop % eval_every == 0 or stop == rounds:
-            evaluation = chunk.evaluate(states, chunk.keys, chunk.hyperparameters,
-                                        per_client=stop == rounds)
+            evaluation = chunk.evaluate(states, per_client=stop == rounds)
         for index, output in enumerate(chunk.outputs()):
             if chunk.diverged[index] is not None:
                 continue
@@ -282,8 +252,7 @@ def _points_per_program(chunk_for, count: int, population, budget: int) -> int:
         chunk = chunk_for(size)
         if 8 * chunk.rough_bytes(population) <= budget:
             return size
-        lowered = chunk.block.lower(chunk.init(), population, chunk.keys,
-                                    chunk.hyperparameters, 1)
+        lowered = chunk.runs.lower(chunk.runs.init(), population, 1)
         stats = lowered.compile().memory_analysis()
         needed = 0 if stats is None else (stats.temp_size_in_bytes + stats.argument_size_in_bytes
                                           + stats.output_size_in_bytes)
