@@ -25,9 +25,9 @@ sampled), scored on the personal view; the registry has no other local-only opti
 code (LG-FedAvg/FedPer always share a part).
 
 Each method's seeds run as one compiled program: whole runs `vmap`ped over a leading run axis
-(`fedjax_lab.sweep`'s block, `compiled.device_rounds` scanned over every round), evaluated once
-at the end by `make_sweep_evaluator` (personal, global and adapted views); FedAvg+FT is scored
-per seed by `make_evaluator` with `FineTuning` (the sweep evaluator has no fine-tuning view).
+(`fedjax_lab.stacked.StackedRuns`, every round in one call), evaluated once at the end by its
+sweep evaluator (personal, global and adapted views); FedAvg+FT is scored per seed by
+`make_evaluator` with `FineTuning` (the sweep evaluator has no fine-tuning view).
 Local (ditto, lam 0) shares Ditto's program structure and runs in the same program as Ditto.
 
 Observed (defaults, 60 rounds): APFL's learned alpha_i fell to 0 (seed 0, inspected by hand: 18
@@ -43,18 +43,17 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from experiments.claims import Check, Claim, Measured, print_claims, seeds_text
 from experiments.common import (experiment_parser, mean_std, parse_args, pyplot, save_figure,
                                 start, write_results)
-from fedjax_lab import compiled
 from fedjax_lab import config as run_config
-from fedjax_lab.core.types import experiment_key, init_key
-from fedjax_lab.evaluation import FineTuning, make_evaluator, make_sweep_evaluator
+from fedjax_lab.core.types import experiment_key
+from fedjax_lab.evaluation import FineTuning, make_evaluator
 from fedjax_lab.models import split_mlp
+from fedjax_lab.stacked import StackedRuns
 
 SETTINGS = dict(num_clients=20, shards_per_client=2, cohort_size=10, data_seed=0,
                 model="split_mlp", hidden=(64, 32), test_fraction=0.2, fine_tuning_epochs=5,
@@ -104,39 +103,13 @@ def config_for(algorithm: dict, rounds: int, seed: int, settings: dict) -> run_c
                 "data_seed": settings["data_seed"], "eval_every": rounds}})
 
 
-def _stack(trees):
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
-
-
-@compiled.per_structure
-def _stacked_rounds(build, num_clients: int, cohort_size: int):
-    """Whole runs stacked along a leading axis (`fedjax_lab.sweep`'s block)."""
-    rounds = compiled.device_rounds(build, num_clients, cohort_size)
-
-    def run(states, population, keys, hyperparameters, num_rounds):
-        one = lambda state, key, values: rounds(state, population, key, values, num_rounds)[0]
-        return jax.vmap(one)(states, keys, hyperparameters)
-
-    return jax.jit(run, static_argnums=4, donate_argnums=0)
-
-
-def run_stacked(configs: list, dataset, rounds: int):
-    """Runs `configs` (one structure) as one program `vmap`ped over runs; returns the final
+def train_and_evaluate(configs: list, dataset, rounds: int):
+    """Runs `configs` (one structure) as stacked runs over every round; returns the final
     stacked states and each run's evaluation (personal, global and adapted views)."""
-    traced = [run_config.traced_algorithm(config, dataset.info()) for config in configs]
-    build = traced[0].build
-    if any(t.build is not build for t in traced):
-        raise ValueError("run_stacked needs configs of one structure")
-    hyperparameters = _stack([t.hyperparameters for t in traced])
-    keys = jnp.stack([experiment_key(config.run.seed) for config in configs])
-    population = jax.device_put(dataset.train.pad())
-    block = _stacked_rounds(build, dataset.train.num_clients, configs[0].run.cohort_size)
-    states = jax.vmap(lambda values, key: build(values).init(init_key(key)))(hyperparameters,
-                                                                               keys)
-    states = block(states, population, keys, hyperparameters, rounds)
-    evaluate = make_sweep_evaluator(traced[0], dataset.test.pad(),
-                                    train_clients=dataset.train.pad())
-    return states, evaluate(states, keys, hyperparameters)
+    runs = StackedRuns(configs, dataset)
+    states, _ = runs.advance(runs.init(), jax.device_put(dataset.train.pad()), rounds)
+    evaluate = runs.evaluator(dataset.test.pad(), train_clients=dataset.train.pad())
+    return states, evaluate(states)
 
 
 def _view(evaluation: dict, view: str) -> dict:
@@ -193,7 +166,7 @@ def run(rounds: int = 60, seeds=(0, 1, 2), output: str = "results/personalizatio
         points = [(m, seed) for m in trained for seed in seeds]
         configs = [config_for(algorithm_config(m), rounds, seed, settings) for m, seed in points]
         tic = time.perf_counter()
-        states, evaluations = run_stacked(configs, dataset, rounds)
+        states, evaluations = train_and_evaluate(configs, dataset, rounds)
         for method in rows:
             name = "fedavg" if method == "fedavg_ft" else method
             index = [i for i, (m, _) in enumerate(points) if m == name]

@@ -32,7 +32,7 @@ Measured at the final round on every client's test split: mean client accuracy, 
 clients (variance = its square), worst-10% mean (the ceil(10%) = 10 lowest), best-10% mean; mean
 ± std over seeds. The seeds vary the initial model, cohorts and shuffles, not the data. Each
 method's seeds (and q values) run as one compiled program, whole runs `vmap`ped over a leading run
-axis as `fedjax_lab.sweep` runs them (q is a traced argument).
+axis (`fedjax_lab.stacked.StackedRuns`, as `fedjax_lab.sweep` runs them; q is a traced argument).
 
     python -m experiments.qffl_fairness [--rounds 800] [--seeds 0 1 2] [--output DIR]
 """
@@ -40,16 +40,13 @@ axis as `fedjax_lab.sweep` runs them (q is a traced argument).
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments.claims import Check, Claim, Measured, pm, print_claims, seeds_text
 from experiments.common import (band, experiment_parser, mean_std, parse_args, pyplot,
                                 save_figure, start, write_results)
-from fedjax_lab import compiled
 from fedjax_lab import config as run_config
-from fedjax_lab.core.types import experiment_key, init_key
-from fedjax_lab.evaluation import make_sweep_evaluator
+from fedjax_lab.stacked import StackedRuns
 
 SETTINGS = dict(num_clients=100, max_examples=1000, alpha=1.0, beta=1.0, cohort_size=10,
                 epochs=1, batch_size=10, data_seed=0)
@@ -85,47 +82,23 @@ def config_for(algorithm: dict, rounds: int, seed: int, settings: dict) -> run_c
                 "data_seed": settings["data_seed"]}})
 
 
-def _stack(trees):
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
-
-
-@compiled.per_structure
-def _stacked_block(build, num_clients: int, cohort_size: int, num_rounds: int):
-    """`num_rounds` rounds of runs stacked along a leading axis (`fedjax_lab.sweep`'s block)."""
-    rounds = compiled.device_rounds(build, num_clients, cohort_size)
-
-    def run(states, population, keys, hyperparameters):
-        one = lambda state, key, values: rounds(state, population, key, values, num_rounds)
-        return jax.vmap(one)(states, keys, hyperparameters)
-
-    return jax.jit(run, donate_argnums=0)
-
-
-def run_stacked(configs: list, dataset, rounds: int, eval_every: int) -> list[dict]:
-    """Runs `configs` (one structure) as one program `vmap`ped over runs; returns each run's
-    test curves (every `eval_every` rounds and the last), its final per-client test accuracies
-    and its mean step_scale where the algorithm reports one."""
-    traced = [run_config.traced_algorithm(config, dataset.info()) for config in configs]
-    build = traced[0].build
-    if any(t.build is not build for t in traced):
-        raise ValueError("run_stacked needs configs of one structure")
-    hyperparameters = _stack([t.hyperparameters for t in traced])
-    keys = jnp.stack([experiment_key(config.run.seed) for config in configs])
+def fairness_curves(configs: list, dataset, rounds: int, eval_every: int) -> list[dict]:
+    """Runs `configs` (one structure) as stacked runs; returns each run's test curves (every
+    `eval_every` rounds and the last), its final per-client test accuracies and its mean
+    step_scale where the algorithm reports one."""
+    runs = StackedRuns(configs, dataset)
     population = jax.device_put(dataset.train.pad())
-    cohort = configs[0].run.cohort_size
-    states = jax.vmap(lambda values, key: build(values).init(init_key(key)))(hyperparameters,
-                                                                               keys)
-    evaluate = make_sweep_evaluator(traced[0], dataset.test.pad())
+    evaluate = runs.evaluator(dataset.test.pad())
+    states = runs.init()
     out = [{"rounds": [], "mean": [], "worst10": [], "std": [], "step_scale": []}
            for _ in configs]
     done = 0
     while done < rounds:
         block = min(eval_every, rounds - done)
-        states, metrics = _stacked_block(build, dataset.train.num_clients, cohort, block)(
-            states, population, keys, hyperparameters)
+        states, metrics = runs.advance(states, population, block)
         done += block
         last = done == rounds
-        evaluations = evaluate(states, keys, hyperparameters, per_client=last)
+        evaluations = evaluate(states, per_client=last)
         scales = np.asarray(metrics["step_scale"]) if "step_scale" in metrics else None
         for index, (record, evaluation) in enumerate(zip(out, evaluations)):
             record["rounds"].append(done)
@@ -178,14 +151,14 @@ def run(rounds: int = ROUNDS, seeds=(0, 1, 2), output: str = "results/qffl_fairn
     points = [(q, seed) for q in qs for seed in seeds]
     configs = [config_for(algorithm_config("qffl", lr, epochs, batch_size, q), rounds, seed,
                           settings) for q, seed in points]
-    curves = run_stacked(configs, dataset, rounds, eval_every)
+    curves = fairness_curves(configs, dataset, rounds, eval_every)
     for q in qs:
         runs = {str(seed): curve for (v, seed), curve in zip(points, curves) if v == q}
         methods[method_name(q)] = _record(algorithm_config("qffl", lr, epochs, batch_size, q),
                                           runs)
     fedavg = algorithm_config("fedavg", lr, epochs, batch_size)
-    curves = run_stacked([config_for(fedavg, rounds, seed, settings) for seed in seeds],
-                         dataset, rounds, eval_every)
+    curves = fairness_curves([config_for(fedavg, rounds, seed, settings) for seed in seeds],
+                             dataset, rounds, eval_every)
     methods["fedavg"] = _record(fedavg, {str(seed): curve for seed, curve in zip(seeds, curves)})
     sizes = np.asarray(dataset.train.num_examples)
     results = {"settings": {

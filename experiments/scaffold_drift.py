@@ -23,9 +23,9 @@ each of TARGETS = the first round at or below it (a seed that never reaches it c
 rounds + 1, a lower bound); final test accuracy (pooled over the clients' test splits). Mean ±
 std over seeds; the seeds vary the initial model, cohorts and shuffles, not the data. Each
 method's seeds and grid values run as one compiled program: whole runs `vmap`ped over a leading
-run axis as `fedjax_lab.sweep` runs them (the client rate and mu are traced arguments), one
-round per call so that the training loss can be evaluated after every round, which
-`fedjax_lab.sweep` does not do. A stacked run equals its config run alone by
+run axis (`fedjax_lab.stacked.StackedRuns`, as `fedjax_lab.sweep` runs them; the client rate and
+mu are traced arguments), one round per call so that the training loss can be evaluated after
+every round, which `fedjax_lab.sweep` does not do. A stacked run equals its config run alone by
 `fedjax_lab.experiment.run_experiment` to float32 rounding (checked by hand: training losses
 within 2e-8 relative, accuracies equal).
 
@@ -43,16 +43,13 @@ curves part below ~0.15.
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments.claims import Check, Claim, Measured, pm, print_claims, seeds_text
 from experiments.common import (band, experiment_parser, mean_std, parse_args, pyplot,
                                 save_figure, start, write_results)
-from fedjax_lab import compiled
 from fedjax_lab import config as run_config
-from fedjax_lab.core.types import experiment_key, init_key
-from fedjax_lab.evaluation import make_sweep_evaluator
+from fedjax_lab.stacked import StackedRuns
 
 SETTINGS = dict(num_clients=50, cohort_size=10, epochs=20, batch_size=10, data_seed=0,
                 model="logistic")
@@ -93,47 +90,22 @@ def config_for(algorithm: dict, partition: str, rounds: int, seed: int,
                 "data_seed": settings["data_seed"], "eval_every": 1}})
 
 
-def _stack(trees):
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
-
-
-@compiled.per_structure
-def _stacked_round(build, num_clients: int, cohort_size: int):
-    """One round of runs stacked along a leading axis (`fedjax_lab.sweep`'s block, one round
-    long so that the training loss can be evaluated after every round)."""
-    rounds = compiled.device_rounds(build, num_clients, cohort_size)
-
-    def run(states, population, keys, hyperparameters):
-        one = lambda state, key, values: rounds(state, population, key, values, 1)[0]
-        return jax.vmap(one)(states, keys, hyperparameters)
-
-    return jax.jit(run, donate_argnums=0)
-
-
-def run_stacked(configs: list, dataset, rounds: int, eval_examples: int = 1) -> list[dict]:
-    """Runs `configs` (one structure: they differ only in traced options and the seed) as one
-    program `vmap`ped over runs; returns each run's curves: the global model's loss on all
+def loss_curves(configs: list, dataset, rounds: int, eval_examples: int = 1) -> list[dict]:
+    """Runs `configs` (one structure: they differ only in traced options and the seed) as
+    stacked runs, one round per call; returns each run's curves: the global model's loss on all
     training data and its pooled test accuracy after every round.
 
     Evaluation pads the clients' examples to a multiple of `eval_examples` (masked, so the
     numbers do not change); one size for train and test compiles one evaluation program."""
-    traced = [run_config.traced_algorithm(config, dataset.info()) for config in configs]
-    build = traced[0].build
-    if any(t.build is not build for t in traced):
-        raise ValueError("run_stacked needs configs of one structure")
-    hyperparameters = _stack([t.hyperparameters for t in traced])
-    keys = jnp.stack([experiment_key(config.run.seed) for config in configs])
+    runs = StackedRuns(configs, dataset)
     population = jax.device_put(dataset.train.pad())
-    block = _stacked_round(build, dataset.train.num_clients, configs[0].run.cohort_size)
-    states = jax.vmap(lambda values, key: build(values).init(init_key(key)))(hyperparameters,
-                                                                               keys)
-    evaluate_train = make_sweep_evaluator(traced[0], dataset.train.pad(eval_examples))
-    evaluate_test = make_sweep_evaluator(traced[0], dataset.test.pad(eval_examples))
+    evaluate_train = runs.evaluator(dataset.train.pad(eval_examples))
+    evaluate_test = runs.evaluator(dataset.test.pad(eval_examples))
+    states = runs.init()
     curves = [{"train_loss": [], "test_accuracy": []} for _ in configs]
     for _ in range(rounds):
-        states = block(states, population, keys, hyperparameters)
-        for curve, train, test in zip(curves, evaluate_train(states, keys, hyperparameters),
-                                      evaluate_test(states, keys, hyperparameters)):
+        states, _ = runs.advance(states, population, 1)
+        for curve, train, test in zip(curves, evaluate_train(states), evaluate_test(states)):
             curve["train_loss"].append(train["loss"])
             curve["test_accuracy"].append(test["accuracy"])
     return curves
@@ -174,7 +146,7 @@ def _grid(method: str, values, seeds, datasets, rounds: int, settings: dict, tar
             method, value if lr_of is None else lr_of, settings["epochs"],
             settings["batch_size"], None if lr_of is None else value), partition, rounds, seed,
             settings) for value, seed in points]
-        curves = run_stacked(configs, dataset, rounds, eval_examples(datasets))
+        curves = loss_curves(configs, dataset, rounds, eval_examples(datasets))
         out[partition] = {}
         for value in values:
             runs = {str(seed): curve for (v, seed), curve in zip(points, curves) if v == value}
