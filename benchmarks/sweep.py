@@ -1,15 +1,16 @@
 """Sweeps against separate runs, the persistent compilation cache, and vmapped grid throughput.
 
-    python -m benchmarks.sweep [--rounds 200] [--skip-commands] [--points 1,8,64]
+    python -m benchmarks.sweep [--rounds 200] [--caches off,on] [--skip-commands] [--points 1,8,64]
 
 1. Eight seeds of the default job (FedAvg, MLP, digits; `--rounds` rounds) as one
    `fedjax-lab sweep --seeds 0-7`, against eight `fedjax-lab run --seed i --data-seed 0`
    commands (the sweep's points draw the data with seed 0 too), each a fresh process, with the
-   persistent compilation cache off and then on; wall time including start-up and compiling.
+   persistent compilation cache off and then on (a folder of its own for the sweep); wall time
+   including start-up and compiling.
 2. The same `fedjax-lab run` twice with a fresh cache folder: the compile seconds each records.
 3. Rounds per second per grid point of the vmapped sweep program for logistic regression and the
-   MLP at 1, 8 and 64 points, and XLA's memory per point (arguments, outputs and temporaries
-   of the compiled block over `points`).
+   MLP at 1, 8 and 64 points (a timed block of 20 rounds, 2 at 64 points, after a warm-up
+   block), and XLA's memory per point (arguments, outputs and temporaries of the block).
 """
 
 import argparse
@@ -37,10 +38,10 @@ def _command(argv: list[str], cache: str) -> float:
     return time.perf_counter() - start
 
 
-def commands(rounds: int, folder: str) -> dict:
+def commands(rounds: int, folder: str, caches=("off", "on")) -> dict:
     job = ["--rounds", str(rounds)]
     result = {}
-    for cache_name in ("off", "on"):
+    for cache_name in caches:
         cache = "off" if cache_name == "off" else os.path.join(folder, f"cache-{rounds}")
         separate = sum(_command(["run", "--seed", str(seed), "--data-seed", "0", "--output",
                                  os.path.join(folder, f"run-{cache_name}-{seed}")] + job, cache)
@@ -68,8 +69,10 @@ def _report(measured: dict) -> None:
     print(json.dumps(measured), flush=True)
 
 
-def throughput(model: str, points: int, rounds: int = 20) -> dict:
-    """Seconds per round of the vmapped block over `points` grid points, and bytes per point."""
+def throughput(model: str, points: int, rounds: int | None = None) -> dict:
+    """Seconds per round of the vmapped block over `points` grid points, and bytes per point;
+    `rounds` timed rounds (by default 20, fewer above 8 points: 160 point-rounds, at least 2)."""
+    rounds = max(2, min(20, 160 // points)) if rounds is None else rounds
     base = {"model": {"name": model}, "run": {"rounds": rounds, "eval_every": rounds}}
     grid = sweeps.grid_points(base, range(points), {}, tempfile.mkdtemp())
     dataset = sweeps.run_config.load_data(grid[0].config)
@@ -93,13 +96,15 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--points", default="1,8,64")
     parser.add_argument("--skip-commands", action="store_true")
+    parser.add_argument("--caches", default="off,on",
+                        help="the compilation-cache settings of step 1 (off, on or both)")
     args = parser.parse_args(argv)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{jax.devices()[0].device_kind}, jax {jax.__version__}, load "
           f"{os.getloadavg()[0]:.1f}", flush=True)
     if not args.skip_commands:
         with tempfile.TemporaryDirectory() as folder:
-            commands(args.rounds, folder)
+            commands(args.rounds, folder, tuple(args.caches.split(",")))
     for model in ("logistic", "mlp"):
         for points in options.parse_text("points", args.points, tuple[int, ...]):
             _report(throughput(model, points))

@@ -18,7 +18,8 @@ Every option is validated before anything is compiled or written; a bad one is a
 `fedjax-lab sweep` runs a grid: seeds (`--seeds 0-7` or `0,3,5`) times the comma-separated values
 of number options (`--algorithm.mu 0,0.01,0.1`); options marked sweepable share one compiled
 program across their values and the seeds (`fedjax_lab.sweep`). `--metric NAME` (default
-accuracy) picks the best setting; `--points-per-program N` bounds the runs stacked in one program.
+accuracy) picks the best setting; `--points-per-program N` sets the runs stacked in one program
+(default: as many as fit in memory; one on CPU, where stacking is slower).
 
 `run` and `sweep` keep compiled programs in JAX's persistent compilation cache, so a second run of
 the same shape starts without compiling: `--compile-cache DIR` chooses the folder (default

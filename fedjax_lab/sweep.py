@@ -8,7 +8,9 @@ client states, metrics, evaluations) over a leading run axis (`fedjax_lab.stacke
 differ in structure (epochs, batch size, cohort size, model widths, data seed) are separate
 groups. A group whose stacked runs would not fit the memory budget runs in chunks of points, each
 chunk the same program (the last chunk is padded by repeating its final point, whose copies are
-dropped).
+dropped). On CPU a group runs in chunks of one point by default, still one compiled program for
+all of them, because stacking made each run slower there (`_points_per_program`);
+`points_per_program` stacks them anyway.
 
 A sweep's seeds vary the run (initial model, cohorts, client keys); every point draws its data
 with the base config's `run.data_seed` (default: its `run.seed`), so a group trains on one
@@ -242,12 +244,17 @@ def _run_chunk(chunk: _Chunk, population, rounds: int, eval_every: int,
 
 
 def _points_per_program(chunk_for, count: int, population, budget: int) -> int:
-    """The most points of a group whose compiled block fits `budget` bytes (halving from all).
+    """The most points of a group whose compiled block fits `budget` bytes (halving from all);
+    one on CPU.
 
     A group far below the budget (8x its rough size) is not compiled to be measured; otherwise
-    XLA's memory analysis of the compiled block decides.
+    XLA's memory analysis of the compiled block decides. On XLA:CPU a stacked run costs more than
+    a run alone (two cores; benchmarks/RESULTS.md, "Sweeps"): the default job's MLP made 15.5
+    point-rounds per second alone, 9.6 with 8 points stacked and 6.3 with 64 (logistic
+    regression 410, 361, 368), and 8 seeds of the default job took 133 s one after another
+    through one compiled program against 240 s stacked.
     """
-    size = count
+    size = 1 if jax.default_backend() == "cpu" else count
     while True:
         chunk = chunk_for(size)
         if 8 * chunk.rough_bytes(population) <= budget:

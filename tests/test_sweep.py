@@ -63,7 +63,9 @@ def _base(algorithm: str) -> dict:
 @pytest.mark.parametrize("algorithm, option, values", SWEEPS, ids=[s[0] for s in SWEEPS])
 def test_every_grid_point_equals_its_config_run_alone(tmp_path, algorithm, option, values):
     output = str(tmp_path / "sweep")
-    summary = sweep.sweep(_base(algorithm), [0, 1], {option: values}, output, progress=False)
+    # All four points stacked in one vmapped program (on CPU the default runs them one by one).
+    summary = sweep.sweep(_base(algorithm), [0, 1], {option: values}, output,
+                          points_per_program=4, progress=False)
     assert [row["setting"] for row in summary["settings"]] == [{option: v} for v in values]
     points = sorted(os.listdir(os.path.join(output, sweep.POINTS_DIR)))
     assert len(points) == 4
@@ -95,22 +97,29 @@ def test_seeds_and_values_reuse_one_compiled_program(tmp_path):
 
 def test_chunks_and_structural_groups(tmp_path):
     grid = {"algorithm.mu": [0.0, 0.5], "algorithm.client.epochs": [1, 2]}
-    whole = sweep.sweep(_base("fedprox"), [0], grid, str(tmp_path / "whole"), progress=False)
+    whole = sweep.sweep(_base("fedprox"), [0], grid, str(tmp_path / "whole"),
+                        points_per_program=2, progress=False)
     chunked = sweep.sweep(_base("fedprox"), [0], grid, str(tmp_path / "chunked"),
                           points_per_program=3, progress=False)
-    assert whole["settings"] == chunked["settings"]
+    one_by_one = sweep.sweep(_base("fedprox"), [0], grid, str(tmp_path / "default"),
+                             progress=False)
+    assert whole["settings"] == chunked["settings"] == one_by_one["settings"]
     checkpoints = sorted(os.listdir(tmp_path / "whole" / "checkpoints"))
     assert checkpoints == ["group0-chunk0", "group1-chunk0"]  # epochs change the structure
+    # On CPU a group's points run one after another, through one compiled program per group.
+    assert sorted(os.listdir(tmp_path / "default" / "checkpoints")) == [
+        "group0-chunk0", "group0-chunk1", "group1-chunk0", "group1-chunk1"]
     for name in os.listdir(tmp_path / "whole" / sweep.POINTS_DIR):
-        assert (_lines(str(tmp_path / "whole" / sweep.POINTS_DIR / name), "metrics.jsonl") ==
-                _lines(str(tmp_path / "chunked" / sweep.POINTS_DIR / name), "metrics.jsonl"))
+        for other in ("chunked", "default"):
+            assert (_lines(str(tmp_path / "whole" / sweep.POINTS_DIR / name), "metrics.jsonl") ==
+                    _lines(str(tmp_path / other / sweep.POINTS_DIR / name), "metrics.jsonl"))
 
 
 def test_resume_after_interruption_gives_the_uninterrupted_sweep(tmp_path):
     base = options.merge(_base("fedavg"), {"run": {"rounds": 4, "checkpoint_every": 2}})
     grid = {"algorithm.client.lr": [0.05, 0.2]}
     reference = str(tmp_path / "reference")
-    sweep.sweep(base, [0], grid, reference, progress=False)
+    sweep.sweep(base, [0], grid, reference, points_per_program=2, progress=False)
     interrupted = str(tmp_path / "interrupted")
     shutil.copytree(reference, interrupted)
     # As if killed after the round-2 checkpoint: no summaries, the last checkpoint gone, the
@@ -122,7 +131,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_sweep(tmp_path):
         os.remove(os.path.join(folder, "summary.json"))
         with open(os.path.join(folder, "metrics.jsonl"), "a") as out:
             out.write('{"round": 3, "partial": ')
-    sweep.sweep(base, [0], grid, interrupted, resume=True, progress=False)
+    sweep.sweep(base, [0], grid, interrupted, points_per_program=2, resume=True, progress=False)
     for name in os.listdir(os.path.join(reference, sweep.POINTS_DIR)):
         for file in ("metrics.jsonl", "evaluations.jsonl"):
             assert (_lines(os.path.join(reference, sweep.POINTS_DIR, name), file) ==
