@@ -251,8 +251,8 @@ def _points_per_program(chunk_for, count: int, population, budget: int) -> int:
     XLA's memory analysis of the compiled block decides. On XLA:CPU a stacked run costs more than
     a run alone (two cores; benchmarks/RESULTS.md, "Sweeps"): the default job's MLP made 15.5
     point-rounds per second alone, 9.6 with 8 points stacked and 6.3 with 64 (logistic
-    regression 410, 361, 368), and 8 seeds of the default job took 133 s one after another
-    through one compiled program against 240 s stacked.
+    regression 410, 361, 368), and 8 seeds of the default job took 160 s one after another
+    through one compiled program against 193 s stacked.
     """
     size = 1 if jax.default_backend() == "cpu" else count
     while True:
