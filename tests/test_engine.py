@@ -90,6 +90,13 @@ def test_auto_picks_by_backend_program_and_memory():
     assert ClientExecution().resolve(client_fn, per_client).strategy == "vmap"
     tight = ClientExecution(memory_budget=1).resolve(client_fn, per_client)
     assert (tight.strategy, tight.chunk_size) == ("chunked", 1)
+    # Room for 4 of the 5 clients: two chunks of 3, not 4 and a last one repeating 3 clients.
+    one = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), per_client)
+    outputs = jax.eval_shape(client_fn, one)
+    client_bytes = client_execution.WORKING_SET_FACTOR * (client_execution.tree_bytes(one)
+                                                          + client_execution.tree_bytes(outputs))
+    four = ClientExecution(memory_budget=4 * client_bytes).resolve(client_fn, per_client)
+    assert (four.strategy, four.chunk_size) == ("chunked", 3)
 
     def conv_fn(client):
         image = client[0][:4, :4].reshape(1, 4, 4, 1)
