@@ -38,19 +38,25 @@ def _command(argv: list[str], cache: str) -> float:
     return time.perf_counter() - start
 
 
+def seeds_as_sweep_and_runs(rounds: int, folder: str, cache_name: str) -> dict:
+    """Wall seconds of SEEDS separate `fedjax-lab run` processes and of one `fedjax-lab sweep`
+    over the same seeds, with the compilation cache "off" or "on"."""
+    job = ["--rounds", str(rounds)]
+    cache = "off" if cache_name == "off" else os.path.join(folder, f"cache-{rounds}")
+    separate = sum(_command(["run", "--seed", str(seed), "--data-seed", "0", "--output",
+                             os.path.join(folder, f"run-{cache_name}-{seed}")] + job, cache)
+                   for seed in range(SEEDS))
+    swept = _command(["sweep", "--seeds", f"0-{SEEDS - 1}", "--output",
+                      os.path.join(folder, f"sweep-{cache_name}")] + job,
+                     "off" if cache_name == "off" else os.path.join(folder, "cache-sweep"))
+    return {"separate_runs_s": separate, "sweep_s": swept, "ratio": separate / swept}
+
+
 def commands(rounds: int, folder: str, caches=("off", "on")) -> dict:
     job = ["--rounds", str(rounds)]
     result = {}
     for cache_name in caches:
-        cache = "off" if cache_name == "off" else os.path.join(folder, f"cache-{rounds}")
-        separate = sum(_command(["run", "--seed", str(seed), "--data-seed", "0", "--output",
-                                 os.path.join(folder, f"run-{cache_name}-{seed}")] + job, cache)
-                       for seed in range(SEEDS))
-        swept = _command(["sweep", "--seeds", f"0-{SEEDS - 1}", "--output",
-                          os.path.join(folder, f"sweep-{cache_name}")] + job,
-                         "off" if cache_name == "off" else os.path.join(folder, "cache-sweep"))
-        result[f"cache {cache_name}"] = {"separate_runs_s": separate, "sweep_s": swept,
-                                         "ratio": separate / swept}
+        result[f"cache {cache_name}"] = seeds_as_sweep_and_runs(rounds, folder, cache_name)
         _report({f"cache {cache_name}": result[f"cache {cache_name}"]})
     cache = os.path.join(folder, "cache-twice")
     compile_seconds = []
