@@ -21,6 +21,7 @@ import pytest
 from fedjax_lab import options
 from fedjax_lab.algorithms import REGISTRY
 from fedjax_lab.core import experiment_key, init_key
+from common import assert_states_close
 from test_registry_contract import COHORT, _batch, _build, _reference
 
 # Each case is an algorithm with the options that give every sweepable one a number (None is
@@ -41,14 +42,6 @@ SWEEP_CASES = tuple((name, ()) for name in sorted(set(REGISTRY) - {"fedamp", "pf
 # alone in the last bits after a round (measured on two CPU cores: at most 4.8e-7 absolute, in
 # pFedHN's server momentum; 2.4e-7 with DP, 1.2e-7 elsewhere).
 VMAP_RTOL, VMAP_ATOL = 1e-5, 1e-6
-# Except where a gradient is pure rounding: FedGen's generator has a bias just before BatchNorm,
-# which cancels it, and Adam scales that bias's rounding-noise gradient to steps of up to its rate.
-# It and the BatchNorm's running mean (which includes it) are compared within generator.steps *
-# generator.lr (measured: 2.6e-5 and 3.2e-6 after one round).
-_NOISE_ONLY = {"fedgen": (("generator", "params", "Dense_0", "bias"),
-                          ("generator", "batch_stats", "BatchNorm_0", "mean"))}
-
-
 def _sweep_values(config) -> tuple[dict, dict]:
     """The value of every sweepable option `config` sets (None is structure), and a second setting
     that changes each one the config accepts changed (DP's clip_lr only with DP on, ...)."""
@@ -140,21 +133,10 @@ def test_a_vmapped_axis_of_values_matches_each_value_alone(swept_vmapped):
     stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), swept["first"], swept["second"])
     both = swept["both"](stacked)
     for index in range(2):
-        alone = _state_dict(swept["alone"](swept["first" if index == 0 else "second"]))
-        point = _state_dict(jax.tree.map(lambda leaf: leaf[index], both))
-        for *group, leaf in _NOISE_ONLY.get(swept["name"], ()):
-            generator = REGISTRY["fedgen"].config().generator
-            noisy = [functools.reduce(dict.get, group, tree).pop(leaf) for tree in (point, alone)]
-            chex.assert_trees_all_close(*noisy, rtol=0, atol=generator.steps * generator.lr)
-        chex.assert_trees_all_close(point, alone, rtol=VMAP_RTOL, atol=VMAP_ATOL)
+        alone = (swept["alone"](swept["first" if index == 0 else "second"]))
+        point = jax.tree.map(lambda leaf: leaf[index], both)
+        assert_states_close(swept["name"], point, alone, rtol=VMAP_RTOL, atol=VMAP_ATOL)
 
 
-def _state_dict(state):
-    """A state as nested plain dicts (named tuples by field), so a leaf can be set aside."""
-    if hasattr(state, "_asdict"):
-        state = state._asdict()
-    if isinstance(state, dict):
-        return {key: _state_dict(value) for key, value in state.items()}
-    return state
 
 
