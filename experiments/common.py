@@ -18,7 +18,6 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from fedjax_lab.core import ClientExecution
 from fedjax_lab.experiment import write_json_atomic
 
 
@@ -46,7 +45,8 @@ def parse_args(parser: argparse.ArgumentParser, argv, counts=("rounds",)) -> arg
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One compared method: its name in the results and `build(*setting) -> Algorithm`.
+    """One compared method: its name in the results and `build(*setting)`, an `Algorithm` or
+    a `TracedAlgorithm` (`fedjax_lab.compiled`).
 
     `setting` is what the experiment makes for a seed (usually the model and the data set), so
     one declaration serves every seed and the list of methods reads as the experiment's design.
@@ -58,16 +58,20 @@ class Method:
 
 def registry_method(name: str, algorithm: str, **overrides) -> Method:
     """A Method building the registered `algorithm` from its paper defaults changed by
-    `overrides` (option groups as dicts: `client={"lr": 0.05}`); `build(model, data_info)`.
+    `overrides` (option groups as dicts: `client={"lr": 0.05}`); `build(model, data_info)`
+    gives a `TracedAlgorithm` (`config.traced_registered_algorithm`), so the seeds of a method
+    and the methods differing only in sweepable values (a learning-rate grid) compile one
+    program.
 
     The overrides are validated here, so a wrong option fails before any run starts.
     """
     from fedjax_lab.algorithms import get_algorithm
+    from fedjax_lab.config import traced_registered_algorithm
     from fedjax_lab.options import from_dict
 
-    spec = get_algorithm(algorithm)
-    config = from_dict(spec.config, overrides, "algorithm.")
-    return Method(name, lambda model, data: spec.build(config, model, data, ClientExecution()))
+    config = from_dict(get_algorithm(algorithm).config, overrides, "algorithm.")
+    return Method(name, lambda model, data: traced_registered_algorithm(algorithm, config,
+                                                                        model, data))
 
 
 def choose(option: str, names, allowed: Sequence[str]) -> tuple[str, ...]:

@@ -34,6 +34,7 @@ import numpy as np
 from experiments.claims import Check, Claim, Measured, pm, print_claims, seeds_text
 from experiments.common import (Method, band, experiment_parser, mean_std, parse_args, pyplot,
                                 registry_method, save_figure, start, sweep, write_results)
+from fedjax_lab import compiled
 from fedjax_lab.algorithms.fedgkt import PREDICTIONS
 from fedjax_lab.core import experiment_key, tree_bytes
 from fedjax_lab.data import PaddedClients, digits
@@ -112,7 +113,8 @@ def run_fedgkt(rounds: int, seeds, eval_every: int) -> dict:
     pick = lambda name, key: [run[key] for run in runs[name].values()]
     final = lambda name, key: [run["final_accuracy"][key] for run in runs[name].values()]
     # FedGKT's state params are the server model's.
-    initial = fedgkt_method(1.0).build(client_model, dataset.info()).init(experiment_key(0))
+    initial = compiled.init_state(fedgkt_method(1.0).build(client_model, dataset.info()),
+                                  experiment_key(0))
     summary = {
         "bytes_up_per_round": mean_std(pick("alpha_1", "bytes_up_per_round")),
         "bytes_down_per_round": mean_std(pick("alpha_1", "bytes_down_per_round")),

@@ -44,11 +44,11 @@ from experiments.claims import NEAR, Check, Claim, Measured, pm, print_claims, s
 from experiments.common import (Method, band, experiment_parser, parse_args, pyplot,
                                 registry_method, save_figure, start, summarize, sweep,
                                 write_results)
+from fedjax_lab import compiled
 from fedjax_lab.core import experiment_key, init_key
 from fedjax_lab.core.meta import model_data_loss, split_clients, with_adaptation
 from fedjax_lab.core.types import DataInfo
 from fedjax_lab.data import ClientData, PaddedClients, digits, train_test_split_per_client
-from fedjax_lab.data.sampling import cohort_batch, sample_cohort
 from fedjax_lab.evaluation import make_adapted_evaluator
 from fedjax_lab.models import mlp
 
@@ -136,26 +136,8 @@ def perfedavg_methods(alpha: float) -> list[Method]:
     return [registry_method(variant, "perfedavg", variant=variant, alpha=alpha, **options)
             for variant in ("hf", "maml", "fo")] + [
         Method("fedavg_one_step", lambda model, data: with_adaptation(
-            no_step.build(model, data), model, inner_lr=alpha)),
+            compiled.built(no_step.build(model, data)), model, inner_lr=alpha)),
         no_step]
-
-
-def make_round_runner(algorithm, num_clients: int, cohort_size: int):
-    """`run(state, population, key, num_rounds)`: rounds as one jitted scan.
-
-    `experiment.make_round_block` closes over the experiment key, so every seed would compile
-    its own program; here the key is an argument and one compilation serves every seed.
-    """
-
-    @functools.partial(jax.jit, static_argnums=3)
-    def run_rounds(state, population, key, num_rounds):
-        def one_round(state, _):
-            ids = sample_cohort(key, state.round, num_clients, cohort_size)
-            return algorithm.round(state, cohort_batch(population, ids, key, state.round)), None
-
-        return jax.lax.scan(one_round, state, None, length=num_rounds)[0]
-
-    return run_rounds
 
 
 def make_curvature(model, iterations: int):
@@ -239,20 +221,20 @@ def run(rounds: int = 1000, seeds=(0, 1, 2, 3, 4), output: str = "results/meta_l
         @functools.cache
         def programs(method):
             """The method's algorithm, jitted rounds and evaluator, shared by every seed."""
-            algorithm = method.build(model, info)
-            return (algorithm, make_round_runner(algorithm, info.num_clients,
-                                                 settings["cohort_size"]),
-                    make_adapted_evaluator(algorithm))
+            traced = compiled.as_traced(method.build(model, info))
+            return (traced, compiled.device_block(traced.build, info.num_clients,
+                                                  settings["cohort_size"]),
+                    make_adapted_evaluator(compiled.built(traced)))
 
         def run_seed(method, seed):
-            algorithm, run_rounds, evaluate = programs(method)
+            traced, run_rounds, evaluate = programs(method)
             key = experiment_key(seed)
             train, support, query = padded[seed]
             population = jax.device_put(train)
-            state, curve, done = algorithm.init(init_key(key)), [], 0
+            state, curve, done = compiled.init_state(traced, init_key(key)), [], 0
             while done < rounds:
                 block = min(every, rounds - done)
-                state = run_rounds(state, population, key, block)
+                state, _ = run_rounds(state, population, key, traced.hyperparameters, block)
                 done += block
                 curve.append({"round": done, **evaluate(state, support, query, key)})
             record = {"curve": curve, "final": curve[-1]}

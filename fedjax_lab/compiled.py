@@ -138,11 +138,18 @@ def compile_seconds() -> float:
     return _compile_seconds[0]
 
 
+def built(algorithm: Algorithm | TracedAlgorithm) -> Algorithm:
+    """`algorithm` built at its hyperparameters' values, for eager use and for code that takes
+    an `Algorithm` (jitted, the values are then constants of the program)."""
+    traced = as_traced(algorithm)
+    return traced.build(traced.hyperparameters)
+
+
 def init_state(traced: TracedAlgorithm, key: jax.Array) -> PyTree:
     """The initial state, computed eagerly as a plain `algorithm.init(key)` is, with no buffer
     shared between two leaves (an eager `init` may put one array in two places, which the
     compiled rounds could not take as donated)."""
-    return _unaliased(traced.build(traced.hyperparameters).init(key))
+    return _unaliased(built(traced).init(key))
 
 
 def _unaliased(tree: PyTree) -> PyTree:
@@ -160,6 +167,16 @@ def _unaliased(tree: PyTree) -> PyTree:
 
 
 def metric_shapes(traced: TracedAlgorithm) -> dict:
-    """The shapes of the metrics every round reports, without running anything."""
-    return jax.eval_shape(lambda hyperparameters, key: traced.build(hyperparameters).init(key),
-                          traced.hyperparameters, jax.random.key(0)).metrics
+    """The shapes of the metrics every round reports, without running anything (traced once
+    per structure)."""
+    shapes = tuple(sorted((path, jnp.shape(value), jnp.result_type(value))
+                          for path, value in traced.hyperparameters.items()))
+    return _metric_shapes(traced.build, shapes)
+
+
+@per_structure
+def _metric_shapes(build: Callable, hyperparameter_shapes: tuple) -> dict:
+    hyperparameters = {path: jax.ShapeDtypeStruct(shape, dtype)
+                       for path, shape, dtype in hyperparameter_shapes}
+    return jax.eval_shape(lambda values, key: build(values).init(key), hyperparameters,
+                          jax.random.key(0)).metrics

@@ -257,35 +257,49 @@ def traced_options(spec, options_value) -> dict[str, Any]:
 
 
 @compiled.per_structure
-def _algorithm_builder(name: str, structure, model: Selected, info: DataInfo,
-                       execution: ClientExecution):
+def _algorithm_builder(name: str, structure, model, info: DataInfo, execution: ClientExecution):
     spec = _spec("algorithm", name)
-    built_model = _spec("model", model.name).build(model.options, info.feature_shape,
-                                                   info.num_classes)
-    spec.check_model(model.name, built_model)
     return lambda hyperparameters: spec.build(options.replace_paths(structure, hyperparameters),
-                                              built_model, info, execution)
+                                              model, info, execution)
 
 
 def algorithm_structure(config: Config):
     """(structure, traced values) of `config`'s algorithm: its options with the traced ones
     (`traced_options`) replaced by `TRACED`, and `{dotted path: value}` of those."""
-    traced = traced_options(_spec("algorithm", config.algorithm.name), config.algorithm.options)
-    structure = options.replace_paths(config.algorithm.options,
-                                      {path: TRACED for path in traced})
-    return structure, traced
+    return _structure(config.algorithm.name, config.algorithm.options)
+
+
+def _structure(name: str, algorithm_options):
+    traced = traced_options(_spec("algorithm", name), algorithm_options)
+    return options.replace_paths(algorithm_options, {path: TRACED for path in traced}), traced
+
+
+def traced_registered_algorithm(name: str, algorithm_options, model, info: DataInfo,
+                                execution: ClientExecution = ClientExecution()
+                                ) -> TracedAlgorithm:
+    """The registered algorithm `name` with `algorithm_options` (its typed config) for `model`
+    and data described by `info`, its sweepable options traced: every call with the same model
+    object (`fedjax_lab.models` gives equal factory calls one), the same `info` and options
+    differing only in those values shares one builder, hence one compiled program for every
+    seed and value (`fedjax_lab.compiled`)."""
+    structure, traced = _structure(name, algorithm_options)
+    build = _algorithm_builder(name, structure, model, info, execution)
+    return TracedAlgorithm(build, {path: jnp.asarray(value) for path, value in traced.items()})
 
 
 def traced_algorithm(config: Config, info: DataInfo) -> TracedAlgorithm:
-    """`config`'s algorithm for data described by `info`, its sweepable options traced: every
-    config sharing the structure (everything but those values) shares one builder, hence one
-    compiled program for every seed and value (`fedjax_lab.compiled`)."""
-    structure, traced = algorithm_structure(config)
-    execution = ClientExecution(config.run.execution, config.run.chunk_size)
-    _spec("algorithm", config.algorithm.name).check_labels(config.data.name, info)
-    _spec("model", config.model.name).check_targets(config.data.name, info.label_shape)
-    build = _algorithm_builder(config.algorithm.name, structure, config.model, info, execution)
-    return TracedAlgorithm(build, {path: jnp.asarray(value) for path, value in traced.items()})
+    """`config`'s algorithm for data described by `info`, its sweepable options traced
+    (`traced_registered_algorithm`): configs differing only in those values and the seed share
+    one compiled program."""
+    algorithm_spec = _spec("algorithm", config.algorithm.name)
+    model_spec = _spec("model", config.model.name)
+    algorithm_spec.check_labels(config.data.name, info)
+    model_spec.check_targets(config.data.name, info.label_shape)
+    model = model_spec.build(config.model.options, info.feature_shape, info.num_classes)
+    algorithm_spec.check_model(config.model.name, model)
+    return traced_registered_algorithm(config.algorithm.name, config.algorithm.options, model,
+                                       info, ClientExecution(config.run.execution,
+                                                             config.run.chunk_size))
 
 
 def load_data(config: Config):

@@ -10,6 +10,7 @@ import pytest
 from experiments.claims import Check, Claim, Measured, print_claims
 from experiments.common import (Method, choose, chosen, mean_std, registry_method, summarize,
                                 summarize_by_method, sweep, write_results)
+from fedjax_lab import compiled
 from fedjax_lab.algorithms import fedavg
 from fedjax_lab.data import digits
 from fedjax_lab.experiment import run_experiment
@@ -66,6 +67,24 @@ def test_a_registry_method_is_the_factory_call_it_declares():
     assert method.name == "fedsgd"
     with pytest.raises(OptionError, match="algorithm.client.epochs"):
         registry_method("bad", "fedavg", client={"epochs": 0})
+
+
+def test_a_registry_methods_seeds_and_rate_grid_compile_once():
+    """An experiment makes its model and method afresh per seed and rate; the second run of a
+    structure must reuse the first's programs (nothing traced, lowered or compiled again)."""
+    dataset = digits(6, partition="iid", seed=0)
+
+    def run(learning_rate, seed):
+        model = mlp(dataset.feature_shape, dataset.num_classes, hidden=(8,))
+        method = registry_method(f"lr {learning_rate}", "fedavg", client={"lr": learning_rate})
+        return run_experiment(method.build(model, dataset.info()), dataset, num_rounds=2,
+                              cohort_size=3, seed=seed, eval_every=1, progress=False)
+
+    first = run(0.1, seed=0)
+    before = compiled.compile_seconds()
+    second = run(0.3, seed=1)
+    assert compiled.compile_seconds() == before
+    assert second.evaluations[-1]["test"]["loss"] != first.evaluations[-1]["test"]["loss"]
 
 
 def test_print_claims_shows_numbers_checks_and_verdict_and_names_what_a_partial_run_lacks(capsys):

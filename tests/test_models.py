@@ -41,6 +41,14 @@ def test_every_registered_model_builds_with_its_defaults_and_gives_logits(name):
     assert logits.shape == expected and np.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_equal_registry_builds_are_one_model_object_so_programs_are_reused(name):
+    spec = REGISTRY[name]
+    build = lambda: spec.build(spec.config(), DIGITS_SHAPE, 10)
+    assert build() is build()
+    assert mlp(DIGITS_SHAPE, 10, hidden=(8,)) is not mlp(DIGITS_SHAPE, 10, hidden=(9,))
+
+
 def test_get_model_reads_options_and_names_bad_ones():
     model = get_model("mlp", DIGITS_SHAPE, 10, hidden=[32], dropout=0.2)
     assert model.has_train_mode and not model.has_state

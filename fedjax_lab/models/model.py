@@ -17,7 +17,9 @@ from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lab.compiled import per_structure
 
 PyTree = Any
 
@@ -86,6 +88,10 @@ def from_flax(module: nn.Module, feature_shape: tuple[int, ...], num_classes: in
               dense_layer: str | None = None, has_train_mode: bool | None = None) -> Model:
     """Wraps a flax module once, at the edge, so algorithms only see pytrees and pure functions.
 
+    Equal arguments (flax modules compare by their fields) give the same `Model` object, so that
+    `mlp(...)` called afresh for every seed builds algorithms whose programs compile once
+    (`fedjax_lab.compiled`).
+
     The module's `__call__(x, ...)` may take `train` (the training flag; dropout layers draw
     from the "dropout" stream) and `mask` (the real examples, for batch statistics); each is
     passed only if the module takes it. Variable collections other than "params" (found by
@@ -101,8 +107,14 @@ def from_flax(module: nn.Module, feature_shape: tuple[int, ...], num_classes: in
             module takes `train` or has mutable collections. A module whose `train` flag only
             matters for some of its settings (dropout rate 0) says so here.
     """
-    feature_shape = tuple(feature_shape)
-    example = jnp.zeros((1,) + feature_shape, jnp.float32)
+    return _wrapped_flax(module, tuple(feature_shape), num_classes, dense_layer, has_train_mode)
+
+
+@per_structure
+def _wrapped_flax(module: nn.Module, feature_shape: tuple[int, ...], num_classes: int,
+                  dense_layer: str | None, has_train_mode: bool | None) -> Model:
+    # numpy, not jnp: a model made while a program is traced must not keep a tracer.
+    example = np.zeros((1,) + feature_shape, np.float32)
     shapes = jax.eval_shape(module.init, jax.random.key(0), example)
     mutable = tuple(name for name in shapes if name != "params")
     takes_train, takes_mask = _takes(module.__call__, "train"), _takes(module.__call__, "mask")

@@ -20,6 +20,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 
+from fedjax_lab.compiled import per_structure
 from fedjax_lab.models.conv import Conv
 from fedjax_lab.models.model import Model, from_flax
 from fedjax_lab.models.networks import check_rate, femnist_image_shape, max_pool_2x2
@@ -75,8 +76,10 @@ def _apply_part(part: Model, params: PyTree, x: jax.Array, train: bool, rng, mas
     return part.apply(params, x, train=train, rng=rng, mask=mask, return_state=True)
 
 
+@per_structure
 def split_model(extractor: Model, head: Model) -> SplitModel:
-    """Joins an extractor and a head whose input is the extractor's output."""
+    """Joins an extractor and a head whose input is the extractor's output (the same parts give
+    the same `SplitModel` object, as `from_flax` does)."""
     if tuple(head.feature_shape) != (extractor.num_classes,):
         raise ValueError(f"head takes features of shape {tuple(head.feature_shape)}; expected "
                          f"({extractor.num_classes},), the extractor's output")
