@@ -119,8 +119,10 @@ class ClientExecution:
         num_clients = _num_clients(per_client)
         one_client = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype),
                                   per_client)
+        # One trace of the client program serves the convolution check and the working set.
+        program, outputs = jax.make_jaxpr(client_fn, return_shape=True)(one_client)
+        program = program.jaxpr
         if jax.default_backend() == "cpu":
-            program = jax.make_jaxpr(client_fn)(one_client).jaxpr
             if _jaxpr_has(program, lambda equation: equation.primitive.name in _CONVOLUTIONS):
                 if _jaxpr_has(program, _is_slow_conv):
                     warnings.warn("the client program has 2-D convolutions outside the "
@@ -133,7 +135,6 @@ class ClientExecution:
                 return ClientExecution("chunked", UNROLLED_CHUNK, chunk_strategy="unrolled")
             if _jaxpr_has(program, _is_recurrent_loop):
                 return ClientExecution("sequential")
-        outputs = jax.eval_shape(client_fn, one_client)
         per_client_bytes = WORKING_SET_FACTOR * (tree_bytes(one_client) + tree_bytes(outputs))
         fitting = max(1, self.memory_budget // max(per_client_bytes, 1))
         if num_clients <= fitting:
