@@ -359,6 +359,17 @@ def test_digits_content(digits_iid, digits_dirichlet):
     np.testing.assert_array_equal(digits_iid.test.num_examples, [18] * 20)
 
 
+def test_digits_are_read_as_scikit_learns_loader_gives_them():
+    from sklearn.datasets import load_digits
+
+    from fedjax_lab.data.digits import _load_digits
+    pixels, labels = _load_digits()
+    bunch = load_digits()
+    np.testing.assert_array_equal(pixels, bunch.data)
+    np.testing.assert_array_equal(labels, bunch.target)
+    assert pixels.dtype == bunch.data.dtype and labels.dtype == bunch.target.dtype
+
+
 def test_digits_dirichlet_is_skewed(digits_iid, digits_dirichlet):
     iid_skew, skew = (_mean_tv_to_pooled(_all_labels(d)) for d in (digits_iid, digits_dirichlet))
     assert skew > 0.5 and iid_skew < 0.15

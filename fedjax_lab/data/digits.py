@@ -17,6 +17,9 @@ client at least two examples, so that each client can also have a test example.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import numpy as np
 
 from fedjax_lab.data.federated import FederatedDataset
@@ -46,11 +49,9 @@ def digits(num_clients: int = 20, *, partition: str = "iid", alpha: float = 0.5,
     """
     if partition not in PARTITIONS:
         raise ValueError(f"partition={partition!r}; expected one of {tuple(PARTITIONS)}")
-    from sklearn.datasets import load_digits  # lazy: sklearn is slow to import
-
-    bunch = load_digits()
-    x = (bunch.data / 16.0).astype(np.float32)
-    y = bunch.target.astype(np.int32)
+    pixels, labels = _load_digits()
+    x = (pixels / 16.0).astype(np.float32)
+    y = labels.astype(np.int32)
     if partition == "dirichlet":
         partition_options = {"alpha": alpha, "min_examples_per_client": 2, **partition_options}
         name = f"digits_dirichlet_{alpha:g}"
@@ -64,3 +65,19 @@ def digits(num_clients: int = 20, *, partition: str = "iid", alpha: float = 0.5,
     return partitioned_dataset(name, x, y, 10, num_clients, partition=partition, seed=seed,
                                test_fraction=test_fraction, metadata=metadata,
                                **partition_options)
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """(pixels [1797, 64], labels [1797]) as `sklearn.datasets.load_digits` gives them, read
+    from the file it reads: importing scikit-learn takes about 2 s, most of a default run's
+    start-up."""
+    spec = importlib.util.find_spec("sklearn")
+    path = (os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+            if spec is not None and spec.submodule_search_locations else None)
+    if path is None or not os.path.exists(path):
+        from sklearn.datasets import load_digits  # a scikit-learn that keeps it elsewhere
+
+        bunch = load_digits()
+        return bunch.data, bunch.target
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1], table[:, -1].astype(int)
