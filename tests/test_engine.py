@@ -113,6 +113,13 @@ def test_auto_picks_by_backend_program_and_memory():
     # A loop without the model's mark is not a recurrence: local training's own step loop.
     assert ClientExecution().resolve(client_fn, per_client).strategy == "vmap"
 
+    # A client whose update outgrows the bound runs alone on CPU.
+    def large_update_fn(client):
+        return jnp.zeros(client_execution.CPU_SEQUENTIAL_BYTES // 4 + 1) + jnp.sum(client[0])
+
+    large = ClientExecution().resolve(large_update_fn, per_client)
+    assert large.strategy == ("sequential" if jax.default_backend() == "cpu" else "vmap")
+
 
 @pytest.mark.parametrize("strategy, skips", [("sequential", True), ("unrolled", True),
                                               ("vmap", False)])

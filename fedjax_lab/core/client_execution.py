@@ -12,7 +12,9 @@ strategy is chosen separately and never hard-coded by an algorithm. Strategies:
   slower (shared/XLA_CPU.md); a program with a recurrent time loop (a loop a model marks with
   `RECURRENT_SCOPE`, as the text LSTMs do) runs its clients "sequential", because under vmap
   every time step's small per-client matmuls become batched matmuls that XLA:CPU runs 1.8-3.7x
-  slower than one client's plain ones (benchmarks/RESULTS.md, text rows). Otherwise "vmap", or
+  slower than one client's plain ones (benchmarks/RESULTS.md, text rows), and so does a client
+  whose update is larger than `CPU_SEQUENTIAL_BYTES` (a model whose per-client weights the
+  batched matmuls of vmap would stream from memory at every step). Otherwise "vmap", or
   "chunked" when the cohort's working set
   (about `WORKING_SET_FACTOR` times the per-client inputs and outputs) exceeds `memory_budget`.
   On CPU it also warns when the program holds a 2-D convolution in another layout than
@@ -57,6 +59,13 @@ _CONVOLUTIONS = ("conv_general_dilated",)
 _CANONICAL_CONV = jax.lax.conv_dimension_numbers((1,) * 4, (1,) * 4, ("NHWC", "HWIO", "NHWC"))
 # The `jax.named_scope` a model puts around a recurrent time loop, so "auto" can recognise it.
 RECURRENT_SCOPE = "recurrent_time_loop"
+# On CPU, a client whose outputs (its update or model) exceed this many bytes runs its steps
+# faster alone than vmapped: every vmapped step reads each client's own weights through batched
+# matmuls. Measured (benchmarks/RESULTS.md, "How a round's cost grows"): the default job's MLP
+# 64-200-200-10 (220 KB) 1.5-2.1x faster sequential than vmapped at 10-100 clients, the MLP
+# 784-200-200-10 (800 KB) 1.8-3.7x at 100-1,000; logistic regression 60->10 (2.4 KB) 1.5x
+# slower sequential at 1,000. Where between 2.4 and 220 KB the crossover lies was not measured.
+CPU_SEQUENTIAL_BYTES = 2**16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +142,8 @@ class ClientExecution:
                 if num_clients <= UNROLLED_CHUNK:
                     return ClientExecution("unrolled")
                 return ClientExecution("chunked", UNROLLED_CHUNK, chunk_strategy="unrolled")
-            if _jaxpr_has(program, _is_recurrent_loop):
+            if (_jaxpr_has(program, _is_recurrent_loop)
+                    or tree_bytes(outputs) > CPU_SEQUENTIAL_BYTES):
                 return ClientExecution("sequential")
         per_client_bytes = WORKING_SET_FACTOR * (tree_bytes(one_client) + tree_bytes(outputs))
         fitting = max(1, self.memory_budget // max(per_client_bytes, 1))
