@@ -31,6 +31,7 @@ FedProto on the one model of a run, so that comparison calls `fedproto` with bot
                                           [--output DIR]
 """
 
+import functools
 import os
 
 import numpy as np
@@ -113,6 +114,18 @@ def _train_and_score(builders: dict, dataset, seed: int, rounds: int, cohort_siz
     return scores
 
 
+@functools.cache
+def _mixed_fedproto(model, second, num_clients: int, inference: str):
+    """FedProto with every other client on the second architecture; one object per structure,
+    so that every seed runs the programs the first compiled."""
+    settings = FEDPROTO
+    return fedproto((model, second), optax.sgd(settings["learning_rate"],
+                                               momentum=settings["momentum"]),
+                    num_clients=num_clients, architecture_of=np.arange(num_clients) % 2,
+                    lam=settings["lam"], num_epochs=settings["num_epochs"],
+                    batch_size=settings["batch_size"], inference=inference)
+
+
 def run_fedproto(seed: int, rounds: int, methods=FEDPROTO_METHODS, eval_every: int = 10) -> dict:
     """FedProto vs Local and FedAvg on ways/shots digits.
 
@@ -127,14 +140,7 @@ def run_fedproto(seed: int, rounds: int, methods=FEDPROTO_METHODS, eval_every: i
                        hidden=settings["second_hidden"])
     build = lambda name: FEDPROTO_TRAINED[name].build(model, dataset.info())
 
-    def mixed(inference):
-        """FedProto with every other client on the second architecture."""
-        return fedproto((model, second), optax.sgd(settings["learning_rate"],
-                                                   momentum=settings["momentum"]),
-                        num_clients=dataset.num_clients,
-                        architecture_of=np.arange(dataset.num_clients) % 2, lam=settings["lam"],
-                        num_epochs=settings["num_epochs"], batch_size=settings["batch_size"],
-                        inference=inference)
+    mixed = lambda inference: _mixed_fedproto(model, second, dataset.num_clients, inference)
 
     def prototype_family(name, build_inference):
         """One FedProto training run (head inference) scored with each inference asked for."""
