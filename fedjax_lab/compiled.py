@@ -146,21 +146,16 @@ def built(algorithm: Algorithm | TracedAlgorithm) -> Algorithm:
 
 
 def init_state(traced: TracedAlgorithm, key: jax.Array) -> PyTree:
-    """The initial state, `algorithm.init(key)` as one program compiled once per structure
-    (eagerly, its dozens of small operations would each be traced and lowered again in every
-    process, even with the persistent cache). No buffer is shared between two leaves, or with
-    the arguments (the compiled rounds take the state as donated)."""
-    arguments = (traced.hyperparameters, key)
-    return _unaliased(_jitted_init(traced.build)(*arguments), jax.tree.leaves(arguments))
+    """The initial state, computed eagerly as a plain `algorithm.init(key)` is, with no buffer
+    shared between two leaves (an eager `init` may put one array in two places, which the
+    compiled rounds could not take as donated). Not jitted: compiled, an init's initialisers
+    fuse differently per algorithm, and Ditto's global model would start a rounding away from
+    FedAvg's instead of bit for bit."""
+    return _unaliased(built(traced).init(key))
 
 
-@per_structure
-def _jitted_init(build: Callable) -> Callable:
-    return jax.jit(lambda hyperparameters, key: build(hyperparameters).init(key))
-
-
-def _unaliased(tree: PyTree, arguments=()) -> PyTree:
-    seen = {id(leaf) for leaf in arguments}
+def _unaliased(tree: PyTree) -> PyTree:
+    seen = set()
 
     def own_buffer(leaf):
         if not isinstance(leaf, jax.Array):

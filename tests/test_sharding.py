@@ -47,7 +47,7 @@ def _eight_device_checks() -> dict:
     """Runs in the subprocess; returns the measured differences and shardings."""
     from fedjax_lab.algorithms.ditto import ditto
     from fedjax_lab.algorithms.fedmeta import fedmeta
-    from fedjax_lab.compiled import as_traced, host_block, init_state
+    from fedjax_lab.compiled import as_traced, host_block
     from fedjax_lab.experiment import run_experiment
     from fedjax_lab.models import logistic_regression
 
@@ -91,8 +91,7 @@ def _eight_device_checks() -> dict:
     # One device: the host-fed scan (the same cohorts and keys as run_experiment's in-scan path).
     stream = HostCohortStream(dataset.train, experiment_key(0), COHORT)
     reference = build_ditto(ClientExecution("vmap"))
-    # run_experiment's initial state (one compiled init).
-    initial = init_state(as_traced(reference), init_key(experiment_key(0)))
+    initial = reference.init(init_key(experiment_key(0)))
     one_device, _ = host_block(as_traced(reference).build)(jax.tree.map(jnp.copy, initial),
                                                            stream.block(0, 2), {})
     # Eight devices through run_experiment, where "auto" picks "sharded".
