@@ -69,8 +69,7 @@ def digits(num_clients: int = 20, *, partition: str = "iid", alpha: float = 0.5,
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     """(pixels [1797, 64], labels [1797]) as `sklearn.datasets.load_digits` gives them, read
-    from the file it reads: importing scikit-learn takes about 2 s, most of a default run's
-    start-up."""
+    from the file it reads: importing scikit-learn took 0.9-2.1 s of every run's start-up."""
     spec = importlib.util.find_spec("sklearn")
     path = (os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
             if spec is not None and spec.submodule_search_locations else None)
