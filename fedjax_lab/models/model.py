@@ -125,8 +125,13 @@ def _wrapped_flax(module: nn.Module, feature_shape: tuple[int, ...], num_classes
     def variables(params):
         return params if mutable else {"params": params}
 
+    # One compiled program per model, whichever algorithm calls it: eager, its dozens of small
+    # operations are traced and lowered again in every process; compiled inside each algorithm's
+    # init, they would fuse differently per algorithm (Ditto would not start where FedAvg does).
+    initial_variables = jax.jit(module.init)
+
     def init(key):
-        initial = module.init(key, example)
+        initial = initial_variables(key, example)
         return dict(initial) if mutable else initial["params"]
 
     def apply(params, x, *, train=False, rng=None, mask=None, return_state=False):
