@@ -31,7 +31,6 @@ FedProto on the one model of a run, so that comparison calls `fedproto` with bot
                                           [--output DIR]
 """
 
-import functools
 import os
 
 import numpy as np
@@ -41,6 +40,7 @@ from experiments.claims import Check, Claim, Measured, pm, print_claims, seeds_t
 from experiments.common import (SCORE_KEYS, choose, client_scores, experiment_parser,
                                 parse_args, pyplot, registry_method, save_figure, start,
                                 summarize_by_method, write_results)
+from fedjax_lab import compiled
 from fedjax_lab.algorithms.fedproto import INFERENCES, fedproto
 from fedjax_lab.core import experiment_key
 from fedjax_lab.data import digits
@@ -114,7 +114,7 @@ def _train_and_score(builders: dict, dataset, seed: int, rounds: int, cohort_siz
     return scores
 
 
-@functools.cache
+@compiled.per_structure
 def _mixed_fedproto(model, second, num_clients: int, inference: str):
     """FedProto with every other client on the second architecture; one object per structure,
     so that every seed runs the programs the first compiled."""
