@@ -11,7 +11,8 @@ import pytest
 from common import (assert_trees_close, assert_trees_equal, float64_params, make_clients,
                     small_model, stack_clients)
 from fedjax_lab.core import local_train, model_loss
-from fedjax_lab.core.local_training import epoch_permutation
+from fedjax_lab.core.local_training import (_PACKED_SORT_MAX_LENGTH, _packed_sort_order,
+                                            epoch_permutation)
 from fedjax_lab.core.types import ClientStream
 
 
@@ -23,6 +24,33 @@ def test_permutation_puts_each_real_example_first_once_and_ignores_padding():
     np.testing.assert_array_equal(short[:7], long[:7])
     other = epoch_permutation(jax.random.key(4), jnp.arange(10) < 7)
     assert not np.array_equal(short[:7], other[:7])
+
+
+def _lexicographic_order(is_padding, bits):
+    """NumPy's order of the keys (is padding, bits, position), the last key first."""
+    return np.lexsort((np.arange(len(bits)), np.asarray(bits), np.asarray(is_padding)))
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 100, 129, 4096])
+def test_packed_sorts_order_the_keys_exactly_with_ties_and_padding_anywhere(length):
+    rng = np.random.default_rng(length)
+    # Few distinct bit patterns, differing in the high bits, the low bits or both, so that most
+    # keys tie in one of the two packed sorts, and padding scattered anywhere.
+    patterns = np.array([0, 1, 2**31, 2**31 + 1, 2**32 - 1, 2**17, 2**17 + 3], np.uint32)
+    bits = jnp.asarray(rng.choice(patterns, (3, length)))
+    is_padding = jnp.asarray(rng.random((3, length)) < 0.3)
+    order = jax.jit(jax.vmap(_packed_sort_order))(is_padding, bits)
+    for row in range(3):
+        np.testing.assert_array_equal(order[row], _lexicographic_order(is_padding[row], bits[row]))
+    np.testing.assert_array_equal(_packed_sort_order(is_padding[0], bits[0]), order[0])
+
+
+def test_permutations_longer_than_the_packed_sort_takes_are_the_same_order():
+    length = _PACKED_SORT_MAX_LENGTH + 1
+    key, mask = jax.random.key(5), jnp.arange(length) % 3 != 0
+    bits = jax.vmap(lambda i: jax.random.bits(jax.random.fold_in(key, i)))(jnp.arange(length))
+    np.testing.assert_array_equal(epoch_permutation(key, mask),
+                                  _lexicographic_order(~mask, bits))
 
 
 def _train(batch, client, **kwargs):

@@ -84,13 +84,40 @@ def epoch_permutation(key: jax.Array, mask: jax.Array) -> jax.Array:
     """Indices of the real examples (mask True) in random order, followed by the padded ones.
 
     Each position draws its own bits from `fold_in(key, position)`, so the order of the real
-    examples does not depend on how much padding follows them.
+    examples does not depend on how much padding follows them: the order is that of the keys
+    (is padding, bits, position).
     """
     positions = jnp.arange(mask.shape[0], dtype=jnp.int32)
     bits = jax.vmap(lambda i: jax.random.bits(jax.random.fold_in(key, i)))(positions)
-    is_padding = jnp.logical_not(mask).astype(jnp.int32)
-    *_, order = jax.lax.sort((is_padding, bits, positions), num_keys=2)
-    return order
+    is_padding = jnp.logical_not(mask)
+    if mask.shape[0] > _PACKED_SORT_MAX_LENGTH or bits.dtype != jnp.uint32:  # uint64 under x64
+        *_, order = jax.lax.sort((is_padding.astype(jnp.int32), bits, positions), num_keys=2)
+        return order
+    return _packed_sort_order(is_padding, bits)
+
+
+# XLA:CPU sorts one array of uint32 about 7x faster than several arrays with a comparator over
+# them (2,000 rows of 100: 3.1 ms against 22 ms), so up to this length the order of
+# (is padding, bits, position) comes from two sorts of packed uint32 keys (7.3 ms for both).
+_PACKED_SORT_MAX_LENGTH = 2**15
+
+
+def _packed_sort_order(is_padding: jax.Array, bits: jax.Array) -> jax.Array:
+    """The order of the keys (is_padding, bits, position) by two sorts of single uint32 arrays,
+    least significant digit first (radix-style), each key packed with a position of `width`
+    bits: first by (the low 32 - width bits of `bits`, position), then stably by (is_padding,
+    the high width bits of `bits`), its position in the first order breaking ties."""
+    length = bits.shape[0]
+    width = max(1, (length - 1).bit_length())
+    low_width = 32 - width
+    position_mask = jnp.uint32((1 << width) - 1)
+    positions = jnp.arange(length, dtype=jnp.uint32)
+    low_bits = bits & jnp.uint32((1 << low_width) - 1)
+    by_low_bits = jax.lax.sort((low_bits << width) | positions) & position_mask
+    high_bits = (bits >> low_width)[by_low_bits]
+    padding = is_padding.astype(jnp.uint32)[by_low_bits]
+    by_high_bits = jax.lax.sort((padding << (2 * width)) | (high_bits << width) | positions)
+    return by_low_bits[by_high_bits & position_mask].astype(jnp.int32)
 
 
 class BatchSchedule(NamedTuple):
