@@ -2,6 +2,7 @@
 execution strategy, and whether "auto" picks the fastest one.
 
     python -m benchmarks.scaling [--models logreg mlp cnn] [--repeats 3] [--max-seconds 30]
+                                 [--cohorts 200 500]
 
 Each row is `benchmarks.throughput.measure` of one workload (random data generated on the device,
 plain SGD clients, batch 10 (20 for the CNN), the throughput workloads' epochs) under one
@@ -11,7 +12,9 @@ strategy that can run the cohort on one device: "vmap", "chunked" (100 clients p
 dense models, above 100 clients; chunks of 10 unrolled for the CNN, "auto"'s own pick there), "sequential" and,
 for the CNN, "unrolled" (one program holding every client, so compile time grows with the
 cohort; up to 50 clients). A strategy whose round took more than `--max-seconds` is not
-measured again at a larger cohort of that model. Then one line per setting: "auto"'s pick, the
+measured again at a larger cohort of that model. `--cohorts` replaces the table's rows by a
+growing cohort of those sizes at each model's usual data (the CNN's 200 and 500 clients, whose
+rounds take minutes, are measured this way rather than by default). Then one line per setting: "auto"'s pick, the
 fastest candidate, and auto's time over the fastest's.
 """
 
@@ -26,9 +29,9 @@ DENSE_CHUNK = 100
 UNROLLED_LIMIT = 50
 
 
-def settings(models) -> list[tuple[str, object, int, int, int, int]]:
+def settings(models, cohorts=None) -> list[tuple[str, object, int, int, int, int]]:
     """(label, model, clients, examples, batch, epochs): the cohort grows at fixed data, then the
-    data at a fixed cohort."""
+    data at a fixed cohort; or, with `cohorts`, those cohorts at the fixed data only."""
     table = {
         "logreg": (logistic_regression((60,), 10), 10, 2,
                    [(c, 100) for c in (10, 100, 1000, 10000)] + [(1000, 50), (1000, 400)]),
@@ -37,6 +40,9 @@ def settings(models) -> list[tuple[str, object, int, int, int, int]]:
         "cnn": (femnist_cnn((28, 28), 62), 20, 1,
                 [(c, 200) for c in (10, 50, 100)] + [(10, 100), (10, 400)]),
     }
+    if cohorts:
+        table = {name: (model, batch, epochs, [(c, sizes[0][1]) for c in cohorts])
+                 for name, (model, batch, epochs, sizes) in table.items()}
     return [(name, model, clients, examples, batch, epochs)
             for name in models for model, batch, epochs, sizes in [table[name]]
             for clients, examples in sizes]
@@ -67,6 +73,8 @@ def main(argv=None) -> None:
                         choices=["logreg", "mlp", "cnn"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-seconds", type=float, default=30.0)
+    parser.add_argument("--cohorts", type=int, nargs="+",
+                        help="cohort sizes to measure instead of the table's rows")
     args = parser.parse_args(argv)
     print(f"# {cpu_name()}, {os.cpu_count()} CPUs; load average at start {os.getloadavg()}",
           flush=True)
@@ -74,7 +82,7 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|", flush=True)
     too_slow: set[tuple[str, str]] = set()
     verdicts = []
-    for name, model, clients, examples, batch, epochs in settings(args.models):
+    for name, model, clients, examples, batch, epochs in settings(args.models, args.cohorts):
         times = {}
         for execution in [ClientExecution()] + candidates(name, clients):
             if (name, label(execution)) in too_slow:

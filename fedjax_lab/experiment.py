@@ -147,7 +147,8 @@ def first_non_finite(rows: list[dict]) -> tuple[int, str, float] | None:
 
 
 @jax.jit
-def _all_finite(state) -> jax.Array:
+def all_finite(state) -> jax.Array:
+    """Whether every inexact leaf of `state` is finite (a scalar bool)."""
     # One program for the whole state: checked leaf by leaf, every leaf shape compiled its own
     # pair of small programs, again in every process (most of a cached run's compile time).
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(state)
@@ -318,7 +319,7 @@ def run_experiment(algorithm: Algorithm | TracedAlgorithm, dataset, *, num_round
         if output_dir is not None:
             with open(os.path.join(output_dir, METRICS_FILE), "a") as out:
                 out.writelines(json.dumps(row) + "\n" for row in rows)
-        if bad is None and not bool(_all_finite(state)):
+        if bad is None and not bool(all_finite(state)):
             bad = (done, "parameters", math.nan)
         if bad is not None and not allow_divergence:
             kept = checkpoint.list_checkpoints(checkpoint_dir) if checkpoint_dir else []

@@ -111,11 +111,11 @@ def test_host_fed_population_gives_the_same_run_as_the_device_population():
 
 
 def test_the_finiteness_check_looks_at_every_float_leaf_and_only_those():
-    from fedjax_lab.experiment import _all_finite
+    from fedjax_lab.experiment import all_finite
     state = {"params": {"w": np.ones((3, 2), np.float32), "b": np.zeros(2, np.float32)},
              "round": np.int32(4), "count": np.arange(3)}
-    assert bool(_all_finite(state))
+    assert bool(all_finite(state))
     for bad in (np.nan, np.inf, -np.inf):
         broken = {**state, "params": {**state["params"], "b": np.array([0.0, bad], np.float32)}}
-        assert not bool(_all_finite(broken))
-    assert bool(_all_finite({"round": np.int32(1)}))
+        assert not bool(all_finite(broken))
+    assert bool(all_finite({"round": np.int32(1)}))
