@@ -170,8 +170,7 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
             opt_state = PrivateServerState(dp.init(), opt_state)
             dp_metrics = initial_metrics(dp)
         return FedAvgState(params, opt_state, jnp.zeros((), jnp.int32),
-                           _round_metrics(jnp.zeros(0), jnp.zeros(0), jnp.zeros(0, jnp.int32),
-                                          optax.tree.zeros_like(params), **dp_metrics))
+                           _empty_round_metrics(params, dp_metrics))
 
     def round_fn(state: FedAvgState, batch: ClientBatch) -> FedAvgState:
         global_params = state.params
@@ -260,6 +259,15 @@ def predict_with(model: Model, params: PyTree, x: jax.Array) -> jax.Array:
     num_clients, num_examples = x.shape[:2]
     logits = model.apply(params, x.reshape((num_clients * num_examples,) + x.shape[2:]))
     return logits.reshape((num_clients, num_examples) + logits.shape[1:])
+
+
+@jax.jit
+def _empty_round_metrics(params, dp_metrics: dict) -> dict[str, jax.Array]:
+    """The metrics of a round without clients, the initial state's: one program, where eagerly
+    each of their operations was a program of its own to compile, or to load from the persistent
+    cache in every new process."""
+    return _round_metrics(jnp.zeros(0), jnp.zeros(0), jnp.zeros(0, jnp.int32),
+                          optax.tree.zeros_like(params), **dp_metrics)
 
 
 def _round_metrics(weights, losses, steps, mean_delta, **dp_metrics) -> dict[str, jax.Array]:
