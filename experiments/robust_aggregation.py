@@ -17,13 +17,16 @@ model over every client's (clean) test data, mean and std over seeds.
 
 Each method is `fedavg(model, optax.sgd(0.1), aggregator=..., attack=...)`, a factory call rather
 than a registry config: the registry's FedAvg has no aggregator or attack option (an attack is a
-simulation of malicious clients, drawn per seed, not an algorithm's option).
+simulation of malicious clients, drawn per seed, not an algorithm's option). The attack's seed is
+a traced argument (`compiled.TracedAlgorithm`), so the seeds of an aggregator under an attack run
+through one compiled program.
 
     python -m experiments.robust_aggregation [--rounds 50] [--seeds 0 1 2] [--output DIR]
 """
 
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -31,6 +34,7 @@ from experiments.claims import NEAR, Check, Claim, Measured, pm, print_claims, s
 from experiments.common import (Method, choose, experiment_parser, mean_std, parse_args, pyplot,
                                 save_figure, start, sweep, write_results)
 from fedjax_lab.algorithms.fedavg import fedavg
+from fedjax_lab.compiled import TracedAlgorithm, per_structure
 from fedjax_lab.core.attacks import Attack
 from fedjax_lab.core.robust import get_aggregator
 from fedjax_lab.data import digits
@@ -43,10 +47,29 @@ MALICIOUS_FRACTION = 0.2
 AGGREGATORS = {"mean": {}, "median": {}, "trimmed_mean": {"beta": 0.2},
                "clipped_mean": {"max_norm": "median"}}
 ATTACKS = ("none", "random_labels", "gaussian", "scaled")
+ATTACK_SEED = "attack.seed"
+
+
+@per_structure
+def attacked_fedavg(aggregator: str, attack: str, model, num_classes: int):
+    """`build({ATTACK_SEED: seed})`: FedAvg with `aggregator`, its malicious clients attacking
+    with `attack`, chosen (with their random labels) from the traced seed; one builder per
+    structure, so every seed shares the compiled program."""
+
+    def build(hyperparameters):
+        return fedavg(model, optax.sgd(0.1), num_epochs=1, batch_size=10,
+                      aggregator=get_aggregator(aggregator, **AGGREGATORS[aggregator]),
+                      attack=Attack(attack, fraction=MALICIOUS_FRACTION, num_clients=NUM_CLIENTS,
+                                    num_classes=num_classes, poison_labels=attack == "scaled",
+                                    seed=hyperparameters[ATTACK_SEED]))
+
+    return build
+
+
 METHODS = tuple(
-    Method(name, lambda model, attack, name=name: fedavg(
-        model, optax.sgd(0.1), num_epochs=1, batch_size=10,
-        aggregator=get_aggregator(name, **AGGREGATORS[name]), attack=attack))
+    Method(name, lambda model, num_classes, attack, seed, name=name: TracedAlgorithm(
+        attacked_fedavg(name, attack, model, num_classes),
+        {ATTACK_SEED: jnp.asarray(seed, jnp.int32)}))
     for name in AGGREGATORS)
 
 
@@ -62,10 +85,8 @@ def run(rounds: int = 50, seeds=(0,), output: str = "results/robust_aggregation"
 
         def run_seed(method, seed):
             # The same malicious clients for every aggregator under a seed.
-            attack = Attack(attack_name, fraction=MALICIOUS_FRACTION, num_clients=NUM_CLIENTS,
-                            num_classes=dataset.num_classes,
-                            poison_labels=attack_name == "scaled", seed=seed)
-            result = run_experiment(method.build(model, attack), dataset, num_rounds=rounds,
+            algorithm = method.build(model, dataset.num_classes, attack_name, seed)
+            result = run_experiment(algorithm, dataset, num_rounds=rounds,
                                     cohort_size=COHORT_SIZE, seed=seed, eval_every=rounds,
                                     progress=False, allow_divergence=True)
             return result.evaluations[-1]["test"]["accuracy"]

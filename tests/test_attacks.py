@@ -21,6 +21,21 @@ def test_malicious_set_has_the_chosen_size_is_seeded_and_fixed():
     np.testing.assert_array_equal(attack.is_malicious(ids), chosen[[3, 0, 17]])
 
 
+def test_a_traced_seed_chooses_the_clients_and_labels_of_its_int():
+    xs, ys = make_clients([30] * 6)
+    batch = stack_clients(xs, ys)
+
+    def attacked(seed):
+        attack = Attack("random_labels", fraction=0.5, num_clients=6, num_classes=3, seed=seed)
+        return attack.malicious_clients(), attack.poison_batch(batch).y
+
+    traced = jax.jit(attacked)
+    for seed in (0, 1, 7):
+        for got, want in zip(traced(jnp.asarray(seed, jnp.int32)), attacked(seed)):
+            np.testing.assert_array_equal(got, want)
+    assert traced._cache_size() == 1
+
+
 def batch_with_all_malicious(num_clients=4, seed=0):
     xs, ys = make_clients([6] * num_clients, seed=seed)
     return stack_clients(xs, ys)

@@ -6,6 +6,9 @@ import pytest
 
 from experiments import fetchsgd as fetchsgd_experiment
 from experiments import median_mean_bridge, robust_aggregation
+from fedjax_lab import compiled
+from fedjax_lab.data import digits
+from fedjax_lab.models import logistic_regression
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -54,10 +57,20 @@ def test_fetchsgd_experiment_reports_accuracy_and_compression(tmp_path):
     assert all(0.0 <= s["final_test_accuracy"]["mean"] <= 1.0 for s in summary.values())
 
 
-def test_robust_aggregation_experiment_fills_its_table(tmp_path):
-    robust_aggregation.run(rounds=1, seeds=[0], output=str(tmp_path),
+def test_robust_aggregation_experiment_fills_its_table_with_one_program_for_its_seeds(tmp_path):
+    robust_aggregation.run(rounds=1, seeds=[0, 1], output=str(tmp_path),
                            attacks=("none", "scaled"), aggregators=("mean", "median"))
     results = read_outputs(tmp_path, "robust_aggregation.png")
     table = results["final_test_accuracy"]
     assert set(table) == {"none", "scaled"}
     assert all(set(row) == {"mean", "median"} for row in table.values())
+    assert all(len(method["accuracies"]) == 2 for row in table.values() for method in row.values())
+    dataset = digits(robust_aggregation.NUM_CLIENTS, partition="iid")
+    model = logistic_regression(dataset.feature_shape, dataset.num_classes)
+    for attack in table:
+        for aggregator in table[attack]:
+            build = robust_aggregation.attacked_fedavg(aggregator, attack, model,
+                                                       dataset.num_classes)
+            block = compiled.device_block(build, robust_aggregation.NUM_CLIENTS,
+                                          robust_aggregation.COHORT_SIZE)
+            assert block._cache_size() == 1

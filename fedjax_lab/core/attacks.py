@@ -53,7 +53,9 @@ class Attack:
         boost: the factor of "scaled"; None means the round's number of clients.
         poison_labels: malicious clients also train on random labels ("random_labels" always
             does).
-        seed: chooses the malicious clients and their random labels.
+        seed: chooses the malicious clients and their random labels; a Python int, or a traced
+            integer array, so that one compiled program serves every seed (the same clients
+            and labels as the int).
     """
 
     kind: str = "none"
@@ -62,7 +64,7 @@ class Attack:
     num_classes: int | None = None
     boost: float | None = None
     poison_labels: bool = False
-    seed: int = 0
+    seed: int | jax.Array = 0
 
     def __post_init__(self):
         if self.kind not in ATTACKS:
