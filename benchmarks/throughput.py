@@ -170,18 +170,18 @@ def ceiling_gflops(w: Workload, flops: float, repeats: int) -> float:
 @contextlib.contextmanager
 def recorded_resolutions():
     """Records what `ClientExecution.resolve` returns while a round is traced ("auto"'s pick)."""
-    picks, resolve = [], ClientExecution.resolve
+    picks, resolve = [], ClientExecution._resolve_program
 
     def recording(self, client_fn, per_client):
-        concrete = resolve(self, client_fn, per_client)
+        concrete, client = resolve(self, client_fn, per_client)
         picks.append(concrete)
-        return concrete
+        return concrete, client
 
-    ClientExecution.resolve = recording
+    ClientExecution._resolve_program = recording
     try:
         yield picks
     finally:
-        ClientExecution.resolve = resolve
+        ClientExecution._resolve_program = resolve
 
 
 def describe(execution: ClientExecution) -> str:

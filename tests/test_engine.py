@@ -8,6 +8,7 @@ import pytest
 
 from common import assert_trees_close, float64_params, make_clients, small_model, stack_clients
 from fedjax_lab.core import client_execution
+from fedjax_lab.core.local_training import running_alone
 from fedjax_lab.core import (ClientExecution, client_keys, client_weights, experiment_key,
                              gather_clients, local_train, model_loss, sample_stragglers,
                              scatter_clients, weighted_mean)
@@ -66,6 +67,26 @@ def test_every_strategy_equals_vmap(execution):
         client_fn, per_client, _ = _training_clients(model, float64_params(model))
         assert_trees_close(_jitted_map(execution, client_fn)(per_client),
                            _jitted_map(ClientExecution("vmap"), client_fn)(per_client))
+
+
+@pytest.mark.parametrize("execution, modes", [
+    (ClientExecution("vmap"), [False]), (ClientExecution("chunked", 2), [False]),
+    (ClientExecution("unrolled"), [True]), (ClientExecution("sequential"), [True]),
+    (ClientExecution("chunked", 2, chunk_strategy="unrolled"), [True]),
+    (ClientExecution("auto"), [False]),
+    # "auto" decides on the vmapped trace, then runs one client at a time from a trace alone.
+    (ClientExecution("auto", memory_budget=1), [False, True])])
+def test_the_client_program_runs_its_python_once_per_mode_whatever_the_cohort(execution, modes):
+    model = small_model()
+    client_fn, per_client, _ = _training_clients(model, model.init(jax.random.key(0)))
+    calls = []
+
+    def counted(client):
+        calls.append(running_alone())
+        return client_fn(client)
+
+    jax.jit(lambda clients: execution.map(counted, clients)).trace(per_client)
+    assert calls == modes
 
 
 @pytest.mark.parametrize("execution", STRATEGIES + [ClientExecution("vmap")])

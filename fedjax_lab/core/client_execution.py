@@ -34,12 +34,14 @@ strategy is chosen separately and never hard-coded by an algorithm. Strategies:
   several devices are visible and the cohort has at least as many clients as devices.
 """
 
+import contextlib
 import dataclasses
 import warnings
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.extend.core import jaxpr_as_fun
 
 from fedjax_lab.core import sharding
 from fedjax_lab.core.communication import tree_bytes
@@ -114,23 +116,17 @@ class ClientExecution:
     def resolve(self, client_fn: Callable[[PyTree], PyTree],
                 per_client: PyTree) -> "ClientExecution":
         """The concrete strategy "auto" picks for this client program and cohort."""
-        if self.strategy != "auto":
-            return self
-        devices = jax.device_count() if self.mesh is None else sharding.num_shards(self.mesh)
-        if 1 < devices <= _num_clients(per_client) and not sharding.inside_client_shards():
-            return dataclasses.replace(self, strategy="sharded")
-        return self._resolve_local(client_fn, per_client)
+        return self._resolve_program(client_fn, per_client)[0]
 
-    def _resolve_local(self, client_fn, per_client: PyTree) -> "ClientExecution":
+    def _resolve_local(self, client: "_ClientProgram") -> "ClientExecution":
         """"auto"'s choice among the single-device strategies."""
         if self.strategy != "auto":
             return self
-        num_clients = _num_clients(per_client)
-        one_client = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype),
-                                  per_client)
-        # One trace of the client program serves the convolution check and the working set.
-        program, outputs = jax.make_jaxpr(client_fn, return_shape=True)(one_client)
-        program = program.jaxpr
+        num_clients = _num_clients(client.per_client)
+        # One trace of the client program serves the convolution check, the working set and,
+        # replayed, the clients' vmap.
+        closed, outputs = client.trace(alone=False)
+        program = closed.jaxpr
         if jax.default_backend() == "cpu":
             if _jaxpr_has(program, lambda equation: equation.primitive.name in _CONVOLUTIONS):
                 if _jaxpr_has(program, _is_slow_conv):
@@ -145,7 +141,8 @@ class ClientExecution:
             if (_jaxpr_has(program, _is_recurrent_loop)
                     or tree_bytes(outputs) > CPU_SEQUENTIAL_BYTES):
                 return ClientExecution("sequential")
-        per_client_bytes = WORKING_SET_FACTOR * (tree_bytes(one_client) + tree_bytes(outputs))
+        per_client_bytes = WORKING_SET_FACTOR * (tree_bytes(client.one_client)
+                                                 + tree_bytes(outputs))
         fitting = max(1, self.memory_budget // max(per_client_bytes, 1))
         if num_clients <= fitting:
             return ClientExecution("vmap")
@@ -160,18 +157,17 @@ class ClientExecution:
         Values shared by all clients (the global model) are closed over by `client_fn`.
         Returns `client_fn`'s outputs stacked along a leading client axis.
         """
-        concrete = self.resolve(client_fn, per_client)
+        concrete, client = self._resolve_program(client_fn, per_client)
         if concrete.strategy == "sharded":
             return sharding.sharded_map(
                 lambda shard: concrete._in_shard(client_fn, shard).map(client_fn, shard),
                 per_client, concrete._mesh())
         if concrete.strategy == "vmap":
-            return jax.vmap(client_fn)(per_client)
+            return jax.vmap(client.replay(alone=False))(per_client)
         if concrete.strategy == "unrolled":
-            return _unrolled(client_fn, per_client)
+            return _unrolled(client)
         chunk_size = 1 if concrete.strategy == "sequential" else concrete.chunk_size
-        _, stacked = _chunked_reduce(lambda client: (None, client_fn(client)), per_client,
-                                     None, chunk_size, concrete.chunk_strategy)
+        _, stacked = _chunked_reduce(client, None, chunk_size, concrete.chunk_strategy)
         return stacked
 
     def map_reduce(self, client_fn: Callable[[PyTree], tuple[PyTree, PyTree]],
@@ -182,18 +178,29 @@ class ClientExecution:
         and "sequential" the sum is carried through the client loop, so the per-client summands
         (typically model updates) are never all in memory at once.
         """
-        concrete = self.resolve(client_fn, per_client)
+        concrete, client = self._resolve_program(client_fn, per_client)
         if concrete.strategy == "sharded":
             return sharding.sharded_map_reduce(
                 lambda shard, shard_weights: concrete._in_shard(client_fn, shard).map_reduce(
                     client_fn, shard, shard_weights), per_client, weights, concrete._mesh())
         if concrete.strategy in ("vmap", "unrolled"):
-            summands, others = (jax.vmap(client_fn)(per_client) if concrete.strategy == "vmap"
-                                else _unrolled(client_fn, per_client))
+            summands, others = (jax.vmap(client.replay(alone=False))(per_client)
+                                if concrete.strategy == "vmap" else _unrolled(client))
             return _weighted_sum(summands, weights), others
         chunk_size = 1 if concrete.strategy == "sequential" else concrete.chunk_size
-        return _chunked_reduce(client_fn, per_client, weights, chunk_size,
-                               concrete.chunk_strategy)
+        return _chunked_reduce(client, weights, chunk_size, concrete.chunk_strategy)
+
+    def _resolve_program(self, client_fn, per_client) -> tuple["ClientExecution",
+                                                                "_ClientProgram"]:
+        """`resolve`'s choice and the client program it traced, to replay rather than trace
+        again."""
+        client = _ClientProgram(client_fn, per_client)
+        if self.strategy != "auto":
+            return self, client
+        devices = jax.device_count() if self.mesh is None else sharding.num_shards(self.mesh)
+        if 1 < devices <= _num_clients(per_client) and not sharding.inside_client_shards():
+            return dataclasses.replace(self, strategy="sharded"), client
+        return self._resolve_local(client), client
 
     def _mesh(self):
         return sharding.client_mesh() if self.mesh is None else self.mesh
@@ -201,7 +208,47 @@ class ClientExecution:
     def _in_shard(self, client_fn, shard: PyTree) -> "ClientExecution":
         """The single-device strategy one device runs its shard with (auto: fit to the shard)."""
         inner = dataclasses.replace(self, strategy=self.shard_strategy, mesh=None)
-        return inner._resolve_local(client_fn, shard)
+        return inner._resolve_local(_ClientProgram(client_fn, shard))
+
+
+class _ClientProgram:
+    """A client program on the clients of `per_client` (leaves `[C, ...]`), traced for one
+    client at most once per mode and replayed from its jaxpr wherever it runs.
+
+    The mode is whether the client runs alone (`client_alone`: unrolled or one at a time) or
+    under vmap, whose traces differ. A replay binds the recorded operations without running the
+    Python again (a model's flax code, the local training loop): "auto"'s analysis, the shapes a
+    client loop needs and each client of an unrolled chunk share one trace, where each was a
+    trace of its own. The replayed program is the traced one, operation for operation.
+    """
+
+    def __init__(self, client_fn: Callable[[PyTree], PyTree], per_client: PyTree):
+        self.per_client = per_client
+        self.one_client = jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype,
+                                              weak_type=jax.typeof(leaf).weak_type),
+            per_client)
+        self._client_fn = client_fn
+        self._traces = {}
+
+    def trace(self, *, alone: bool):
+        """(the closed jaxpr of one client, its outputs' shapes)."""
+        if alone not in self._traces:
+            # A function of its own per mode: JAX caches traces by function, and the mode is a
+            # context it does not see.
+            def in_mode(client):
+                with client_alone() if alone else contextlib.nullcontext():
+                    return self._client_fn(client)
+
+            self._traces[alone] = jax.make_jaxpr(in_mode, return_shape=True)(self.one_client)
+        return self._traces[alone]
+
+    def replay(self, *, alone: bool) -> Callable[[PyTree], PyTree]:
+        """`client_fn` for one client's slice, replayed from the trace."""
+        closed, shapes = self.trace(alone=alone)
+        outputs = jax.tree.structure(shapes)
+        run = jaxpr_as_fun(closed)
+        return lambda client: jax.tree.unflatten(outputs, run(*jax.tree.leaves(client)))
 
 
 def _num_clients(per_client: PyTree) -> int:
@@ -213,34 +260,39 @@ def _weighted_sum(stacked: PyTree, weights: jax.Array) -> PyTree:
                         stacked)
 
 
-def _unrolled(client_fn, per_client: PyTree) -> PyTree:
-    with client_alone():
-        outputs = [client_fn(jax.tree.map(lambda leaf: leaf[i], per_client))
-                   for i in range(_num_clients(per_client))]
+def _unrolled(client: _ClientProgram, per_client: PyTree | None = None) -> PyTree:
+    """Each client of `per_client` (default the program's own) run alone, side by side."""
+    per_client = client.per_client if per_client is None else per_client
+    run = client.replay(alone=True)
+    outputs = [run(jax.tree.map(lambda leaf: leaf[i], per_client))
+               for i in range(_num_clients(per_client))]
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)
 
 
-def _chunked_reduce(client_fn, per_client: PyTree, weights: jax.Array | None, chunk_size: int,
+def _chunked_reduce(client: _ClientProgram, weights: jax.Array | None, chunk_size: int,
                     chunk_strategy: str) -> tuple[PyTree, PyTree]:
-    """A `lax.scan` over chunks carrying the weighted sum of the summands (None: no sum).
+    """A `lax.scan` over chunks of `client`'s clients carrying the weighted sum of the summands
+    (its outputs are `(summand, other)`), or, with `weights` None, only stacking its outputs.
 
     Each chunk is sliced from the cohort inside the loop, never copied out of it beforehand, so
     memory holds the cohort once plus one chunk's work. When the chunk size does not divide the
     cohort, the last chunk is shifted back to end at the last client; the clients it repeats are
     not counted twice (weight 0 in the sum, their first outputs kept).
     """
+    per_client = client.per_client
     num_clients = _num_clients(per_client)
     chunk_size = min(chunk_size, num_clients)
     num_chunks = -(-num_clients // chunk_size)
     # One client at a time runs unbatched, so its program keeps its own control flow (a
     # skipped inactive step stays skipped instead of becoming vmap's select).
-    run_chunk = jax.vmap(client_fn) if chunk_strategy == "vmap" and chunk_size > 1 else (
-        lambda chunk: _unrolled(client_fn, chunk))
-    one_client = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype),
-                              per_client)
-    summand_shape, other_shape = jax.eval_shape(client_fn, one_client)
+    vmapped = chunk_strategy == "vmap" and chunk_size > 1
+    run_chunk = (jax.vmap(client.replay(alone=False)) if vmapped
+                 else lambda chunk: _unrolled(client, chunk))
+    shapes = client.trace(alone=not vmapped)[1]
     if weights is None:
-        weights = jnp.zeros((num_clients,))
+        (summand_shape, other_shape), split = (None, shapes), lambda outputs: (None, outputs)
+    else:
+        (summand_shape, other_shape), split = shapes, lambda outputs: outputs
 
     def body(carry, chunk_index):
         total, others = carry
@@ -248,7 +300,7 @@ def _chunked_reduce(client_fn, per_client: PyTree, weights: jax.Array | None, ch
         start = jnp.minimum(first_new, num_clients - chunk_size)
         take = lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, start, chunk_size)
         is_new = start + jnp.arange(chunk_size) >= first_new
-        summands, chunk_others = run_chunk(jax.tree.map(take, per_client))
+        summands, chunk_others = split(run_chunk(jax.tree.map(take, per_client)))
         if summands is not None:
             chunk_weights = jnp.where(is_new, take(weights), 0)
             total = jax.tree.map(jnp.add, total, _weighted_sum(summands, chunk_weights))
