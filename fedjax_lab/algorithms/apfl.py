@@ -42,7 +42,7 @@ from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              gather_clients, local_train, model_loss, scatter_clients,
                              server_update)
-from fedjax_lab.core.aggregation import WEIGHTINGS
+from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.communication import model_exchange_bytes
 from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.personal_models import check_num_clients, replicate
@@ -129,7 +129,7 @@ def apfl(model: Model, learning_rate: float, *, num_clients: int, alpha: float =
     check_number("learning_rate", learning_rate, "> 0", lambda value: value > 0)
     check_number("alpha", alpha, "0 <= alpha <= 1", lambda value: 0 <= value <= 1)
     check_number("alpha_lr", alpha_lr, ">= 0", lambda value: value >= 0)
-    client_weights(jnp.ones(1), weighting=weighting)
+    check_weighting(weighting)
     base_loss = model_loss(model.apply)
     # One SGD over (w_i, v_i, alpha_i), alpha at its own rate.
     optimizer = optax.multi_transform(

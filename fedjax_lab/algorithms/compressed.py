@@ -38,7 +38,7 @@ from fedjax_lab.algorithms.fedavg import predict_with
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              gather_clients, local_train, model_loss, scatter_clients,
                              weighted_mean)
-from fedjax_lab.core.aggregation import WEIGHTINGS
+from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.gradients import minibatch_gradient
 from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.types import DataInfo
@@ -209,7 +209,7 @@ def compressed_sgd(model: Model, compression: Compression, learning_rate, *,
     if compression.client_error and num_clients is None:
         raise ValueError("client error feedback needs num_clients (each client keeps its error "
                          "between rounds)")
-    client_weights(jnp.ones(1), weighting=weighting)
+    check_weighting(weighting)
     base_loss = model_loss(model.apply) if loss is None else loss
 
     def loss_fn(params, x, y, mask, rng):

@@ -32,7 +32,7 @@ from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining, ServerOpti
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              local_train, model_loss, sample_stragglers, server_update,
                              weighted_mean)
-from fedjax_lab.core.aggregation import WEIGHTINGS
+from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.attacks import Attack
 from fedjax_lab.core.communication import model_exchange_bytes
 from fedjax_lab.core.factored import factored_local_sgd, unsupported_reason
@@ -152,7 +152,7 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
     if straggler_fraction > 0 and num_epochs < 2:
         raise ValueError(f"straggler_fraction > 0 needs num_epochs >= 2 (stragglers run "
                          f"1..E-1 epochs); got num_epochs={num_epochs}")
-    client_weights(jnp.ones(1), weighting=weighting)
+    check_weighting(weighting)
     if dp is not None and aggregator is not weighted_mean:
         raise ValueError(f"dp with aggregator {getattr(aggregator, '__name__', aggregator)!r}: "
                          "DP's sensitivity bound holds for the clipped sum, which a robust "

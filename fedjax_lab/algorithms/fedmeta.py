@@ -41,7 +41,7 @@ from fedjax_lab.algorithms.fedavg import FedAvgConfig, fedavg, fedavg_options, p
 from fedjax_lab.algorithms.spec import AlgorithmSpec, ServerOptimizer
 from fedjax_lab.core import Algorithm, ClientBatch, ClientExecution, client_weights
 from fedjax_lab.core import server_update, weighted_mean
-from fedjax_lab.core.aggregation import WEIGHTINGS
+from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.communication import model_exchange_bytes
 from fedjax_lab.core.meta import (adapted_predictor, check_fraction, inner_adapt, meta_gradient,
                                   model_data_loss, split_support_query, with_adaptation)
@@ -141,7 +141,7 @@ def fedmeta(model: Model, server_optimizer: optax.GradientTransformation, *,
     check_number("inner_lr", inner_lr, "a number >= 0", lambda lr: is_scalar(lr) and lr >= 0)
     check_positive_int("num_inner_steps", num_inner_steps)
     check_fraction("support_fraction", support_fraction)
-    client_weights(jnp.ones(1), weighting=weighting)
+    check_weighting(weighting)
     learn_inner_lrs = variant == "meta_sgd"
     loss_fn = model_data_loss(model.apply)
     inner_options = dict(num_steps=num_inner_steps, first_order=variant == "fomaml", remat=remat)

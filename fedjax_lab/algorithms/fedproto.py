@@ -40,7 +40,7 @@ from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              cross_entropy, gather_clients, local_train, masked_mean,
                              scatter_clients, tree_bytes, weighted_mean)
-from fedjax_lab.core.aggregation import WEIGHTINGS
+from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number, check_positive_int
@@ -141,7 +141,7 @@ def fedproto(models: SplitModel | Sequence[SplitModel],
     check_number("lam", lam, "lam >= 0", lambda value: value >= 0)
     if inference not in INFERENCES:
         raise ValueError(f"inference {inference!r} is unknown; allowed: {', '.join(INFERENCES)}")
-    client_weights(jnp.ones(1), weighting=weighting)
+    check_weighting(weighting)
     num_classes, latent_dim = models[0].num_classes, models[0].latent_dim
     members = [np.flatnonzero(architecture == g) for g in range(len(models))]
 

@@ -31,7 +31,7 @@ import optax
 from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              local_train, model_loss, server_update, weighted_mean)
-from fedjax_lab.core.aggregation import WEIGHTINGS
+from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.communication import tree_bytes
 from fedjax_lab.core.losses import cross_entropy
 from fedjax_lab.core.metrics import round_metrics
@@ -108,7 +108,7 @@ def ifca(model: Model, client_optimizer: optax.GradientTransformation, *, num_cl
     check_positive_int("num_epochs", num_epochs)
     if batch_size is not None:
         check_positive_int("batch_size", batch_size)
-    client_weights(jnp.ones(1), weighting=weighting)
+    check_weighting(weighting)
     base_loss = model_loss(model.apply)
     averaging = optax.sgd(1.0)
 

@@ -46,7 +46,7 @@ from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining, ServerOpti
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              cross_entropy, gather_clients, local_train, masked_mean,
                              scatter_clients, server_update)
-from fedjax_lab.core.aggregation import WEIGHTINGS
+from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.losses import LossWithState
 from fedjax_lab.core.personal_models import check_num_clients, replicate
 from fedjax_lab.core.types import DataInfo
@@ -139,7 +139,7 @@ def moon(model: SplitModel, client_optimizer: optax.GradientTransformation, *, n
     check_positive_int("num_epochs", num_epochs)
     if batch_size is not None:
         check_positive_int("batch_size", batch_size)
-    client_weights(jnp.ones(1), weighting=weighting)
+    check_weighting(weighting)
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
 
     def init(key: jax.Array) -> MoonState:

@@ -41,7 +41,7 @@ from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining, ServerOpti
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              gather_clients, local_train, model_loss, scatter_clients,
                              server_update)
-from fedjax_lab.core.aggregation import WEIGHTINGS
+from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.communication import model_exchange_bytes
 from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.personal_models import check_num_clients, replicate
@@ -275,7 +275,7 @@ def partial_sharing(model: Model, client_optimizer: optax.GradientTransformation
     phases = tuple((trains, epochs) for trains, epochs in phases if epochs > 0)
     if not phases:
         raise ValueError("every phase has 0 epochs: clients would never train")
-    client_weights(jnp.ones(1), weighting=weighting)
+    check_weighting(weighting)
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
     base_loss = model_loss(model.apply)
     optimizers = tuple(frozen_except(client_optimizer, trains) for trains, _ in phases)

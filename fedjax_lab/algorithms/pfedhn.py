@@ -39,7 +39,7 @@ from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              gather_clients, local_train, model_loss, scatter_clients,
                              server_update, tree_bytes)
-from fedjax_lab.core.aggregation import WEIGHTINGS
+from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_positive_int
@@ -192,7 +192,7 @@ def pfedhn(target: Model | SplitModel, client_optimizer: optax.GradientTransform
         raise ValueError(f"num_hidden={num_hidden!r} is invalid; expected an integer >= 0")
     if personal_head and not isinstance(target, SplitModel):
         raise ValueError("personal_head=True needs a SplitModel target (extractor + head)")
-    client_weights(jnp.ones(1), weighting=weighting)
+    check_weighting(weighting)
     if server_optimizer is None:
         server_optimizer = reference_server_optimizer(5e-2 if personal_head else 1e-2)
     if freeze_network:

@@ -33,7 +33,7 @@ from fedjax_lab.algorithms.fedavg import predict_with
 from fedjax_lab.algorithms.spec import AlgorithmSpec
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              model_loss, scatter_clients)
-from fedjax_lab.core.aggregation import WEIGHTINGS
+from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.communication import model_exchange_bytes
 from fedjax_lab.core.local_training import batch_schedule
 from fedjax_lab.core.losses import split_loss
@@ -120,7 +120,7 @@ def pfedme(model: Model, *, num_clients: int, lr: float = 0.005, personal_lr: fl
     for name, value in (("lr", lr), ("personal_lr", personal_lr), ("beta", beta)):
         check_number(name, value, "> 0", lambda v: v > 0)
     check_number("lam", lam, ">= 0", lambda v: v >= 0)
-    client_weights(jnp.ones(1), weighting=weighting)
+    check_weighting(weighting)
     base_loss = model_loss(model.apply)
 
     def data_loss(theta, x, y, mask, key):

@@ -31,7 +31,7 @@ from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              gather_clients, local_train, model_loss, scatter_clients,
                              server_update, tree_bytes)
-from fedjax_lab.core.aggregation import WEIGHTINGS
+from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.losses import split_loss
 from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.personal_models import check_num_clients
@@ -132,7 +132,7 @@ def scaffold(model: Model, learning_rate: float, *, num_clients: int, num_epochs
     if variate_update not in VARIATE_UPDATES:
         raise ValueError(f"variate_update {variate_update!r} is unknown; "
                          f"allowed: {', '.join(VARIATE_UPDATES)}")
-    client_weights(jnp.ones(1), weighting=weighting)
+    check_weighting(weighting)
     client_optimizer = optax.sgd(learning_rate)
     server_sgd = optax.sgd(global_lr)
     base_loss = model_loss(model.apply)

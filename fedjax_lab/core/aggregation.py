@@ -16,6 +16,12 @@ PyTree = Any
 WEIGHTINGS = ("num_examples", "uniform")
 
 
+def check_weighting(weighting: str) -> None:
+    """Refuses a `weighting` that is not one of WEIGHTINGS (at build time, before any round)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting {weighting!r} is unknown; allowed: {', '.join(WEIGHTINGS)}")
+
+
 def client_weights(num_examples: jax.Array, *, weighting: str = "num_examples",
                    participating: jax.Array | None = None) -> jax.Array:
     """Aggregation weights `[C]`: non-negative, summing to 1, or all 0 if no client takes part.
@@ -25,8 +31,7 @@ def client_weights(num_examples: jax.Array, *, weighting: str = "num_examples",
         weighting: "num_examples" (sample-weighted) or "uniform".
         participating: optional `[C]` bool; clients marked False get weight 0.
     """
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting {weighting!r} is unknown; allowed: {', '.join(WEIGHTINGS)}")
+    check_weighting(weighting)
     counts = jnp.asarray(num_examples)
     present = counts > 0
     if participating is not None:

@@ -6,6 +6,7 @@ gathers the cohort's rows by `client_ids` and scatters them back (`gather_client
 `scatter_clients`), so an unsampled client's model never changes.
 """
 
+import functools
 from typing import Any
 
 import jax
@@ -24,8 +25,10 @@ def check_num_clients(num_clients) -> None:
                          "(the population size, which per-client models are stacked over)")
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def replicate(params: PyTree, num_clients: int) -> PyTree:
-    """`params` copied to every client: leaves `[num_clients, ...]`."""
+    """`params` copied to every client: leaves `[num_clients, ...]` (one program, where eagerly
+    each leaf's copy was one to compile, or to load from the cache, in every process)."""
     return jax.tree.map(lambda leaf: jnp.repeat(leaf[None], num_clients, axis=0), params)
 
 
