@@ -39,7 +39,7 @@ from fedjax_lab.core.factored import factored_local_sgd, unsupported_reason
 from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.robust import Aggregator
 from fedjax_lab.core.validation import check_positive_int
-from fedjax_lab.core.types import DataInfo, init_from_params, server_key
+from fedjax_lab.core.types import DataInfo, server_key
 from fedjax_lab.models import Model
 from fedjax_lab.options import OptionError, fraction, one_of, option
 from fedjax_lab.privacy import DPAggregator, DPOptions, PrivateServerState, initial_metrics
@@ -162,16 +162,15 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
     base_loss = model_loss(model.apply)
 
-    def initial_state(params: PyTree) -> FedAvgState:
+    def init(key: jax.Array) -> FedAvgState:
+        params = model.init(key)
         opt_state = server_optimizer.init(params)
         dp_metrics = {}
         if dp is not None:
             opt_state = PrivateServerState(dp.init(), opt_state)
             dp_metrics = initial_metrics(dp)
-        # The metrics of a round without clients.
         return FedAvgState(params, opt_state, jnp.zeros((), jnp.int32),
-                           _round_metrics(jnp.zeros(0), jnp.zeros(0), jnp.zeros(0, jnp.int32),
-                                          optax.tree.zeros_like(params), **dp_metrics))
+                           _empty_round_metrics(params, dp_metrics))
 
     def round_fn(state: FedAvgState, batch: ClientBatch) -> FedAvgState:
         global_params = state.params
@@ -234,8 +233,7 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
     def predict(state: FedAvgState, batch: ClientBatch) -> jax.Array:
         return predict_with(model, state.params, batch.x)
 
-    return Algorithm(init=init_from_params(model.init, initial_state), round=round_fn,
-                     predict=predict)
+    return Algorithm(init=init, round=round_fn, predict=predict)
 
 
 def _use_factored(dense_update, model, client_optimizer, local_regularizer, aggregator,
@@ -264,6 +262,14 @@ def predict_with(model: Model, params: PyTree, x: jax.Array) -> jax.Array:
 
 
 @jax.jit
+def _empty_round_metrics(params, dp_metrics: dict) -> dict[str, jax.Array]:
+    """The metrics of a round without clients, the initial state's: one program, where eagerly
+    each of their operations was a program of its own to compile, or to load from the persistent
+    cache in every new process."""
+    return _round_metrics(jnp.zeros(0), jnp.zeros(0), jnp.zeros(0, jnp.int32),
+                          optax.tree.zeros_like(params), **dp_metrics)
+
+
 def _round_metrics(weights, losses, steps, mean_delta, **dp_metrics) -> dict[str, jax.Array]:
     """The round's metrics plus the aggregated clients' `local_steps`, the `update_norm` and,
     under DP, the aggregation's (`fedjax_lab.privacy.aggregation.METRICS`).
