@@ -100,9 +100,9 @@ def init_from_params(model_init: Callable[[jax.Array], PyTree],
     """An `Algorithm.init`: the model's own initialisation, then the rest of the initial state
     (zeros, per-client copies, the metrics of a round without clients) from the parameters as
     one compiled program. Eagerly each of those operations is a program of its own to compile,
-    or to read from the persistent cache, in every process (SCAFFOLD's init took 58 programs,
-    now 8); the model's initialisation stays a program of its own, so the initial weights are a
-    plain `model_init`'s bit for bit."""
+    or to read from the persistent cache, in every process (58 for SCAFFOLD); the model's
+    initialisation stays a program of its own, so the initial weights are a plain
+    `model_init`'s bit for bit."""
     state_from_params = jax.jit(state_from_params)
     return lambda key: state_from_params(model_init(key))
 
