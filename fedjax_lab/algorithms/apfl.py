@@ -46,7 +46,7 @@ from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.communication import model_exchange_bytes
 from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.personal_models import check_num_clients, replicate
-from fedjax_lab.core.types import DataInfo, init_from_params
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number, check_positive_int
 from fedjax_lab.models import Model
 from fedjax_lab.options import fraction, non_negative, one_of, option
@@ -143,7 +143,8 @@ def apfl(model: Model, learning_rate: float, *, num_clients: int, alpha: float =
         mixed = mixture(alpha_i, personal, jax.lax.stop_gradient(own))
         return base_loss(own, x, y, mask, rng) + base_loss(mixed, x, y, mask, rng)
 
-    def initial_state(params: PyTree) -> APFLState:
+    def init(key: jax.Array) -> APFLState:
+        params = model.init(key)
         client_states = APFLClientState(replicate(params, num_clients),
                                         jnp.full((num_clients,), alpha, jnp.result_type(float)))
         empty = jnp.zeros(0)
@@ -184,7 +185,7 @@ def apfl(model: Model, learning_rate: float, *, num_clients: int, alpha: float =
     def predict_global(state: APFLState, batch: ClientBatch) -> jax.Array:
         return predict_with(model, state.params, batch.x)
 
-    return Algorithm(init=init_from_params(model.init, initial_state), round=round_fn, predict=predict, predict_global=predict_global)
+    return Algorithm(init=init, round=round_fn, predict=predict, predict_global=predict_global)
 
 
 def _round_metrics(weights, losses, alphas, mean_delta) -> dict[str, jax.Array]:

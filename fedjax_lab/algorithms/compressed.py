@@ -41,7 +41,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
 from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.gradients import minibatch_gradient
 from fedjax_lab.core.metrics import round_metrics
-from fedjax_lab.core.types import DataInfo, init_from_params
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number, is_zero
 from fedjax_lab.models import Model
 from fedjax_lab.options import (fraction, non_negative, one_of, option, optional_positive_int,
@@ -221,7 +221,8 @@ def compressed_sgd(model: Model, compression: Compression, learning_rate, *,
     schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
     upload = compression.upload_floats, compression.upload_indices
 
-    def initial_state(params: PyTree) -> FetchSGDState:
+    def init(key: jax.Array) -> FetchSGDState:
+        params = model.init(key)
         dtype = ravel_pytree(params)[0].dtype
         momentum_buffer, error_buffer = compression.buffers(dim, dtype)
         client_states = () if num_clients is None else FetchSGDClientState(
@@ -282,7 +283,7 @@ def compressed_sgd(model: Model, compression: Compression, learning_rate, *,
     def predict(state: FetchSGDState, batch: ClientBatch) -> jax.Array:
         return predict_with(model, state.params, batch.x)
 
-    return Algorithm(init=init_from_params(model.init, initial_state), round=round_fn, predict=predict)
+    return Algorithm(init=init, round=round_fn, predict=predict)
 
 
 def _metrics(weights, losses, download, delta, upload: tuple[int, int],

@@ -50,7 +50,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
 from fedjax_lab.core.communication import model_exchange_bytes
 from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.personal_models import check_num_clients, predict_per_client, replicate
-from fedjax_lab.core.types import DataInfo, init_from_params
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number, is_traced
 from fedjax_lab.models import Model
 from fedjax_lab.options import (OptionError, fraction, non_negative, one_of, option, optional,
@@ -205,7 +205,8 @@ def fedamp(model: Model, client_optimizer: optax.GradientTransformation, *, num_
             return attention_weights(models, ids, alpha_k=alpha_k, sigma=sigma)
         return heuristic_attention_weights(models, ids, self_weight=self_weight, sigma=sigma)
 
-    def initial_state(params: PyTree) -> FedAMPState:
+    def init(key: jax.Array) -> FedAMPState:
+        params = model.init(key)
         empty = jnp.zeros(0)
         return FedAMPState(FedAMPClientState(replicate(params, num_clients)),
                            jnp.zeros((), jnp.int32),
@@ -239,7 +240,7 @@ def fedamp(model: Model, client_optimizer: optax.GradientTransformation, *, num_
     def predict(state: FedAMPState, batch: ClientBatch) -> jax.Array:
         return predict_per_client(model.apply, execution, state.client_states.models, batch)
 
-    return Algorithm(init=init_from_params(model.init, initial_state), round=round_fn, predict=predict)
+    return Algorithm(init=init, round=round_fn, predict=predict)
 
 
 def attention_weights(client_models: PyTree, client_ids: jax.Array, *, alpha_k: float,

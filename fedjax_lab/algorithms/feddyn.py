@@ -46,7 +46,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
                              gather_clients, local_train, model_loss, scatter_clients,
                              server_update, weighted_mean)
 from fedjax_lab.core.personal_models import check_num_clients, replicate
-from fedjax_lab.core.types import DataInfo, init_from_params
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number, check_positive_int, is_zero
 from fedjax_lab.models import Model
 from fedjax_lab.options import non_negative, option
@@ -123,7 +123,8 @@ def feddyn(model: Model, client_optimizer: optax.GradientTransformation, *, num_
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
     base_loss = model_loss(model.apply)
 
-    def initial_state(params: PyTree) -> FedDynState:
+    def init(key: jax.Array) -> FedDynState:
+        params = model.init(key)
         zeros = optax.tree.zeros_like(params)
         metrics = _metrics(jnp.zeros(0), jnp.zeros(0), jnp.zeros(0, jnp.int32), zeros, zeros)
         return FedDynState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32),
@@ -173,7 +174,7 @@ def feddyn(model: Model, client_optimizer: optax.GradientTransformation, *, num_
     def predict(state: FedDynState, batch: ClientBatch) -> jax.Array:
         return predict_with(model, state.params, batch.x)
 
-    return Algorithm(init=init_from_params(model.init, initial_state), round=round_fn, predict=predict)
+    return Algorithm(init=init, round=round_fn, predict=predict)
 
 
 def dynamic_regularizer(params: PyTree, global_params: PyTree, gradient_memory: PyTree,

@@ -46,7 +46,7 @@ from fedjax_lab.core.communication import model_exchange_bytes
 from fedjax_lab.core.meta import (adapted_predictor, check_fraction, inner_adapt, meta_gradient,
                                   model_data_loss, split_support_query, with_adaptation)
 from fedjax_lab.core.metrics import round_metrics
-from fedjax_lab.core.types import DataInfo, PyTree, init_from_params
+from fedjax_lab.core.types import DataInfo, PyTree
 from fedjax_lab.core.validation import check_number, check_positive_int, is_scalar
 from fedjax_lab.models import Model
 from fedjax_lab.options import non_negative, one_of, open_fraction, option, positive_int
@@ -152,7 +152,8 @@ def fedmeta(model: Model, server_optimizer: optax.GradientTransformation, *,
     def inner_lrs_of(state: FedMetaState):
         return state.inner_lrs if learn_inner_lrs else inner_lr
 
-    def initial_state(params: PyTree) -> FedMetaState:
+    def init(key: jax.Array) -> FedMetaState:
+        params = model.init(key)
         inner_lrs = (jax.tree.map(lambda p: jnp.full_like(p, inner_lr), params)
                      if learn_inner_lrs else None)
         state = FedMetaState(params, inner_lrs, None, jnp.zeros((), jnp.int32), {})
@@ -188,7 +189,7 @@ def fedmeta(model: Model, server_optimizer: optax.GradientTransformation, *,
     def predict(state: FedMetaState, batch: ClientBatch) -> jax.Array:
         return predict_with(model, state.params, batch.x)
 
-    return Algorithm(init=init_from_params(model.init, initial_state), round=round_fn, predict=predict,
+    return Algorithm(init=init, round=round_fn, predict=predict,
                      adapted_predict=adapted_predictor(adapt_client, model.apply, execution))
 
 

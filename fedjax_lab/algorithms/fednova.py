@@ -36,7 +36,7 @@ from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining, ServerOpti
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              local_train, model_loss, sample_stragglers, server_update)
 from fedjax_lab.core.aggregation import WEIGHTINGS
-from fedjax_lab.core.types import DataInfo, init_from_params
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number, check_positive_int, is_zero
 from fedjax_lab.models import Model
 from fedjax_lab.options import OptionError, fraction, one_of, option
@@ -121,7 +121,8 @@ def fednova(model: Model, client_optimizer: optax.GradientTransformation, *,
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
     loss_fn = model_loss(model.apply)
 
-    def initial_state(params: PyTree) -> FedAvgState:
+    def init(key: jax.Array) -> FedAvgState:
+        params = model.init(key)
         metrics = _metrics(jnp.zeros(0), jnp.zeros(0), jnp.zeros(0, jnp.int32),
                            optax.tree.zeros_like(params), jnp.zeros(()))
         return FedAvgState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32),
@@ -159,7 +160,7 @@ def fednova(model: Model, client_optimizer: optax.GradientTransformation, *,
     def predict(state: FedAvgState, batch: ClientBatch) -> jax.Array:
         return predict_with(model, state.params, batch.x)
 
-    return Algorithm(init=init_from_params(model.init, initial_state), round=round_fn, predict=predict)
+    return Algorithm(init=init, round=round_fn, predict=predict)
 
 
 def local_normalizer(num_steps: jax.Array, momentum: float) -> jax.Array:

@@ -36,7 +36,7 @@ from fedjax_lab.core.communication import tree_bytes
 from fedjax_lab.core.losses import cross_entropy
 from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.personal_models import check_num_clients
-from fedjax_lab.core.types import DataInfo, gather_clients, init_from_params, scatter_clients
+from fedjax_lab.core.types import DataInfo, gather_clients, scatter_clients
 from fedjax_lab.core.validation import check_positive_int
 from fedjax_lab.models import Model
 from fedjax_lab.options import one_of, option, positive_int
@@ -116,12 +116,10 @@ def ifca(model: Model, client_optimizer: optax.GradientTransformation, *, num_cl
         losses = jax.vmap(lambda params: cross_entropy(model.apply(params, x), y, mask))(clusters)
         return jnp.argmin(losses).astype(jnp.int32)
 
-    def cluster_models(key: jax.Array) -> PyTree:
+    def init(key: jax.Array) -> IFCAState:
         # Cluster 0 from the key itself, so k = 1 starts where FedAvg does.
         keys = [key] + [jax.random.fold_in(key, j) for j in range(1, num_clusters)]
-        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *map(model.init, keys))
-
-    def initial_state(clusters: PyTree) -> IFCAState:
+        clusters = jax.tree.map(lambda *leaves: jnp.stack(leaves), *map(model.init, keys))
         empty = jnp.zeros(0)
         return IFCAState(clusters, jnp.zeros((), jnp.int32),
                          _round_metrics(empty, empty, jnp.zeros(0, jnp.int32),
@@ -180,7 +178,7 @@ def ifca(model: Model, client_optimizer: optax.GradientTransformation, *, num_cl
             support.x, support.y, support.mask)
         return predict_with_clusters(state, ids, query.x)
 
-    return Algorithm(init=init_from_params(cluster_models, initial_state), round=round_fn, predict=predict,
+    return Algorithm(init=init, round=round_fn, predict=predict,
                      adapted_predict=adapted_predict)
 
 

@@ -45,7 +45,7 @@ from fedjax_lab.core.gradients import minibatch_gradient
 from fedjax_lab.core.local_training import LossFn
 from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.robust import coordinate_median, majority_vote
-from fedjax_lab.core.types import DataInfo, init_from_params
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number
 from fedjax_lab.models import Model
 from fedjax_lab.options import non_negative, one_of, option, optional_positive_int, positive
@@ -172,7 +172,8 @@ def _gradient_aggregation(model: Model, rule: str, learning_rate: float, noise_s
     server_optimizer = optax.sgd(learning_rate)
     aggregate = majority_vote if rule == "sign" else coordinate_median
 
-    def initial_state(params: PyTree) -> MedianMeanState:
+    def init(key: jax.Array) -> MedianMeanState:
+        params = model.init(key)
         dtype = jnp.result_type(float)
         return MedianMeanState(params, server_optimizer.init(params), jnp.ones((), dtype),
                                jnp.zeros((), jnp.int32),
@@ -214,7 +215,7 @@ def _gradient_aggregation(model: Model, rule: str, learning_rate: float, noise_s
     def predict(state: MedianMeanState, batch: ClientBatch) -> jax.Array:
         return predict_with(model, state.params, batch.x)
 
-    return Algorithm(init=init_from_params(model.init, initial_state), round=round_fn, predict=predict)
+    return Algorithm(init=init, round=round_fn, predict=predict)
 
 
 def _median_magnitude(gradients: PyTree, weights: jax.Array) -> jax.Array:

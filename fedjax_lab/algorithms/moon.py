@@ -49,7 +49,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
 from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.losses import LossWithState
 from fedjax_lab.core.personal_models import check_num_clients, replicate
-from fedjax_lab.core.types import DataInfo, init_from_params
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number, check_positive_int
 from fedjax_lab.models.split import SplitModel, _apply_part
 from fedjax_lab.options import non_negative, one_of, option, positive
@@ -142,7 +142,8 @@ def moon(model: SplitModel, client_optimizer: optax.GradientTransformation, *, n
     check_weighting(weighting)
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
 
-    def initial_state(params: PyTree) -> MoonState:
+    def init(key: jax.Array) -> MoonState:
+        params = model.init(key)
         empty = jnp.zeros(0)
         return MoonState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32),
                          _round_metrics(empty, empty, jnp.zeros(0, jnp.int32),
@@ -178,7 +179,7 @@ def moon(model: SplitModel, client_optimizer: optax.GradientTransformation, *, n
     def predict(state: MoonState, batch: ClientBatch) -> jax.Array:
         return predict_with(model, state.params, batch.x)
 
-    return Algorithm(init=init_from_params(model.init, initial_state), round=round_fn, predict=predict)
+    return Algorithm(init=init, round=round_fn, predict=predict)
 
 
 def contrastive_loss_fn(model: SplitModel, mu, temperature, global_params: PyTree,

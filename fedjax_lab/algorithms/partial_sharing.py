@@ -45,7 +45,7 @@ from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.communication import model_exchange_bytes
 from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.personal_models import check_num_clients, replicate
-from fedjax_lab.core.types import DataInfo, init_from_params
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.models import Model
 from fedjax_lab.options import non_negative_int, one_of, option, positive_int
 
@@ -299,7 +299,8 @@ def partial_sharing(model: Model, client_optimizer: optax.GradientTransformation
             mean_loss = loss_sum / jnp.maximum(total_steps, 1).astype(mean_loss.dtype)
         return params, mean_loss, total_steps
 
-    def initial_state(params: PyTree) -> PartialSharingState:
+    def init(key: jax.Array) -> PartialSharingState:
+        params = model.init(key)
         shared, personal = partition(params, is_personal)
         client_states = PartialSharingClientState(replicate(personal, num_clients))
         return PartialSharingState(params, server_optimizer.init(params),
@@ -372,7 +373,7 @@ def partial_sharing(model: Model, client_optimizer: optax.GradientTransformation
 
         adapted_predict = finetuned_predict
 
-    return Algorithm(init=init_from_params(model.init, initial_state), round=round_fn, predict=predict,
+    return Algorithm(init=init, round=round_fn, predict=predict,
                      adapted_predict=adapted_predict)
 
 

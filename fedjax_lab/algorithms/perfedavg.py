@@ -36,7 +36,7 @@ from fedjax_lab.core.local_training import epoch_permutation
 from fedjax_lab.core.meta import (DataLoss, MetaStream, adapted_predictor, inner_adapt,
                                   model_data_loss, sgd_step)
 from fedjax_lab.core.metrics import round_metrics
-from fedjax_lab.core.types import DataInfo, PyTree, init_from_params
+from fedjax_lab.core.types import DataInfo, PyTree
 from fedjax_lab.core.validation import check_number, is_scalar, is_traced
 from fedjax_lab.models import Model
 from fedjax_lab.options import non_negative, one_of, option, positive, positive_int
@@ -154,7 +154,8 @@ def perfedavg(model: Model, *, variant: str = "hf", alpha: float = 0.01, beta: f
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
     loss_fn = model_data_loss(model.apply)
 
-    def initial_state(params: PyTree) -> PerFedAvgState:
+    def init(key: jax.Array) -> PerFedAvgState:
+        params = model.init(key)
         return PerFedAvgState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32),
                               _round_metrics(jnp.zeros(0), jnp.zeros(0),
                                              optax.tree.zeros_like(params)))
@@ -192,7 +193,7 @@ def perfedavg(model: Model, *, variant: str = "hf", alpha: float = 0.01, beta: f
     def predict(state: PerFedAvgState, batch: ClientBatch) -> jax.Array:
         return predict_with(model, state.params, batch.x)
 
-    return Algorithm(init=init_from_params(model.init, initial_state), round=round_fn, predict=predict,
+    return Algorithm(init=init, round=round_fn, predict=predict,
                      adapted_predict=adapted_predictor(personalise, model.apply, execution))
 
 

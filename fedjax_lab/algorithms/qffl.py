@@ -50,7 +50,7 @@ from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, cross_entropy,
                              local_train, model_loss, server_update, tree_bytes)
 from fedjax_lab.core.metrics import round_metrics
-from fedjax_lab.core.types import DataInfo, init_from_params
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number, check_positive_int
 from fedjax_lab.models import Model
 from fedjax_lab.options import non_negative, option, optional, positive
@@ -112,7 +112,8 @@ def qffl(model: Model, client_optimizer: optax.GradientTransformation, *, lipsch
     server_sgd = optax.sgd(1.0)
     train_loss = model_loss(model.apply)
 
-    def initial_state(params: PyTree) -> FedAvgState:
+    def init(key: jax.Array) -> FedAvgState:
+        params = model.init(key)
         empty = jnp.zeros(0)
         return FedAvgState(params, server_sgd.init(params), jnp.zeros((), jnp.int32),
                            _metrics(jnp.zeros(0, bool), empty, empty, jnp.zeros(0, jnp.int32),
@@ -154,7 +155,7 @@ def qffl(model: Model, client_optimizer: optax.GradientTransformation, *, lipsch
     def predict(state: FedAvgState, batch: ClientBatch) -> jax.Array:
         return predict_with(model, state.params, batch.x)
 
-    return Algorithm(init=init_from_params(model.init, initial_state), round=round_fn, predict=predict)
+    return Algorithm(init=init, round=round_fn, predict=predict)
 
 
 def _loss_power_shares(log_powers: jax.Array, real: jax.Array) -> jax.Array:

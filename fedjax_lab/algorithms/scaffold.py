@@ -35,7 +35,7 @@ from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.losses import split_loss
 from fedjax_lab.core.metrics import round_metrics
 from fedjax_lab.core.personal_models import check_num_clients
-from fedjax_lab.core.types import DataInfo, init_from_params
+from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number, check_positive_int
 from fedjax_lab.models import Model
 from fedjax_lab.options import OptionError, one_of, option, positive
@@ -144,7 +144,8 @@ def scaffold(model: Model, learning_rate: float, *, num_clients: int, num_epochs
         return {name: jax.tree.map(jnp.zeros_like, value) if name in model.mutable else value
                 for name, value in tree.items()}
 
-    def initial_state(params: PyTree) -> ScaffoldState:
+    def init(key: jax.Array) -> ScaffoldState:
+        params = model.init(key)
         zeros = optax.tree.zeros_like(params)
         client_states = ScaffoldClientState(jax.tree.map(
             lambda leaf: jnp.zeros((num_clients,) + leaf.shape, leaf.dtype), params))
@@ -208,7 +209,7 @@ def scaffold(model: Model, learning_rate: float, *, num_clients: int, num_epochs
     def predict(state: ScaffoldState, batch: ClientBatch) -> jax.Array:
         return predict_with(model, state.params, batch.x)
 
-    return Algorithm(init=init_from_params(model.init, initial_state), round=round_fn, predict=predict)
+    return Algorithm(init=init, round=round_fn, predict=predict)
 
 
 def _round_metrics(weights, losses, steps, has_data, params, mean_delta,

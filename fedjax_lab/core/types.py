@@ -94,19 +94,6 @@ class Algorithm(NamedTuple):
     cohorts: Callable[[jax.Array, Any, int, int], jax.Array] | None = None
 
 
-def init_from_params(model_init: Callable[[jax.Array], PyTree],
-                     state_from_params: Callable[[PyTree], ServerState]
-                     ) -> Callable[[jax.Array], ServerState]:
-    """An `Algorithm.init`: the model's own initialisation, then the rest of the initial state
-    (zeros, per-client copies, the metrics of a round without clients) from the parameters as
-    one compiled program. Eagerly each of those operations is a program of its own to compile,
-    or to read from the persistent cache, in every process (58 for SCAFFOLD); the model's
-    initialisation stays a program of its own, so the initial weights are a plain
-    `model_init`'s bit for bit."""
-    state_from_params = jax.jit(state_from_params)
-    return lambda key: state_from_params(model_init(key))
-
-
 class DataInfo(NamedTuple):
     """What a builder may know of the training data before it sees any batch.
 
