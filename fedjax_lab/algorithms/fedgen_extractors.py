@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lab.core.personal_models import replicate
 from fedjax_lab.models.split import SplitModel
 
 PyTree = Any
@@ -72,8 +73,7 @@ def client_extractors(model: SplitModel, architectures: Sequence[SplitModel],
         extractors = tuple(first_extractor if j == 0 else
                            arch.init(jax.random.fold_in(key, j))["extractor"]
                            for j, arch in enumerate(architectures))
-        return FedGenClientState(jax.tree.map(
-            lambda p: jnp.repeat(p[None], num_clients, axis=0), extractors))
+        return FedGenClientState(replicate(extractors, num_clients))
 
     def extract(architecture, extractors, x):
         if len(branches) == 1:

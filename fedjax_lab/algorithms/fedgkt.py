@@ -35,6 +35,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
                              cross_entropy, gather_clients, local_train, scatter_clients)
 from fedjax_lab.core.distillation import kd_loss
 from fedjax_lab.core.metrics import round_metrics
+from fedjax_lab.core.personal_models import replicate
 from fedjax_lab.core.types import DataInfo, server_key
 from fedjax_lab.core.validation import check_number, check_positive_int, is_zero
 from fedjax_lab.models import Model, get_model
@@ -193,7 +194,7 @@ def fedgkt(client_model: SplitModel, server_model: Model,
         server_params = server_model.init(jax.random.fold_in(key, _SERVER_INIT_STREAM))
         dtype = jax.tree.leaves(server_params)[0].dtype
         population = FedGKTClientState(
-            params=jax.tree.map(lambda p: jnp.repeat(p[None], num_clients, axis=0), client_params),
+            params=replicate(client_params, num_clients),
             server_logits=jnp.zeros((num_clients, max_examples, client_model.num_classes), dtype),
             has_server_logits=jnp.zeros((num_clients,), bool))
         zeros = jnp.zeros(0)
