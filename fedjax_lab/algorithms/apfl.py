@@ -44,7 +44,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
                              server_update)
 from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.communication import model_exchange_bytes
-from fedjax_lab.core.metrics import round_metrics
+from fedjax_lab.core.metrics import initial_metrics, round_metrics
 from fedjax_lab.core.personal_models import check_num_clients, replicate
 from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number, check_positive_int
@@ -149,7 +149,8 @@ def apfl(model: Model, learning_rate: float, *, num_clients: int, alpha: float =
                                         jnp.full((num_clients,), alpha, jnp.result_type(float)))
         empty = jnp.zeros(0)
         return APFLState(params, jnp.zeros((), jnp.int32),
-                         _round_metrics(empty, empty, empty, params), client_states)
+                         initial_metrics(_round_metrics, empty, empty, empty, params),
+                         client_states)
 
     def round_fn(state: APFLState, batch: ClientBatch) -> APFLState:
         global_params = state.params

@@ -40,7 +40,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
                              weighted_mean)
 from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.gradients import minibatch_gradient
-from fedjax_lab.core.metrics import round_metrics
+from fedjax_lab.core.metrics import initial_metrics, round_metrics
 from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number, is_zero
 from fedjax_lab.models import Model
@@ -231,7 +231,8 @@ def compressed_sgd(model: Model, compression: Compression, learning_rate, *,
         empty = jnp.zeros(0)
         return FetchSGDState(params, momentum_buffer, error_buffer, jnp.full(dim, -1, jnp.int32),
                              client_states, jnp.zeros((), jnp.int32),
-                             _metrics(empty, empty, empty, jnp.zeros(dim, dtype), (0, 0), dtype))
+                             initial_metrics(_metrics, empty, empty, empty, jnp.zeros(dim, dtype),
+                                             (0, 0), dtype=dtype, static_argnames=("dtype",)))
 
     def round_fn(state: FetchSGDState, batch: ClientBatch) -> FetchSGDState:
         params = state.params

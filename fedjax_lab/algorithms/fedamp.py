@@ -48,7 +48,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
                              gather_clients, local_train, model_loss, scatter_clients,
                              weighted_mean)
 from fedjax_lab.core.communication import model_exchange_bytes
-from fedjax_lab.core.metrics import round_metrics
+from fedjax_lab.core.metrics import initial_metrics, round_metrics
 from fedjax_lab.core.personal_models import check_num_clients, predict_per_client, replicate
 from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number, is_traced
@@ -210,7 +210,8 @@ def fedamp(model: Model, client_optimizer: optax.GradientTransformation, *, num_
         empty = jnp.zeros(0)
         return FedAMPState(FedAMPClientState(replicate(params, num_clients)),
                            jnp.zeros((), jnp.int32),
-                           _round_metrics(empty, empty, jnp.zeros(0, jnp.int32), empty, params))
+                           initial_metrics(_round_metrics, empty, empty,
+                                           jnp.zeros(0, jnp.int32), empty, params))
 
     def round_fn(state: FedAMPState, batch: ClientBatch) -> FedAMPState:
         population = state.client_states.models

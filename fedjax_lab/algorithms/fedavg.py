@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_lab import privacy
 from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining, ServerOptimizer
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              local_train, model_loss, sample_stragglers, server_update,
@@ -36,13 +37,13 @@ from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.attacks import Attack
 from fedjax_lab.core.communication import model_exchange_bytes
 from fedjax_lab.core.factored import factored_local_sgd, unsupported_reason
-from fedjax_lab.core.metrics import round_metrics
+from fedjax_lab.core.metrics import initial_metrics, round_metrics
 from fedjax_lab.core.robust import Aggregator
 from fedjax_lab.core.validation import check_positive_int
 from fedjax_lab.core.types import DataInfo, server_key
 from fedjax_lab.models import Model
 from fedjax_lab.options import OptionError, fraction, one_of, option
-from fedjax_lab.privacy import DPAggregator, DPOptions, PrivateServerState, initial_metrics
+from fedjax_lab.privacy import DPAggregator, DPOptions, PrivateServerState
 
 PyTree = Any
 # local_regularizer(client_params, global_params) -> scalar added to every local minibatch loss.
@@ -168,9 +169,9 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation, *,
         dp_metrics = {}
         if dp is not None:
             opt_state = PrivateServerState(dp.init(), opt_state)
-            dp_metrics = initial_metrics(dp)
+            dp_metrics = privacy.initial_metrics(dp)
         return FedAvgState(params, opt_state, jnp.zeros((), jnp.int32),
-                           _empty_round_metrics(params, dp_metrics))
+                           initial_metrics(_empty_round_metrics, params, dp_metrics))
 
     def round_fn(state: FedAvgState, batch: ClientBatch) -> FedAvgState:
         global_params = state.params
@@ -261,11 +262,8 @@ def predict_with(model: Model, params: PyTree, x: jax.Array) -> jax.Array:
     return logits.reshape((num_clients, num_examples) + logits.shape[1:])
 
 
-@jax.jit
 def _empty_round_metrics(params, dp_metrics: dict) -> dict[str, jax.Array]:
-    """The metrics of a round without clients, the initial state's: one program, where eagerly
-    each of their operations was a program of its own to compile, or to load from the persistent
-    cache in every new process."""
+    """The metrics of a round without clients, the initial state's."""
     return _round_metrics(jnp.zeros(0), jnp.zeros(0), jnp.zeros(0, jnp.int32),
                           optax.tree.zeros_like(params), **dp_metrics)
 

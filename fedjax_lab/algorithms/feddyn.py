@@ -45,6 +45,7 @@ from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining, ServerOpti
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              gather_clients, local_train, model_loss, scatter_clients,
                              server_update, weighted_mean)
+from fedjax_lab.core.metrics import initial_metrics
 from fedjax_lab.core.personal_models import check_num_clients, replicate
 from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number, check_positive_int, is_zero
@@ -126,7 +127,8 @@ def feddyn(model: Model, client_optimizer: optax.GradientTransformation, *, num_
     def init(key: jax.Array) -> FedDynState:
         params = model.init(key)
         zeros = optax.tree.zeros_like(params)
-        metrics = _metrics(jnp.zeros(0), jnp.zeros(0), jnp.zeros(0, jnp.int32), zeros, zeros)
+        metrics = initial_metrics(_metrics, jnp.zeros(0), jnp.zeros(0), jnp.zeros(0, jnp.int32),
+                                  zeros, zeros)
         return FedDynState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32),
                            metrics, FedDynClientState(replicate(zeros, num_clients)), zeros)
 

@@ -48,7 +48,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
                              cross_entropy, gather_clients, local_train, model_loss,
                              scatter_clients, server_update, tree_bytes, weighted_mean)
 from fedjax_lab.core.aggregation import WEIGHTINGS
-from fedjax_lab.core.metrics import round_metrics
+from fedjax_lab.core.metrics import initial_metrics, round_metrics
 from fedjax_lab.core.types import DataInfo, server_key
 from fedjax_lab.core.validation import check_number, check_positive_int, is_traced, is_zero
 from fedjax_lab.models.split import SplitModel
@@ -226,8 +226,8 @@ def fedgen(model: SplitModel, client_optimizer: optax.GradientTransformation, *,
         empty = jnp.zeros(0)
         return FedGenState(params, server_optimizer.init(params), variables, generator_opt_state,
                            jnp.zeros((), jnp.int32),
-                           _round_metrics(empty, empty, jnp.zeros(0, jnp.int32),
-                                          optax.tree.zeros_like(params), 0.0, 0.0, 0.0, 0.0),
+                           initial_metrics(_round_metrics, empty, empty, jnp.zeros(0, jnp.int32),
+                                           optax.tree.zeros_like(params), 0.0, 0.0, 0.0, 0.0),
                            client_states)
 
     def client_loss(variables, regularizer_weights, extract):

@@ -34,7 +34,7 @@ from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              cross_entropy, gather_clients, local_train, scatter_clients)
 from fedjax_lab.core.distillation import kd_loss
-from fedjax_lab.core.metrics import round_metrics
+from fedjax_lab.core.metrics import initial_metrics, round_metrics
 from fedjax_lab.core.personal_models import replicate
 from fedjax_lab.core.types import DataInfo, server_key
 from fedjax_lab.core.validation import check_number, check_positive_int, is_zero
@@ -199,8 +199,8 @@ def fedgkt(client_model: SplitModel, server_model: Model,
             has_server_logits=jnp.zeros((num_clients,), bool))
         zeros = jnp.zeros(0)
         return FedGKTState(server_params, jnp.zeros((), jnp.int32),
-                           _round_metrics(zeros, zeros, jnp.zeros(0, jnp.int32), 0.0, 0,
-                                          dict.fromkeys(_BYTES_METRICS, 0.0)),
+                           initial_metrics(_round_metrics, zeros, zeros, jnp.zeros(0, jnp.int32),
+                                           0.0, 0, dict.fromkeys(_BYTES_METRICS, 0.0)),
                            population)
 
     def round_fn(state: FedGKTState, batch: ClientBatch) -> FedGKTState:

@@ -45,7 +45,7 @@ from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.communication import model_exchange_bytes
 from fedjax_lab.core.meta import (adapted_predictor, check_fraction, inner_adapt, meta_gradient,
                                   model_data_loss, split_support_query, with_adaptation)
-from fedjax_lab.core.metrics import round_metrics
+from fedjax_lab.core.metrics import initial_metrics, round_metrics
 from fedjax_lab.core.types import DataInfo, PyTree
 from fedjax_lab.core.validation import check_number, check_positive_int, is_scalar
 from fedjax_lab.models import Model
@@ -159,7 +159,8 @@ def fedmeta(model: Model, server_optimizer: optax.GradientTransformation, *,
         state = FedMetaState(params, inner_lrs, None, jnp.zeros((), jnp.int32), {})
         zeros = optax.tree.zeros_like(meta_params(state))
         return state._replace(opt_state=server_optimizer.init(meta_params(state)),
-                              metrics=_round_metrics(jnp.zeros(0), jnp.zeros(0), zeros))
+                              metrics=initial_metrics(_round_metrics, jnp.zeros(0),
+                                                                      jnp.zeros(0), zeros))
 
     def round_fn(state: FedMetaState, batch: ClientBatch) -> FedMetaState:
         inner_lrs = inner_lrs_of(state)

@@ -36,6 +36,7 @@ from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining, ServerOpti
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              local_train, model_loss, sample_stragglers, server_update)
 from fedjax_lab.core.aggregation import WEIGHTINGS
+from fedjax_lab.core.metrics import initial_metrics
 from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number, check_positive_int, is_zero
 from fedjax_lab.models import Model
@@ -123,8 +124,8 @@ def fednova(model: Model, client_optimizer: optax.GradientTransformation, *,
 
     def init(key: jax.Array) -> FedAvgState:
         params = model.init(key)
-        metrics = _metrics(jnp.zeros(0), jnp.zeros(0), jnp.zeros(0, jnp.int32),
-                           optax.tree.zeros_like(params), jnp.zeros(()))
+        metrics = initial_metrics(_metrics, jnp.zeros(0), jnp.zeros(0), jnp.zeros(0, jnp.int32),
+                                  optax.tree.zeros_like(params), jnp.zeros(()))
         return FedAvgState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32),
                            metrics)
 

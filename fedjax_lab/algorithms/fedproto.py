@@ -41,7 +41,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
                              cross_entropy, gather_clients, local_train, masked_mean,
                              scatter_clients, tree_bytes, weighted_mean)
 from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
-from fedjax_lab.core.metrics import round_metrics
+from fedjax_lab.core.metrics import initial_metrics, round_metrics
 from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number, check_positive_int
 from fedjax_lab.models.split import SplitModel
@@ -162,10 +162,11 @@ def fedproto(models: SplitModel | Sequence[SplitModel],
         empty = jnp.zeros((0,), dtype)
         client_states = FedProtoClientState(stacks, jnp.zeros((num_clients, num_classes), bool))
         return FedProtoState(client_states, prototypes, prototype_mask, jnp.zeros((), jnp.int32),
-                             _round_metrics(empty, empty, jnp.zeros(0, jnp.int32), 0,
-                                            (prototypes, prototype_mask),
-                                            (prototypes, jnp.zeros((num_classes,), jnp.int32)),
-                                            prototype_mask))
+                             initial_metrics(_round_metrics, empty, empty,
+                                             jnp.zeros(0, jnp.int32), 0,
+                                             (prototypes, prototype_mask),
+                                             (prototypes, jnp.zeros((num_classes,), jnp.int32)),
+                                             prototype_mask))
 
     def round_fn(state: FedProtoState, batch: ClientBatch) -> FedProtoState:
         cohort_size = batch.num_clients

@@ -34,7 +34,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
 from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.communication import tree_bytes
 from fedjax_lab.core.losses import cross_entropy
-from fedjax_lab.core.metrics import round_metrics
+from fedjax_lab.core.metrics import initial_metrics, round_metrics
 from fedjax_lab.core.personal_models import check_num_clients
 from fedjax_lab.core.types import DataInfo, gather_clients, scatter_clients
 from fedjax_lab.core.validation import check_positive_int
@@ -122,9 +122,9 @@ def ifca(model: Model, client_optimizer: optax.GradientTransformation, *, num_cl
         clusters = jax.tree.map(lambda *leaves: jnp.stack(leaves), *map(model.init, keys))
         empty = jnp.zeros(0)
         return IFCAState(clusters, jnp.zeros((), jnp.int32),
-                         _round_metrics(empty, empty, jnp.zeros(0, jnp.int32),
-                                        jnp.zeros(0, bool), jnp.zeros(num_clusters, bool),
-                                        clusters),
+                         initial_metrics(_round_metrics, empty, empty, jnp.zeros(0, jnp.int32),
+                                         jnp.zeros(0, bool), jnp.zeros(num_clusters, bool),
+                                         clusters),
                          IFCAClientState(jnp.full((num_clients,), UNKNOWN_CLUSTER, jnp.int32)))
 
     def round_fn(state: IFCAState, batch: ClientBatch) -> IFCAState:

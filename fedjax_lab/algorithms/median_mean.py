@@ -43,7 +43,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
 from fedjax_lab.core.attacks import Attack
 from fedjax_lab.core.gradients import minibatch_gradient
 from fedjax_lab.core.local_training import LossFn
-from fedjax_lab.core.metrics import round_metrics
+from fedjax_lab.core.metrics import initial_metrics, round_metrics
 from fedjax_lab.core.robust import coordinate_median, majority_vote
 from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number
@@ -177,8 +177,10 @@ def _gradient_aggregation(model: Model, rule: str, learning_rate: float, noise_s
         dtype = jnp.result_type(float)
         return MedianMeanState(params, server_optimizer.init(params), jnp.ones((), dtype),
                                jnp.zeros((), jnp.int32),
-                               _round_metrics(rule, learning_rate, params, jnp.zeros(0),
-                                              jnp.zeros(0), jnp.zeros((), dtype)))
+                               initial_metrics(_round_metrics, rule=rule,
+                                               learning_rate=learning_rate, step=params,
+                                               weights=jnp.zeros(0), losses=jnp.zeros(0),
+                                               b=jnp.zeros((), dtype), static_argnames=("rule",)))
 
     def round_fn(state: MedianMeanState, batch: ClientBatch) -> MedianMeanState:
         params = state.params

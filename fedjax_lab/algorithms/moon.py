@@ -48,6 +48,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
                              scatter_clients, server_update)
 from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.losses import LossWithState
+from fedjax_lab.core.metrics import initial_metrics
 from fedjax_lab.core.personal_models import check_num_clients, replicate
 from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number, check_positive_int
@@ -146,8 +147,8 @@ def moon(model: SplitModel, client_optimizer: optax.GradientTransformation, *, n
         params = model.init(key)
         empty = jnp.zeros(0)
         return MoonState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32),
-                         _round_metrics(empty, empty, jnp.zeros(0, jnp.int32),
-                                        optax.tree.zeros_like(params)),
+                         initial_metrics(_round_metrics, empty, empty, jnp.zeros(0, jnp.int32),
+                                         optax.tree.zeros_like(params)),
                          MoonClientState(replicate(params, num_clients)))
 
     def round_fn(state: MoonState, batch: ClientBatch) -> MoonState:

@@ -43,7 +43,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
                              server_update)
 from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.communication import model_exchange_bytes
-from fedjax_lab.core.metrics import round_metrics
+from fedjax_lab.core.metrics import initial_metrics, round_metrics
 from fedjax_lab.core.personal_models import check_num_clients, replicate
 from fedjax_lab.core.types import DataInfo
 from fedjax_lab.models import Model
@@ -280,9 +280,10 @@ def partial_sharing(model: Model, client_optimizer: optax.GradientTransformation
     base_loss = model_loss(model.apply)
     optimizers = tuple(frozen_except(client_optimizer, trains) for trains, _ in phases)
 
-    def is_uploaded(path: Path) -> bool:
-        return not is_personal(path) and any(trains is None or trains(path)
-                                             for trains, _ in phases)
+    def uploaded_part(tree: PyTree) -> PyTree:
+        """The leaves of `tree` the clients train and upload: shared, trained in some phase."""
+        return partition(tree, lambda path: is_personal(path) or not any(
+            trains is None or trains(path) for trains, _ in phases))[0]
 
     def train(params, x, y, mask, rng):
         """(params, mean loss, steps) after the phases; one phase's loss is its own, bit for bit
@@ -305,9 +306,10 @@ def partial_sharing(model: Model, client_optimizer: optax.GradientTransformation
         client_states = PartialSharingClientState(replicate(personal, num_clients))
         return PartialSharingState(params, server_optimizer.init(params),
                                    jnp.zeros((), jnp.int32),
-                                   _round_metrics(jnp.zeros(0), jnp.zeros(0),
-                                                  jnp.zeros(0, jnp.int32),
-                                                  optax.tree.zeros_like(shared), is_uploaded),
+                                   initial_metrics(_round_metrics, jnp.zeros(0), jnp.zeros(0),
+                                                   jnp.zeros(0, jnp.int32),
+                                                   optax.tree.zeros_like(shared),
+                                                   uploaded_part(shared)),
                                    client_states)
 
     def round_fn(state: PartialSharingState, batch: ClientBatch) -> PartialSharingState:
@@ -336,7 +338,7 @@ def partial_sharing(model: Model, client_optimizer: optax.GradientTransformation
                                             valid=batch.num_examples > 0)
         return PartialSharingState(params, opt_state, state.round + 1,
                                    _round_metrics(weights, losses, steps, mean_delta,
-                                                  is_uploaded),
+                                                  uploaded_part(mean_delta)),
                                    client_states)
 
     def own_models(state: PartialSharingState, client_ids: jax.Array) -> PyTree:
@@ -377,9 +379,8 @@ def partial_sharing(model: Model, client_optimizer: optax.GradientTransformation
                      adapted_predict=adapted_predict)
 
 
-def _round_metrics(weights, losses, steps, mean_delta, is_uploaded) -> dict[str, jax.Array]:
-    """FedAvg's metrics with bytes of the shared part the clients train only (each way)."""
-    uploaded, _ = partition(mean_delta, lambda path: not is_uploaded(path))
+def _round_metrics(weights, losses, steps, mean_delta, uploaded) -> dict[str, jax.Array]:
+    """FedAvg's metrics with bytes of `uploaded`, the shared part the clients train (each way)."""
     return round_metrics(
         weights, losses, **model_exchange_bytes(weights, uploaded),
         local_steps=jnp.sum(jnp.where(weights > 0, steps, 0)).astype(jnp.int32),

@@ -35,7 +35,7 @@ from fedjax_lab.core.communication import model_exchange_bytes
 from fedjax_lab.core.local_training import epoch_permutation
 from fedjax_lab.core.meta import (DataLoss, MetaStream, adapted_predictor, inner_adapt,
                                   model_data_loss, sgd_step)
-from fedjax_lab.core.metrics import round_metrics
+from fedjax_lab.core.metrics import initial_metrics, round_metrics
 from fedjax_lab.core.types import DataInfo, PyTree
 from fedjax_lab.core.validation import check_number, is_scalar, is_traced
 from fedjax_lab.models import Model
@@ -157,8 +157,8 @@ def perfedavg(model: Model, *, variant: str = "hf", alpha: float = 0.01, beta: f
     def init(key: jax.Array) -> PerFedAvgState:
         params = model.init(key)
         return PerFedAvgState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32),
-                              _round_metrics(jnp.zeros(0), jnp.zeros(0),
-                                             optax.tree.zeros_like(params)))
+                              initial_metrics(_round_metrics, jnp.zeros(0), jnp.zeros(0),
+                                              optax.tree.zeros_like(params)))
 
     def round_fn(state: PerFedAvgState, batch: ClientBatch) -> PerFedAvgState:
         global_params = state.params

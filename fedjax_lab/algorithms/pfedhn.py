@@ -40,7 +40,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
                              gather_clients, local_train, model_loss, scatter_clients,
                              server_update, tree_bytes)
 from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
-from fedjax_lab.core.metrics import round_metrics
+from fedjax_lab.core.metrics import initial_metrics, round_metrics
 from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_positive_int
 from fedjax_lab.models import Model
@@ -226,8 +226,9 @@ def pfedhn(target: Model | SplitModel, client_optimizer: optax.GradientTransform
         empty = jnp.zeros((0,), jnp.float32)
         return PFedHNState(hypernetwork, server_optimizer.init(hypernetwork), client_states,
                            jnp.zeros((), jnp.int32),
-                           _round_metrics(empty, empty, jnp.zeros(0, jnp.int32), 0, template,
-                                          optax.tree.zeros_like(hypernetwork)))
+                           initial_metrics(_round_metrics, empty, empty, jnp.zeros(0, jnp.int32),
+                                           0, tree_bytes(template),
+                                           optax.tree.zeros_like(hypernetwork)))
 
     def round_fn(state: PFedHNState, batch: ClientBatch) -> PFedHNState:
         hypernetwork = state.hypernetwork
@@ -261,7 +262,7 @@ def pfedhn(target: Model | SplitModel, client_optimizer: optax.GradientTransform
                                             PFedHNClientState(new_heads), batch.num_examples > 0)
         return PFedHNState(hypernetwork, opt_state, client_states, state.round + 1,
                            _round_metrics(weights, losses, steps, batch.num_clients,
-                                          _one_client(thetas), grads))
+                                          tree_bytes(_one_client(thetas)), grads))
 
     def predict(state: PFedHNState, batch: ClientBatch) -> jax.Array:
         thetas = generate_cohort(state.hypernetwork.network,
@@ -319,15 +320,14 @@ def _per_client(weights: jax.Array, leaf: jax.Array) -> jax.Array:
     return weights.reshape((-1,) + (1,) * (leaf.ndim - 1)).astype(leaf.dtype)
 
 
-def _round_metrics(weights, losses, steps, cohort_size, generated,
+def _round_metrics(weights, losses, steps, cohort_size, generated_bytes,
                    grads) -> dict[str, jax.Array]:
     """The round's scalars; `init` calls it on an empty cohort so the structure never changes.
 
-    Every cohort client downloads its generated weights; each participating client uploads
-    Delta of the same size. pFedHN-PC's private heads never travel.
+    Every cohort client downloads its generated weights (`generated_bytes`); each participating
+    client uploads Delta of the same size. pFedHN-PC's private heads never travel.
     """
     dtype = jnp.result_type(float)
-    generated_bytes = tree_bytes(generated)
     return round_metrics(
         weights, losses, bytes_down=cohort_size * generated_bytes,
         bytes_up=jnp.sum(weights > 0) * generated_bytes,

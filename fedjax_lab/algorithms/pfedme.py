@@ -37,7 +37,7 @@ from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.communication import model_exchange_bytes
 from fedjax_lab.core.local_training import batch_schedule
 from fedjax_lab.core.losses import split_loss
-from fedjax_lab.core.metrics import round_metrics
+from fedjax_lab.core.metrics import initial_metrics, round_metrics
 from fedjax_lab.core.personal_models import check_num_clients, predict_per_client, replicate
 from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number, check_positive_int
@@ -163,7 +163,7 @@ def pfedme(model: Model, *, num_clients: int, lr: float = 0.005, personal_lr: fl
         params = model.init(key)
         empty = jnp.zeros(0)
         return PFedMeState(params, jnp.zeros((), jnp.int32),
-                           round_metrics(empty, empty, **model_exchange_bytes(empty, params)),
+                           initial_metrics(_round_metrics, empty, empty, params),
                            PFedMeClientState(replicate(params, num_clients)))
 
     def round_fn(state: PFedMeState, batch: ClientBatch) -> PFedMeState:
@@ -185,8 +185,7 @@ def pfedme(model: Model, *, num_clients: int, lr: float = 0.005, personal_lr: fl
                                         PFedMeClientState(personal),
                                         valid=batch.num_examples > 0)
         return PFedMeState(params, state.round + 1,
-                           round_metrics(weights, losses,
-                                         **model_exchange_bytes(weights, global_params)),
+                           _round_metrics(weights, losses, global_params),
                            client_states)
 
     def predict(state: PFedMeState, batch: ClientBatch) -> jax.Array:
@@ -196,6 +195,11 @@ def pfedme(model: Model, *, num_clients: int, lr: float = 0.005, personal_lr: fl
         return predict_with(model, state.params, batch.x)
 
     return Algorithm(init=init, round=round_fn, predict=predict, predict_global=predict_global)
+
+
+def _round_metrics(weights, losses, params: PyTree) -> dict[str, jax.Array]:
+    """The round's metrics: each cohort client receives w, each participant sends its model."""
+    return round_metrics(weights, losses, **model_exchange_bytes(weights, params))
 
 
 SPECS = (AlgorithmSpec(

@@ -49,7 +49,7 @@ from fedjax_lab.algorithms.fedavg import FedAvgState, predict_with
 from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, cross_entropy,
                              local_train, model_loss, server_update, tree_bytes)
-from fedjax_lab.core.metrics import round_metrics
+from fedjax_lab.core.metrics import initial_metrics, round_metrics
 from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number, check_positive_int
 from fedjax_lab.models import Model
@@ -116,8 +116,9 @@ def qffl(model: Model, client_optimizer: optax.GradientTransformation, *, lipsch
         params = model.init(key)
         empty = jnp.zeros(0)
         return FedAvgState(params, server_sgd.init(params), jnp.zeros((), jnp.int32),
-                           _metrics(jnp.zeros(0, bool), empty, empty, jnp.zeros(0, jnp.int32),
-                                    params, optax.tree.zeros_like(params), jnp.ones(()), 4))
+                           initial_metrics(_metrics, jnp.zeros(0, bool), empty, empty,
+                                           jnp.zeros(0, jnp.int32), params,
+                                           optax.tree.zeros_like(params), jnp.ones(()), 4))
 
     def loss_at_global(global_params, client):
         x, y, mask = client

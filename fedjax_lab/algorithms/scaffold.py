@@ -33,7 +33,7 @@ from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_wei
                              server_update, tree_bytes)
 from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.losses import split_loss
-from fedjax_lab.core.metrics import round_metrics
+from fedjax_lab.core.metrics import initial_metrics, round_metrics
 from fedjax_lab.core.personal_models import check_num_clients
 from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number, check_positive_int
@@ -151,8 +151,8 @@ def scaffold(model: Model, learning_rate: float, *, num_clients: int, num_epochs
             lambda leaf: jnp.zeros((num_clients,) + leaf.shape, leaf.dtype), params))
         empty = jnp.zeros(0, jnp.int32)
         return ScaffoldState(params, zeros, jnp.zeros((), jnp.int32),
-                             _round_metrics(jnp.zeros(0), jnp.zeros(0), empty, empty, params,
-                                            zeros, zeros),
+                             initial_metrics(_round_metrics, jnp.zeros(0), jnp.zeros(0), empty,
+                                             empty, params, zeros, zeros),
                              client_states)
 
     def round_fn(state: ScaffoldState, batch: ClientBatch) -> ScaffoldState:
