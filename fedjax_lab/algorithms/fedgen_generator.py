@@ -28,6 +28,7 @@ drawn (`client_label_counts(mode="drawn_batches")`).
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -94,6 +95,17 @@ class ConditionalGenerator(nn.Module):
         # PyTorch's BatchNorm1d defaults: running-average momentum 0.1, epsilon 1e-5.
         hidden = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(hidden)
         return nn.Dense(self.latent_dim)(nn.relu(hidden))
+
+
+@functools.cache
+def _initial_variables(hidden: int, latent_dim: int, num_classes: int,
+                       noise_dim: int) -> Callable:
+    """The generator's flax init as one compiled program per shape, shared by every build (the
+    next seed or rate): eager, its forward pass was some 30 programs to compile, or to read from
+    the persistent cache, in every process. Bit for bit the eager init's variables."""
+    module = ConditionalGenerator(hidden, latent_dim, num_classes)
+    return jax.jit(lambda key: module.init(key, jnp.zeros((1, noise_dim)),
+                                           jnp.zeros((1,), jnp.int32), train=False))
 
 
 def client_label_counts(batch: ClientBatch, num_classes: int, *, mode: str = "dataset",
@@ -181,13 +193,13 @@ def fedgen_generator(head: Model, latent_dim: int, *, noise: str = "gaussian",
         if value not in allowed:
             raise ValueError(f"{name} {value!r} is unknown; allowed: {', '.join(allowed)}")
     module = ConditionalGenerator(hidden, latent_dim, head.num_classes)
+    initial_variables = _initial_variables(hidden, latent_dim, head.num_classes, noise_dim)
     optimizer = optax.chain(optax.add_decayed_weights(weight_decay),
                             optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8))
     sampler = jax.random.normal if noise == "gaussian" else jax.random.uniform
 
     def init(key):
-        variables = module.init(key, jnp.zeros((1, noise_dim)), jnp.zeros((1,), jnp.int32),
-                                train=False)
+        variables = initial_variables(key)
         return variables, optimizer.init(variables["params"])
 
     def sample(variables, key, labels, train):
