@@ -160,7 +160,7 @@ def fedmeta(model: Model, server_optimizer: optax.GradientTransformation, *,
         zeros = optax.tree.zeros_like(meta_params(state))
         return state._replace(opt_state=server_optimizer.init(meta_params(state)),
                               metrics=initial_metrics(_round_metrics, jnp.zeros(0),
-                                                                      jnp.zeros(0), zeros))
+                                                      jnp.zeros(0), zeros))
 
     def round_fn(state: FedMetaState, batch: ClientBatch) -> FedMetaState:
         inner_lrs = inner_lrs_of(state)

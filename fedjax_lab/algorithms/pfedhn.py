@@ -227,7 +227,7 @@ def pfedhn(target: Model | SplitModel, client_optimizer: optax.GradientTransform
         return PFedHNState(hypernetwork, server_optimizer.init(hypernetwork), client_states,
                            jnp.zeros((), jnp.int32),
                            initial_metrics(_round_metrics, empty, empty, jnp.zeros(0, jnp.int32),
-                                           0, tree_bytes(template),
+                                           0, float(tree_bytes(template)),
                                            optax.tree.zeros_like(hypernetwork)))
 
     def round_fn(state: PFedHNState, batch: ClientBatch) -> PFedHNState:
