@@ -66,7 +66,9 @@ def test_one_round_is_the_inner_solver_the_envelope_step_and_beta_by_hand():
 def test_without_the_envelope_the_global_model_stays_and_personal_models_train_alone():
     with jax.enable_x64(True):
         _, after, batch, w = _round(dataclasses.replace(CONFIG, lam=0.0))
-        assert_trees_close(after.params, w, rtol=0, atol=0)
+        # Every local model is w exactly; their weighted mean sum_i p_i w rounds in float64 as
+        # the program orders it (an ulp or so).
+        assert_trees_close(after.params, w)
         for client in set(range(NUM_CLIENTS)) - set(COHORT):
             assert_trees_equal(jax.tree.map(lambda leaf: leaf[client],
                                             after.client_states.personal), w)

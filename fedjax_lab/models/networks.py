@@ -2,6 +2,8 @@
 
 - Multinomial logistic regression: FedProx's synthetic "mclr" (Li et al., arXiv 1812.06127); its
   reference declares an L2 regulariser that is never added to the loss, so there is none here.
+  Its layer is `dense.Dense` (`nn.Dense`'s parameters, a kernel gradient that stays fast for small
+  minibatches vmapped over a cohort).
 - MLP: McMahan et al.'s "2NN" (AISTATS 2017) is `mlp(hidden=(200, 200))`.
 - FEMNIST CNN (LEAF, Caldas et al., arXiv 1812.01097; McMahan et al.'s "CNN"): 5x5 conv 32, 2x2
   max pool, 5x5 conv 64, 2x2 max pool, dense 2048, dense classes; split around the dense 2048
@@ -29,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab.models.conv import Conv
+from fedjax_lab.models.dense import Dense
 from fedjax_lab.models.model import Model, from_flax
 
 
@@ -37,7 +40,7 @@ class LogisticRegression(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+        return Dense(self.num_classes)(x.reshape(x.shape[0], -1))
 
 
 def batch_norm(x: jax.Array, train: bool, mask: jax.Array | None) -> jax.Array:
