@@ -27,9 +27,7 @@ import dataclasses
 import os
 import platform
 import re
-import statistics
 import subprocess
-import sys
 import time
 from typing import NamedTuple
 
