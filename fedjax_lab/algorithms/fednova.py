@@ -35,7 +35,7 @@ from fedjax_lab.algorithms.fedavg import FedAvgState, _round_metrics, predict_wi
 from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining, ServerOptimizer
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              local_train, model_loss, sample_stragglers, server_update)
-from fedjax_lab.core.aggregation import WEIGHTINGS
+from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.metrics import initial_metrics
 from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number, check_positive_int, is_zero
@@ -112,8 +112,7 @@ def fednova(model: Model, client_optimizer: optax.GradientTransformation, *,
         check_positive_int("batch_size", batch_size)
     if tau_eff not in TAU_EFFS:
         raise ValueError(f"tau_eff {tau_eff!r} is unknown; allowed: {', '.join(TAU_EFFS)}")
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting {weighting!r} is unknown; allowed: {', '.join(WEIGHTINGS)}")
+    check_weighting(weighting)
     check_number("straggler_fraction", straggler_fraction, "0 <= s <= 1",
                  lambda value: 0 <= value <= 1)
     if straggler_fraction > 0 and num_epochs < 2:
