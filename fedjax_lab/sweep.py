@@ -8,9 +8,9 @@ client states, metrics, evaluations) over a leading run axis (`fedjax_lab.stacke
 differ in structure (epochs, batch size, cohort size, model widths, data seed) are separate
 groups. A group whose stacked runs would not fit the memory budget runs in chunks of points, each
 chunk the same program (the last chunk is padded by repeating its final point, whose copies are
-dropped). On CPU a group runs in chunks of one point by default, still one compiled program for
-all of them, because stacking made each run slower there (`_points_per_program`);
-`points_per_program` stacks them anyway.
+dropped). On CPU a group runs in chunks of one point by default, each the single run's own
+program (compiled once for all of them), because stacking made each run slower there
+(`_points_per_program`); `points_per_program` stacks them anyway.
 
 A sweep's seeds vary the run (initial model, cohorts, client keys); every point draws its data
 with the base config's `run.data_seed` (default: its `run.seed`), so a group trains on one
@@ -246,10 +246,9 @@ def _points_per_program(chunk_for, count: int, population, budget: int) -> int:
 
     A group far below the budget (8x its rough size) is not compiled to be measured; otherwise
     XLA's memory analysis of the compiled block decides. On XLA:CPU a stacked run costs more than
-    a run alone (two cores; benchmarks/RESULTS.md, "Sweeps"): the default job's MLP made 15.5
-    point-rounds per second alone, 9.6 with 8 points stacked and 6.3 with 64 (logistic
-    regression 410, 361, 368), and 8 seeds of the default job took 160 s one after another
-    through one compiled program against 193 s stacked.
+    a run alone (two cores; benchmarks/RESULTS.md, "Sweeps"): the default job's MLP made 95
+    point-rounds per second alone and 41 with 8 points stacked (logistic regression 1,231 and
+    1,275).
     """
     size = 1 if jax.default_backend() == "cpu" else count
     while True:

@@ -79,6 +79,22 @@ def test_every_grid_point_equals_its_config_run_alone(tmp_path, algorithm, optio
         assert_same_run(folder, alone)
 
 
+@pytest.mark.parametrize("algorithm, option, values", SWEEPS, ids=[s[0] for s in SWEEPS])
+def test_a_point_in_a_program_of_its_own_is_its_run_alone_bit_for_bit(tmp_path, algorithm,
+                                                                       option, values):
+    # One point per program is the CPU default: the single run's program, not a vmap over one.
+    sweep.sweep(_base(algorithm), [1], {option: values[:1]}, str(tmp_path / "sweep"),
+                points_per_program=1, progress=False)
+    [name] = os.listdir(tmp_path / "sweep" / sweep.POINTS_DIR)
+    folder = os.path.join(tmp_path, "sweep", sweep.POINTS_DIR, name)
+    config = run_config.load_config(os.path.join(folder, "config.json"))
+    alone = str(tmp_path / "alone")
+    run_config.run(dataclasses.replace(config, run=dataclasses.replace(config.run, output=alone)),
+                   progress=False)
+    for file in ("metrics.jsonl", "evaluations.jsonl"):
+        assert _lines(folder, file) == _lines(alone, file)
+
+
 def test_seeds_and_values_reuse_one_compiled_program(tmp_path):
     config = run_config.config_from_dict(options.merge(_base("fedprox"), {"run": {"rounds": 1,
                                                                                    "eval_every": 1}}))
