@@ -97,9 +97,9 @@ def _stacked_block(build, num_clients: int, cohort_size: int):
     def run(states, population, keys, hyperparameters, num_rounds):
         one = lambda state, key, values: rounds(state, population, key, values, num_rounds)
         if keys.shape[0] == 1:
-            # A run alone is the single run's own program, bit for bit. Vmapped over an axis
-            # of one, XLA:CPU ran the default job's 200 rounds 1.8x slower (3.7-4.0 s against
-            # 1.9-2.2 s), and a sweep on CPU runs its points one at a time.
+            # One run goes through the single run's own program, so the two agree bit for bit.
+            # Vmapped over an axis of one, XLA:CPU ran the default job's 200 rounds 1.8x slower
+            # (3.7-4.0 s against 1.9-2.2 s), and a sweep on CPU runs its points one at a time.
             squeezed = jax.tree.map(lambda leaf: leaf[0], (states, keys, hyperparameters))
             return jax.tree.map(lambda leaf: leaf[None], one(*squeezed))
         return jax.vmap(one)(states, keys, hyperparameters)
