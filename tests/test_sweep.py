@@ -51,6 +51,14 @@ def assert_same_run(folder: str, alone: str) -> None:
         _assert_rows_equal(_lines(folder, file), _lines(alone, file))
 
 
+def _rerun_alone(folder: str, output: str) -> str:
+    """Runs a sweep point's saved config alone into `output`; returns `output`."""
+    config = run_config.load_config(os.path.join(folder, "config.json"))
+    run_config.run(dataclasses.replace(config, run=dataclasses.replace(config.run, output=output)),
+                   progress=False)
+    return output
+
+
 def _lines(folder: str, name: str) -> list[dict]:
     with open(os.path.join(folder, name)) as f:
         return [json.loads(line) for line in f]
@@ -72,11 +80,7 @@ def test_every_grid_point_equals_its_config_run_alone(tmp_path, algorithm, optio
     # Two points (both values, both seeds) rerun alone from their saved configs.
     for name in (points[0], points[-1]):
         folder = os.path.join(output, sweep.POINTS_DIR, name)
-        config = run_config.load_config(os.path.join(folder, "config.json"))
-        alone = str(tmp_path / f"alone-{name}")
-        config = dataclasses.replace(config, run=dataclasses.replace(config.run, output=alone))
-        run_config.run(config, progress=False)
-        assert_same_run(folder, alone)
+        assert_same_run(folder, _rerun_alone(folder, str(tmp_path / f"alone-{name}")))
 
 
 @pytest.mark.parametrize("algorithm, option, values", SWEEPS, ids=[s[0] for s in SWEEPS])
@@ -87,10 +91,7 @@ def test_a_point_in_a_program_of_its_own_is_its_run_alone_bit_for_bit(tmp_path, 
                 points_per_program=1, progress=False)
     [name] = os.listdir(tmp_path / "sweep" / sweep.POINTS_DIR)
     folder = os.path.join(tmp_path, "sweep", sweep.POINTS_DIR, name)
-    config = run_config.load_config(os.path.join(folder, "config.json"))
-    alone = str(tmp_path / "alone")
-    run_config.run(dataclasses.replace(config, run=dataclasses.replace(config.run, output=alone)),
-                   progress=False)
+    alone = _rerun_alone(folder, str(tmp_path / "alone"))
     for file in ("metrics.jsonl", "evaluations.jsonl"):
         assert _lines(folder, file) == _lines(alone, file)
 
