@@ -115,7 +115,8 @@ def sweep_row(points: int) -> Row:
 def processes_row() -> Row:
     def run(scale: Scale) -> dict:
         with tempfile.TemporaryDirectory() as folder:
-            measured = sweep.seeds_as_sweep_and_runs(scale.job_rounds, folder, "off")
+            measured = sweep.seeds_as_sweep_and_runs(scale.job_rounds, folder, "off",
+                                                     one_at_a_time=False)
         return {
             "workload": f"{sweep.SEEDS} seeds of the default job, {scale.job_rounds} rounds, "
                         f"cache off",

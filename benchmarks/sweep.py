@@ -6,7 +6,8 @@
    `fedjax-lab sweep --seeds 0-7`, against eight `fedjax-lab run --seed i --data-seed 0`
    commands (the sweep's points draw the data with seed 0 too), each a fresh process, with the
    persistent compilation cache off and then on (a folder of its own for the sweep); wall time
-   including start-up and compiling.
+   including start-up and compiling. The sweep runs twice: its chunks one at a time
+   (`--chunks-at-once 1`), then as many at once as the default (the cores, on CPU).
 2. The same `fedjax-lab run` twice with a fresh cache folder: the compile seconds each records.
 3. Rounds per second per grid point of the vmapped sweep program for logistic regression and the
    MLP at 1, 8 and 64 points (a timed block of 20 rounds, 2 at 64 points, after a warm-up
@@ -38,18 +39,27 @@ def _command(argv: list[str], cache: str) -> float:
     return time.perf_counter() - start
 
 
-def seeds_as_sweep_and_runs(rounds: int, folder: str, cache_name: str) -> dict:
+def seeds_as_sweep_and_runs(rounds: int, folder: str, cache_name: str,
+                            one_at_a_time: bool = True) -> dict:
     """Wall seconds of SEEDS separate `fedjax-lab run` processes and of one `fedjax-lab sweep`
-    over the same seeds, with the compilation cache "off" or "on"."""
+    over the same seeds, with the compilation cache "off" or "on"; with `one_at_a_time`, also of
+    the sweep with `--chunks-at-once 1`."""
     job = ["--rounds", str(rounds)]
     cache = "off" if cache_name == "off" else os.path.join(folder, f"cache-{rounds}")
     separate = sum(_command(["run", "--seed", str(seed), "--data-seed", "0", "--output",
                              os.path.join(folder, f"run-{cache_name}-{seed}")] + job, cache)
                    for seed in range(SEEDS))
-    swept = _command(["sweep", "--seeds", f"0-{SEEDS - 1}", "--output",
-                      os.path.join(folder, f"sweep-{cache_name}")] + job,
-                     "off" if cache_name == "off" else os.path.join(folder, "cache-sweep"))
-    return {"separate_runs_s": separate, "sweep_s": swept, "ratio": separate / swept}
+    sweep_flags = {"sweep_s": []}
+    if one_at_a_time:
+        sweep_flags["sweep_one_at_a_time_s"] = ["--chunks-at-once", "1"]
+    measured = {"separate_runs_s": separate}
+    for name, flags in sweep_flags.items():
+        measured[name] = _command(
+            ["sweep", "--seeds", f"0-{SEEDS - 1}", "--output",
+             os.path.join(folder, f"{name}-{cache_name}")] + job + flags,
+            "off" if cache_name == "off" else os.path.join(folder, f"cache-{name}"))
+        measured[name.replace("sweep", "ratio").removesuffix("_s")] = separate / measured[name]
+    return measured
 
 
 def commands(rounds: int, folder: str, caches=("off", "on")) -> dict:

@@ -4,7 +4,7 @@
                    [--SECTION.OPTION VALUE ...] [--rounds N] [--seed N] [--output DIR] ...
     fedjax-lab run --resume DIR
     fedjax-lab sweep --output DIR [--seeds 0-7] [--SECTION.OPTION V1,V2,...] [run's options]
-    fedjax-lab sweep --resume DIR
+    fedjax-lab sweep --resume DIR [--chunks-at-once N]
     fedjax-lab list [NAME]
     fedjax-lab data describe [--data NAME] [--data.OPTION VALUE ...] [--plot FILE.png] [--json]
     fedjax-lab plot RUN_DIR [RUN_DIR ...] [--output FILE_OR_DIR]
@@ -19,7 +19,8 @@ Every option is validated before anything is compiled or written; a bad one is a
 of number options (`--algorithm.mu 0,0.01,0.1`); options marked sweepable share one compiled
 program across their values and the seeds (`fedjax_lab.sweep`). `--metric NAME` (default
 accuracy) picks the best setting; `--points-per-program N` sets the runs stacked in one program
-(default: as many as fit in memory; one on CPU, where stacking is slower).
+(default: as many as fit in memory; one on CPU, where stacking is slower) and `--chunks-at-once
+N` how many such programs run at once in threads (default: the cores on CPU, one elsewhere).
 
 `run` and `sweep` keep compiled programs in JAX's persistent compilation cache, so a second run of
 the same shape starts without compiling: `--compile-cache DIR` chooses the folder (default
@@ -51,7 +52,7 @@ def _flag(path: str) -> str:
         return "--" + rest.replace("_", "-")
     if rest == "name":
         return f"--{section}"
-    return f"--{path}"
+    return f"--{path}" if rest else "--" + path.replace("_", "-")
 
 
 def _error(message: str, code: int = 2) -> int:
@@ -164,12 +165,17 @@ def _sweep(argv: list[str]) -> int:
         print(__doc__)
         return 0
     pairs = _split_flags(argv, {"allow-divergence", "run.allow_divergence"})
-    own = ("config", "resume", "seeds", "metric", "points-per-program")
+    own = ("config", "resume", "seeds", "metric", "points-per-program", "chunks-at-once")
     special = {name: value for name, value in pairs if name in own}
     pairs = [(name, value) for name, value in pairs if name not in own]
+    counts = {}
+    for flag in ("points-per-program", "chunks-at-once"):
+        if special.get(flag) is not None:  # checked by the sweep, before it writes anything
+            counts[flag.replace("-", "_")] = options.parse_text(flag, special[flag], int)
     if "resume" in special:
-        if len(special) > 1 or pairs:
-            raise UsageError("--resume takes no other option: a sweep resumes as it was saved")
+        if set(special) - {"resume", "chunks-at-once"} or pairs:
+            raise UsageError("--resume takes no other option than --chunks-at-once: a sweep "
+                             "resumes as it was saved")
         folder = special["resume"]
         path = os.path.join(folder, sweeps.SWEEP_FILE)
         if not os.path.exists(path):
@@ -178,7 +184,8 @@ def _sweep(argv: list[str]) -> int:
             saved = json.load(f)
         summary = sweeps.sweep(saved["base"], saved["seeds"], saved["grid"], folder,
                                metric=saved["metric"],
-                               points_per_program=saved["points_per_program"], resume=True)
+                               points_per_program=saved["points_per_program"], resume=True,
+                               chunks_at_once=counts.get("chunks_at_once"))
         print(_table(summary), end="")
         return 0
     base = {} if "config" not in special else run_config.read_config_file(special["config"])
@@ -204,15 +211,9 @@ def _sweep(argv: list[str]) -> int:
     output = mapping.get("run", {}).pop("output", None)
     if output is None:
         raise UsageError("a sweep writes one folder per grid point: give --output DIR")
-    points_per_program = special.get("points-per-program")
-    if points_per_program is not None:
-        points_per_program = options.parse_text("points_per_program", points_per_program,
-                                                int)
-        if points_per_program < 1:
-            raise OptionError("points_per_program", points_per_program, "expected >= 1")
     seeds = sweeps.parse_seeds(special.get("seeds", "0"))
     summary = sweeps.sweep(mapping, seeds, grid, output, metric=special.get("metric", "accuracy"),
-                           points_per_program=points_per_program)
+                           **counts)
     print(_table(summary), end="")
     return 0
 

@@ -99,7 +99,7 @@ def _stacked_block(build, num_clients: int, cohort_size: int):
         if keys.shape[0] == 1:
             # One run goes through the single run's own program, so the two agree bit for bit.
             # Vmapped over an axis of one, XLA:CPU ran the default job's 200 rounds 1.8x slower
-            # (3.7-4.0 s against 1.9-2.2 s), and a sweep on CPU runs its points one at a time.
+            # (3.7-4.0 s against 1.9-2.2 s), and a sweep on CPU runs one point per program.
             squeezed = jax.tree.map(lambda leaf: leaf[0], (states, keys, hyperparameters))
             return jax.tree.map(lambda leaf: leaf[None], one(*squeezed))
         return jax.vmap(one)(states, keys, hyperparameters)

@@ -10,7 +10,9 @@ groups. A group whose stacked runs would not fit the memory budget runs in chunk
 chunk the same program (the last chunk is padded by repeating its final point, whose copies are
 dropped). On CPU a group runs in chunks of one point by default, each the single run's own
 program (compiled once for all of them), because stacking made each run slower there
-(`_points_per_program`); `points_per_program` stacks them anyway.
+(`_program_plan`); `points_per_program` stacks them anyway. There, as many chunks as the process
+has cores run at once, each in a thread of its own (a chunk's program is mostly XLA running
+without Python's lock), as many as fit the memory budget; `chunks_at_once` sets it.
 
 A sweep's seeds vary the run (initial model, cohorts, client keys); every point draws its data
 with the base config's `run.data_seed` (default: its `run.seed`), so a group trains on one
@@ -21,11 +23,13 @@ it alone, see `tests/test_sweep.py` for the equality), and the sweep writes `sum
 Checkpoints are the sweep's (stacked states per chunk), so `resume` continues after a kill -9.
 """
 
+import concurrent.futures
 import dataclasses
 import itertools
 import json
 import os
 import sys
+import threading
 import time
 from typing import Any, NamedTuple, Sequence
 
@@ -177,7 +181,8 @@ def _point_rows(metrics, index: int, first_round: int) -> list[dict]:
 
 
 def _run_chunk(chunk: _Chunk, population, rounds: int, eval_every: int,
-               checkpoint_every: int | None, resume: bool, progress: bool) -> None:
+               checkpoint_every: int | None, resume: bool, progress: bool,
+               stop_requested: threading.Event) -> None:
     states = chunk.runs.init()
     checkpoint_dir = chunk.folder
     if resume:
@@ -195,6 +200,8 @@ def _run_chunk(chunk: _Chunk, population, rounds: int, eval_every: int,
     done = int(np.asarray(states.round)[0])
     start = time.perf_counter()
     while done < rounds:
+        if stop_requested.is_set():  # another chunk failed: left as a kill -9 leaves it
+            return
         stop = experiment.next_stop(done, rounds, eval_every, checkpoint_every)
         states, metrics = chunk.runs.advance(states, population, stop - done)
         metrics = jax.device_get(metrics)  # on the host once, as a single run's are
@@ -240,9 +247,17 @@ def _run_chunk(chunk: _Chunk, population, rounds: int, eval_every: int,
         experiment.write_json_atomic(os.path.join(output, experiment.SUMMARY_FILE), summary)
 
 
-def _points_per_program(chunk_for, count: int, population, budget: int) -> int:
-    """The most points of a group whose compiled block fits `budget` bytes (halving from all);
-    one on CPU.
+def default_chunks_at_once() -> int:
+    """The chunks a sweep runs at once: the process's cores on CPU, one elsewhere."""
+    if jax.default_backend() != "cpu":
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _program_plan(chunk_for, count: int, population, budget: int,
+                  chunks_at_once: int) -> tuple[int, int]:
+    """(points per program, chunks at once) whose memory fits `budget` bytes: the most points
+    (halving from all; one on CPU), then up to `chunks_at_once` such chunks.
 
     A group far below the budget (8x its rough size) is not compiled to be measured; otherwise
     XLA's memory analysis of the compiled block decides. On XLA:CPU a stacked run costs more than
@@ -253,26 +268,51 @@ def _points_per_program(chunk_for, count: int, population, budget: int) -> int:
     size = 1 if jax.default_backend() == "cpu" else count
     while True:
         chunk = chunk_for(size)
-        if 8 * chunk.rough_bytes(population) <= budget:
-            return size
+        if 8 * chunks_at_once * chunk.rough_bytes(population) <= budget:
+            return size, chunks_at_once
         lowered = chunk.runs.lower(chunk.runs.init(), population, 1)
         stats = lowered.compile().memory_analysis()
         needed = 0 if stats is None else (stats.temp_size_in_bytes + stats.argument_size_in_bytes
                                           + stats.output_size_in_bytes)
         if needed <= budget:
-            return size
+            return size, min(chunks_at_once, budget // max(1, needed))
         if size == 1:
             raise OptionError("memory_budget", budget, f"one grid point alone needs {needed} "
                               "bytes; lower the cohort size or the model, or raise the budget")
         size = max(1, size // 2)
 
 
+def _run_at_once(jobs: list, run, chunks_at_once: int) -> None:
+    """`run(job, stop_requested)` for every job, `chunks_at_once` in threads at a time; the first
+    failure stops the others at their next block and is raised."""
+    stop_requested = threading.Event()
+    if chunks_at_once <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            run(job, stop_requested)
+        return
+    with concurrent.futures.ThreadPoolExecutor(chunks_at_once) as pool:
+        futures = [pool.submit(run, job, stop_requested) for job in jobs]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            stop_requested.set()
+            for future in futures:
+                future.cancel()
+            raise
+
+
 def sweep(base: dict, seeds: Sequence[int], grid: dict[str, Sequence], output: str, *,
           metric: str = "accuracy", points_per_program: int | None = None,
-          memory_budget_bytes: int | None = None, resume: bool = False,
-          progress: bool = True) -> dict:
+          chunks_at_once: int | None = None, memory_budget_bytes: int | None = None,
+          resume: bool = False, progress: bool = True) -> dict:
     """Runs every point of `grid` x `seeds` over the nested config mapping `base`; returns the
-    sweep summary (also written to `output`). See the module docstring."""
+    sweep summary (also written to `output`). See the module docstring; `chunks_at_once`
+    (default `default_chunks_at_once()`) only changes how fast, never what a point computes."""
+    for name, count in (("points_per_program", points_per_program),
+                        ("chunks_at_once", chunks_at_once)):
+        if count is not None and (not isinstance(count, int) or count < 1):
+            raise OptionError(name, count, "expected a whole number >= 1")
     spec = {"base": base, "seeds": [int(s) for s in seeds],
             "grid": {dotted: list(values) for dotted, values in grid.items()},
             "metric": metric, "points_per_program": points_per_program}
@@ -316,15 +356,24 @@ def sweep(base: dict, seeds: Sequence[int], grid: dict[str, Sequence], output: s
             real = len(chosen)
             return _Chunk(chosen + [chosen[-1]] * (size - real), real, dataset, folder(index))
 
-        size = points_per_program or _points_per_program(chunk_for, len(members), population,
-                                                         budget)
+        at_once = chunks_at_once or default_chunks_at_once()
+        if points_per_program:
+            size = points_per_program
+        else:
+            size, at_once = _program_plan(chunk_for, len(members), population, budget, at_once)
+        jobs = []
         for index, start in enumerate(range(0, len(members), size)):
-            real = members[start:start + size]
-            if resume and all(os.path.exists(os.path.join(p.config.run.output,
-                                                          experiment.SUMMARY_FILE))
-                              for p in real):
-                continue
-            chunk = chunk_for(size, start, index)
-            _run_chunk(chunk, population, first.run.rounds, first.run.eval_every,
-                       base_config.run.checkpoint_every, resume, progress)
+            finished = resume and all(
+                os.path.exists(os.path.join(p.config.run.output, experiment.SUMMARY_FILE))
+                for p in members[start:start + size])
+            if not finished:
+                jobs.append((index, start))
+
+        def run_job(job, stop_requested):
+            index, start = job
+            _run_chunk(chunk_for(size, start, index), population, first.run.rounds,
+                       first.run.eval_every, base_config.run.checkpoint_every, resume, progress,
+                       stop_requested)
+
+        _run_at_once(jobs, run_job, at_once)
     return write_report(output, points, metric)

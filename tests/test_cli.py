@@ -143,6 +143,8 @@ def test_sweep_command_writes_points_summary_and_plot(tmp_path, capsys):
     (["--algorithm.server.optimizer", "sgd,adam"], "not numeric"),
     (["--seeds", "3-1"], "--seeds"),
     (["--algorithm.mu", "0,-1"], "--algorithm.mu"),
+    (["--chunks-at-once", "0"], "--chunks-at-once"),
+    (["--points-per-program", "two"], "--points-per-program"),
     ([], "--output"),
 ])
 def test_sweep_command_refuses_bad_grids_in_one_line(tmp_path, capsys, argv, message):

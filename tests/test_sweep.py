@@ -1,10 +1,12 @@
 """Sweeps: every grid point equals its configuration run alone; one program per structure;
-bad grids refused before anything runs; resume after an interruption."""
+chunks run at once in threads change nothing; bad grids refused before anything runs; resume
+after an interruption."""
 
 import dataclasses
 import json
 import os
 import shutil
+import threading
 
 import pytest
 
@@ -119,11 +121,12 @@ def test_chunks_and_structural_groups(tmp_path):
     chunked = sweep.sweep(_base("fedprox"), [0], grid, str(tmp_path / "chunked"),
                           points_per_program=3, progress=False)
     one_by_one = sweep.sweep(_base("fedprox"), [0], grid, str(tmp_path / "default"),
-                             progress=False)
+                             chunks_at_once=2, progress=False)
     assert whole["settings"] == chunked["settings"] == one_by_one["settings"]
     checkpoints = sorted(os.listdir(tmp_path / "whole" / "checkpoints"))
     assert checkpoints == ["group0-chunk0", "group1-chunk0"]  # epochs change the structure
-    # On CPU a group's points run one after another, through one compiled program per group.
+    # On CPU each point is a chunk of its own, two running at once in threads, all of a group's
+    # through one compiled program.
     assert sorted(os.listdir(tmp_path / "default" / "checkpoints")) == [
         "group0-chunk0", "group0-chunk1", "group1-chunk0", "group1-chunk1"]
     for name in os.listdir(tmp_path / "whole" / sweep.POINTS_DIR):
@@ -136,25 +139,45 @@ def test_resume_after_interruption_gives_the_uninterrupted_sweep(tmp_path):
     base = options.merge(_base("fedavg"), {"run": {"rounds": 4, "checkpoint_every": 2}})
     grid = {"algorithm.client.lr": [0.05, 0.2]}
     reference = str(tmp_path / "reference")
-    sweep.sweep(base, [0], grid, reference, points_per_program=2, progress=False)
+    # Two chunks of one point, running at once.
+    sweep.sweep(base, [0], grid, reference, points_per_program=1, chunks_at_once=2,
+                progress=False)
     interrupted = str(tmp_path / "interrupted")
     shutil.copytree(reference, interrupted)
-    # As if killed after the round-2 checkpoint: no summaries, the last checkpoint gone, the
-    # metrics files holding a partial block.
-    chunk = os.path.join(interrupted, "checkpoints", "group0-chunk0")
-    os.remove(os.path.join(chunk, sorted(os.listdir(chunk))[-1]))
+    # As if killed after the round-2 checkpoints: no summaries, each chunk's last checkpoint
+    # gone, the metrics files holding a partial block.
+    for chunk in ("group0-chunk0", "group0-chunk1"):
+        folder = os.path.join(interrupted, "checkpoints", chunk)
+        os.remove(os.path.join(folder, sorted(os.listdir(folder))[-1]))
     for name in os.listdir(os.path.join(interrupted, sweep.POINTS_DIR)):
         folder = os.path.join(interrupted, sweep.POINTS_DIR, name)
         os.remove(os.path.join(folder, "summary.json"))
         with open(os.path.join(folder, "metrics.jsonl"), "a") as out:
             out.write('{"round": 3, "partial": ')
-    sweep.sweep(base, [0], grid, interrupted, points_per_program=2, resume=True, progress=False)
+    sweep.sweep(base, [0], grid, interrupted, points_per_program=1, chunks_at_once=2,
+                resume=True, progress=False)
     for name in os.listdir(os.path.join(reference, sweep.POINTS_DIR)):
         for file in ("metrics.jsonl", "evaluations.jsonl"):
             assert (_lines(os.path.join(reference, sweep.POINTS_DIR, name), file) ==
                     _lines(os.path.join(interrupted, sweep.POINTS_DIR, name), file))
     with pytest.raises(ValueError, match="different sweep"):
         sweep.sweep(base, [0, 1], grid, interrupted, resume=True, progress=False)
+
+
+def test_a_failing_chunk_stops_the_chunks_running_with_it():
+    second_running, told_to_stop = threading.Event(), []
+
+    def run(job, stop_requested):
+        if job == 0:
+            second_running.wait(timeout=10)  # both chunks run at once
+            raise RuntimeError("chunk 0 failed")
+        second_running.set()
+        told_to_stop.append(stop_requested.wait(timeout=10))
+
+    with pytest.raises(RuntimeError, match="chunk 0 failed"):
+        sweep._run_at_once([0, 1, 2], run, chunks_at_once=2)
+    # Chunk 1 was told to stop; chunk 2 was cancelled, or told to stop if it had started.
+    assert told_to_stop in ([True], [True, True])
 
 
 @pytest.mark.parametrize("grid, seeds, message", [
