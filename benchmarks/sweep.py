@@ -25,8 +25,8 @@ import time
 
 import jax
 
-from fedjax_lab import options
-from fedjax_lab import sweep as sweeps
+from fedjax_lab import config as run_config
+from fedjax_lab import options, sweep_grid
 from fedjax_lab.stacked import StackedRuns
 
 SEEDS = 8
@@ -90,8 +90,8 @@ def throughput(model: str, points: int, rounds: int | None = None) -> dict:
     `rounds` timed rounds (by default 20, fewer above 8 points: 160 point-rounds, at least 2)."""
     rounds = max(2, min(20, 160 // points)) if rounds is None else rounds
     base = {"model": {"name": model}, "run": {"rounds": rounds, "eval_every": rounds}}
-    grid = sweeps.grid_points(base, range(points), {}, tempfile.mkdtemp())
-    dataset = sweeps.run_config.load_data(grid[0].config)
+    grid = sweep_grid.grid_points(base, range(points), {}, tempfile.mkdtemp())
+    dataset = run_config.load_data(grid[0].config)
     runs = StackedRuns([point.config for point in grid], dataset)
     population = jax.device_put(dataset.train.pad())
     states = runs.init()

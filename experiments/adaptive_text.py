@@ -75,7 +75,8 @@ from experiments.common import (band, experiment_parser, mean_std, parse_args, p
                                 save_figure, start, write_results)
 from fedjax_lab import config as run_config
 from fedjax_lab import experiment as run_experiment
-from fedjax_lab.sweep import grid_points, sweep
+from fedjax_lab.sweep import sweep
+from fedjax_lab.sweep_grid import grid_points
 
 METHODS = ("fedavg", "fedadam", "fedyogi")
 LABELS = {"fedavg": "FedAvg (server SGD)", "fedadam": "FedAdam", "fedyogi": "FedYogi"}

@@ -4,6 +4,8 @@
                    [--SECTION.OPTION VALUE ...] [--rounds N] [--seed N] [--output DIR] ...
     fedjax-lab run --resume DIR
     fedjax-lab sweep --output DIR [--seeds 0-7] [--SECTION.OPTION V1,V2,...] [run's options]
+                     [--metric NAME] [--points-per-program N] [--chunks-at-once N]
+                     [--memory-budget BYTES]
     fedjax-lab sweep --resume DIR [--chunks-at-once N]
     fedjax-lab list [NAME]
     fedjax-lab data describe [--data NAME] [--data.OPTION VALUE ...] [--plot FILE.png] [--json]
@@ -19,8 +21,10 @@ Every option is validated before anything is compiled or written; a bad one is a
 of number options (`--algorithm.mu 0,0.01,0.1`); options marked sweepable share one compiled
 program across their values and the seeds (`fedjax_lab.sweep`). `--metric NAME` (default
 accuracy) picks the best setting; `--points-per-program N` sets the runs stacked in one program
-(default: as many as fit in memory; one on CPU, where stacking is slower) and `--chunks-at-once
-N` how many such programs run at once in threads (default: the cores on CPU, one elsewhere).
+(default: as many as fit in memory; one on CPU, where stacking is slower), `--chunks-at-once N`
+how many such programs run at once in threads (default: the cores on CPU, one elsewhere) and
+`--memory-budget BYTES` the memory they may take together (default: half the device's, the
+host's on CPU).
 
 `run` and `sweep` keep compiled programs in JAX's persistent compilation cache, so a second run of
 the same shape starts without compiling: `--compile-cache DIR` chooses the folder (default
@@ -160,18 +164,22 @@ def _takes_tuple(annotation) -> bool:
 
 def _sweep(argv: list[str]) -> int:
     from fedjax_lab import sweep as sweeps
+    from fedjax_lab.sweep_grid import parse_seeds
 
     if any(arg in ("-h", "--help") for arg in argv):
         print(__doc__)
         return 0
     pairs = _split_flags(argv, {"allow-divergence", "run.allow_divergence"})
-    own = ("config", "resume", "seeds", "metric", "points-per-program", "chunks-at-once")
+    own = ("config", "resume", "seeds", "metric", "points-per-program", "chunks-at-once",
+           "memory-budget")
     special = {name: value for name, value in pairs if name in own}
     pairs = [(name, value) for name, value in pairs if name not in own]
     counts = {}
-    for flag in ("points-per-program", "chunks-at-once"):
+    for flag, name in (("points-per-program", "points_per_program"),
+                       ("chunks-at-once", "chunks_at_once"),
+                       ("memory-budget", "memory_budget_bytes")):
         if special.get(flag) is not None:  # checked by the sweep, before it writes anything
-            counts[flag.replace("-", "_")] = options.parse_text(flag, special[flag], int)
+            counts[name] = options.parse_text(flag, special[flag], int)
     if "resume" in special:
         if set(special) - {"resume", "chunks-at-once"} or pairs:
             raise UsageError("--resume takes no other option than --chunks-at-once: a sweep "
@@ -184,7 +192,8 @@ def _sweep(argv: list[str]) -> int:
             saved = json.load(f)
         summary = sweeps.sweep(saved["base"], saved["seeds"], saved["grid"], folder,
                                metric=saved["metric"],
-                               points_per_program=saved["points_per_program"], resume=True,
+                               points_per_program=saved["points_per_program"],
+                               memory_budget_bytes=saved.get("memory_budget_bytes"), resume=True,
                                chunks_at_once=counts.get("chunks_at_once"))
         print(_table(summary), end="")
         return 0
@@ -211,7 +220,7 @@ def _sweep(argv: list[str]) -> int:
     output = mapping.get("run", {}).pop("output", None)
     if output is None:
         raise UsageError("a sweep writes one folder per grid point: give --output DIR")
-    seeds = sweeps.parse_seeds(special.get("seeds", "0"))
+    seeds = parse_seeds(special.get("seeds", "0"))
     summary = sweeps.sweep(mapping, seeds, grid, output, metric=special.get("metric", "accuracy"),
                            **counts)
     print(_table(summary), end="")

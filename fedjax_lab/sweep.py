@@ -10,9 +10,10 @@ groups. A group whose stacked runs would not fit the memory budget runs in chunk
 chunk the same program (the last chunk is padded by repeating its final point, whose copies are
 dropped). On CPU a group runs in chunks of one point by default, each the single run's own
 program (compiled once for all of them), because stacking made each run slower there
-(`_program_plan`); `points_per_program` stacks them anyway. There, as many chunks as the process
+(`_plan`); `points_per_program` stacks them anyway. There, as many chunks as the process
 has cores run at once, each in a thread of its own (a chunk's program is mostly XLA running
-without Python's lock), as many as fit the memory budget; `chunks_at_once` sets it.
+without Python's lock), as many as fit the memory budget; `chunks_at_once` sets it. Every group
+is loaded and sized before anything is written, so a grid that cannot run is refused whole.
 
 A sweep's seeds vary the run (initial model, cohorts, client keys); every point draws its data
 with the base config's `run.data_seed` (default: its `run.seed`), so a group trains on one
@@ -24,8 +25,6 @@ Checkpoints are the sweep's (stacked states per chunk), so `resume` continues af
 """
 
 import concurrent.futures
-import dataclasses
-import itertools
 import json
 import os
 import sys
@@ -40,99 +39,12 @@ from fedjax_lab import checkpoint, experiment, options
 from fedjax_lab import config as run_config
 from fedjax_lab.options import OptionError
 from fedjax_lab.stacked import StackedRuns
+from fedjax_lab.sweep_grid import Point, grid_points, group_key
 from fedjax_lab.sweep_report import write_report
 
 SWEEP_FILE = "sweep.json"
-POINTS_DIR = "points"
-# Run options a grid may vary (other run options are how a run goes, not what it computes).
-GRID_RUN_OPTIONS = ("cohort_size", "data_seed")
 # The share of memory the stacked runs of one program may take when no budget is given.
 DEFAULT_MEMORY_SHARE = 0.5
-
-
-class Point(NamedTuple):
-    """One grid point: its grid values (without the seed), its seed and its validated config."""
-
-    setting: tuple[tuple[str, Any], ...]
-    seed: int
-    config: run_config.Config
-
-    @property
-    def name(self) -> str:
-        return ",".join([f"{path}={value}" for path, value in self.setting] +
-                        [f"seed={self.seed}"])
-
-
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """"0-7" (inclusive), "0,3,5" or "4"; an empty or malformed range is an `OptionError`."""
-    seeds = []
-    for part in text.split(","):
-        first, dash, last = part.strip().partition("-")
-        try:
-            low, high = int(first), int(last) if dash else int(first)
-        except ValueError:
-            raise OptionError("seeds", text, "expected seeds like 0-7 or 0,3,5") from None
-        if low < 0 or high < low:
-            raise OptionError("seeds", text, f"range {part.strip()!r} is empty or negative")
-        seeds.extend(range(low, high + 1))
-    if len(set(seeds)) != len(seeds):
-        raise OptionError("seeds", text, "a seed is listed twice")
-    return tuple(seeds)
-
-
-def check_grid_option(dotted: str, values: Sequence, mapping: dict) -> None:
-    """Refuses a grid over an option that is not a number or not a hyperparameter of the run."""
-    section, _, rest = dotted.partition(".")
-    values = list(values)
-    if dotted == "run.seed":
-        raise OptionError(dotted, values, "the seeds are given by --seeds")
-    if section == "run" and rest not in GRID_RUN_OPTIONS:
-        raise OptionError(dotted, values, "not a hyperparameter (a sweep may vary "
-                          f"{', '.join('run.' + name for name in GRID_RUN_OPTIONS)} among the "
-                          "run options)")
-    annotation = run_config.override_annotation(dotted, mapping)
-    kinds = set(getattr(annotation, "__args__", (annotation,))) - {type(None)}
-    if not kinds or not kinds <= {int, float}:
-        raise OptionError(dotted, values, "not numeric, so not sweepable; list the values of a "
-                          "number option (`fedjax-lab list NAME` marks the sweepable ones)")
-
-
-def grid_points(base: dict, seeds: Sequence[int], grid: dict[str, Sequence],
-                output: str) -> list[Point]:
-    """Every (setting, seed) of `grid` over the nested mapping `base`, each validated, with its
-    own output folder and the sweep's data seed."""
-    if not seeds:
-        raise OptionError("seeds", "", "expected at least one seed")
-    for dotted, values in grid.items():
-        check_grid_option(dotted, values, base)
-        if not len(values):
-            raise OptionError(dotted, [], "expected at least one value")
-    base_config = run_config.config_from_dict(options.merge(base, {"run": {"output": output}}))
-    data_seed = (base_config.run.seed if base_config.run.data_seed is None
-                 else base_config.run.data_seed)
-    points = []
-    for values in itertools.product(*grid.values()):
-        setting = tuple(zip(grid, values))
-        for seed in seeds:
-            point = Point(setting, int(seed), None)
-            mapping = base
-            for dotted, value in setting:
-                mapping = options.merge(mapping, options.nest(dotted, value))
-            mapping = options.merge(mapping, {"run": {
-                "seed": int(seed), "checkpoint_every": None,
-                "output": os.path.join(output, POINTS_DIR, point.name),
-                "data_seed": dict(setting).get("run.data_seed", data_seed)}})
-            points.append(point._replace(config=run_config.config_from_dict(mapping)))
-    return points
-
-
-def group_key(config: run_config.Config):
-    """What makes a program: the algorithm's structure, model, data and run options, all but
-    the traced values, the seed and where the results go."""
-    structure, _ = run_config.algorithm_structure(config)
-    run = dataclasses.replace(config.run, seed=0, output=None, checkpoint_every=None,
-                              allow_divergence=False)
-    return config.algorithm.name, structure, config.model, config.data, run
 
 
 def memory_budget() -> int:
@@ -254,31 +166,59 @@ def default_chunks_at_once() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def _program_plan(chunk_for, count: int, population, budget: int,
-                  chunks_at_once: int) -> tuple[int, int]:
-    """(points per program, chunks at once) whose memory fits `budget` bytes: the most points
-    (halving from all; one on CPU), then up to `chunks_at_once` such chunks.
+class _Group(NamedTuple):
+    """The points of one structure (one program), their data and how their chunks run."""
 
-    A group far below the budget (8x its rough size) is not compiled to be measured; otherwise
-    XLA's memory analysis of the compiled block decides. On XLA:CPU a stacked run costs more than
-    a run alone (two cores; benchmarks/RESULTS.md, "Sweeps"): the default job's MLP made 95
+    members: list[Point]
+    dataset: Any
+    points_per_program: int
+    chunks_at_once: int
+
+    def chunk(self, start: int, folder: str) -> _Chunk:
+        """The `points_per_program` points from `start`, the last repeated to fill the chunk."""
+        chosen = self.members[start:start + self.points_per_program]
+        padding = [chosen[-1]] * (self.points_per_program - len(chosen))
+        return _Chunk(chosen + padding, len(chosen), self.dataset, folder)
+
+
+def _plan(members: list[Point], dataset, budget: int, points_per_program: int | None,
+          chunks_at_once: int) -> _Group:
+    """The group of `members` on `dataset`, refused if it cannot run; unless `points_per_program`
+    is given, the most points per program whose memory fits `budget` bytes (halving from all;
+    one on CPU), then up to `chunks_at_once` such chunks at once.
+
+    A group far below the budget (8x its rough size) is not compiled to be measured, nor one whose
+    rough size alone exceeds it; otherwise XLA's memory analysis of the compiled block decides
+    (the sweep then runs that compiled program). On XLA:CPU a stacked run costs more than a run
+    alone (two cores; benchmarks/RESULTS.md, "Sweeps"): the default job's MLP made 95
     point-rounds per second alone and 41 with 8 points stacked (logistic regression 1,231 and
     1,275).
     """
-    size = 1 if jax.default_backend() == "cpu" else count
+    first = members[0].config
+    if experiment.padded_bytes(dataset.train) > experiment.DEVICE_POPULATION_BYTES:
+        raise OptionError("data", first.data.name, "a sweep keeps the population on the "
+                          "device, and this one is too large; run its points one by one")
+    experiment.check_metrics(run_config.traced_algorithm(first, dataset.info()))
+    if points_per_program:
+        return _Group(members, dataset, points_per_program, chunks_at_once)
+    population = jax.device_put(dataset.train.pad())
+    size = 1 if jax.default_backend() == "cpu" else len(members)
     while True:
-        chunk = chunk_for(size)
-        if 8 * chunks_at_once * chunk.rough_bytes(population) <= budget:
-            return size, chunks_at_once
-        lowered = chunk.runs.lower(chunk.runs.init(), population, 1)
-        stats = lowered.compile().memory_analysis()
-        needed = 0 if stats is None else (stats.temp_size_in_bytes + stats.argument_size_in_bytes
-                                          + stats.output_size_in_bytes)
+        chunk = _Group(members, dataset, size, chunks_at_once).chunk(0, "")
+        needed = chunk.rough_bytes(population)  # a lower bound
+        if 8 * chunks_at_once * needed <= budget:
+            return _Group(members, dataset, size, chunks_at_once)
+        if needed <= budget:  # then the compiled program's own count decides
+            stats = chunk.runs.lower(chunk.runs.init(), population, 1).compile().memory_analysis()
+            needed = 0 if stats is None else (stats.temp_size_in_bytes +
+                                              stats.argument_size_in_bytes +
+                                              stats.output_size_in_bytes)
         if needed <= budget:
-            return size, min(chunks_at_once, budget // max(1, needed))
+            return _Group(members, dataset, size, min(chunks_at_once, budget // max(1, needed)))
         if size == 1:
-            raise OptionError("memory_budget", budget, f"one grid point alone needs {needed} "
-                              "bytes; lower the cohort size or the model, or raise the budget")
+            raise OptionError("memory_budget", budget, f"one grid point alone needs at least "
+                              f"{needed} bytes; lower the cohort size or the model, or raise "
+                              "the budget")
         size = max(1, size // 2)
 
 
@@ -310,12 +250,14 @@ def sweep(base: dict, seeds: Sequence[int], grid: dict[str, Sequence], output: s
     sweep summary (also written to `output`). See the module docstring; `chunks_at_once`
     (default `default_chunks_at_once()`) only changes how fast, never what a point computes."""
     for name, count in (("points_per_program", points_per_program),
-                        ("chunks_at_once", chunks_at_once)):
+                        ("chunks_at_once", chunks_at_once),
+                        ("memory_budget", memory_budget_bytes)):
         if count is not None and (not isinstance(count, int) or count < 1):
             raise OptionError(name, count, "expected a whole number >= 1")
     spec = {"base": base, "seeds": [int(s) for s in seeds],
             "grid": {dotted: list(values) for dotted, values in grid.items()},
-            "metric": metric, "points_per_program": points_per_program}
+            "metric": metric, "points_per_program": points_per_program,
+            "memory_budget_bytes": memory_budget_bytes}
     points = grid_points(base, seeds, grid, output)
     base_config = run_config.config_from_dict(options.merge(base, {"run": {"output": output}}))
     sweep_file = os.path.join(output, SWEEP_FILE)
@@ -326,54 +268,49 @@ def sweep(base: dict, seeds: Sequence[int], grid: dict[str, Sequence], output: s
             if json.load(f) != json.loads(json.dumps(spec)):
                 raise experiment.ConfigMismatchError(
                     f"cannot resume {output!r} with a different sweep than its {SWEEP_FILE}")
-    else:
+    elif os.path.exists(sweep_file):
+        raise FileExistsError(f"output folder {output!r} already holds a sweep")
+    structures: dict[Any, list[Point]] = {}
+    for point in points:
+        structures.setdefault(group_key(point.config), []).append(point)
+    # Every group is loaded and sized before anything is written, so what cannot run (data too
+    # large, a cohort larger than the data, a point over the memory budget) leaves no trace.
+    budget = memory_budget() if memory_budget_bytes is None else memory_budget_bytes
+    datasets = {}
+    groups = []
+    for members in structures.values():
+        run = members[0].config.run
+        key = (members[0].config.data, run.data_seed, run.cohort_size)
+        if key not in datasets:
+            datasets[key] = run_config.load_data(members[0].config)
+        groups.append(_plan(members, datasets[key], budget, points_per_program,
+                            chunks_at_once or default_chunks_at_once()))
+    if not resume:
         experiment.prepare_output_dir(output)
-        if os.path.exists(sweep_file):
-            raise FileExistsError(f"output folder {output!r} already holds a sweep")
         for point in points:
             experiment.prepare_output_dir(point.config.run.output)
             experiment.write_json_atomic(
                 os.path.join(point.config.run.output, experiment.CONFIG_FILE),
                 point.config.to_dict())
         experiment.write_json_atomic(sweep_file, spec)
-    budget = memory_budget() if memory_budget_bytes is None else memory_budget_bytes
-    groups: dict[Any, list[Point]] = {}
-    for point in points:
-        groups.setdefault(group_key(point.config), []).append(point)
-    for group_index, members in enumerate(groups.values()):
-        first = members[0].config
-        dataset = run_config.load_data(first)
-        if experiment.padded_bytes(dataset.train) > experiment.DEVICE_POPULATION_BYTES:
-            raise OptionError("data", first.data.name, "a sweep keeps the population on the "
-                              "device, and this one is too large; run its points one by one")
-        experiment.check_metrics(run_config.traced_algorithm(first, dataset.info()))
-        population = jax.device_put(dataset.train.pad())
-        folder = lambda c: os.path.join(output, experiment.CHECKPOINT_DIR,
-                                        f"group{group_index}-chunk{c}")
-
-        def chunk_for(size, start=0, index=0):
-            chosen = members[start:start + size]
-            real = len(chosen)
-            return _Chunk(chosen + [chosen[-1]] * (size - real), real, dataset, folder(index))
-
-        at_once = chunks_at_once or default_chunks_at_once()
-        if points_per_program:
-            size = points_per_program
-        else:
-            size, at_once = _program_plan(chunk_for, len(members), population, budget, at_once)
+    for group_index, group in enumerate(groups):
+        population = jax.device_put(group.dataset.train.pad())
+        first, size = group.members[0].config, group.points_per_program
         jobs = []
-        for index, start in enumerate(range(0, len(members), size)):
+        for index, start in enumerate(range(0, len(group.members), size)):
             finished = resume and all(
                 os.path.exists(os.path.join(p.config.run.output, experiment.SUMMARY_FILE))
-                for p in members[start:start + size])
+                for p in group.members[start:start + size])
             if not finished:
                 jobs.append((index, start))
 
         def run_job(job, stop_requested):
             index, start = job
-            _run_chunk(chunk_for(size, start, index), population, first.run.rounds,
+            folder = os.path.join(output, experiment.CHECKPOINT_DIR,
+                                  f"group{group_index}-chunk{index}")
+            _run_chunk(group.chunk(start, folder), population, first.run.rounds,
                        first.run.eval_every, base_config.run.checkpoint_every, resume, progress,
                        stop_requested)
 
-        _run_at_once(jobs, run_job, at_once)
+        _run_at_once(jobs, run_job, group.chunks_at_once)
     return write_report(output, points, metric)

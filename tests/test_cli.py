@@ -144,6 +144,7 @@ def test_sweep_command_writes_points_summary_and_plot(tmp_path, capsys):
     (["--seeds", "3-1"], "--seeds"),
     (["--algorithm.mu", "0,-1"], "--algorithm.mu"),
     (["--chunks-at-once", "0"], "--chunks-at-once"),
+    (["--memory-budget", "1000"], "--memory-budget 1000 is invalid; one grid point alone needs"),
     (["--points-per-program", "two"], "--points-per-program"),
     ([], "--output"),
 ])

@@ -8,9 +8,10 @@ import os
 import shutil
 import threading
 
+import jax
 import pytest
 
-from fedjax_lab import compiled, options, sweep
+from fedjax_lab import compiled, options, sweep, sweep_grid
 from fedjax_lab import config as run_config
 from fedjax_lab.options import OptionError
 
@@ -77,11 +78,11 @@ def test_every_grid_point_equals_its_config_run_alone(tmp_path, algorithm, optio
     summary = sweep.sweep(_base(algorithm), [0, 1], {option: values}, output,
                           points_per_program=4, progress=False)
     assert [row["setting"] for row in summary["settings"]] == [{option: v} for v in values]
-    points = sorted(os.listdir(os.path.join(output, sweep.POINTS_DIR)))
+    points = sorted(os.listdir(os.path.join(output, sweep_grid.POINTS_DIR)))
     assert len(points) == 4
     # Two points (both values, both seeds) rerun alone from their saved configs.
     for name in (points[0], points[-1]):
-        folder = os.path.join(output, sweep.POINTS_DIR, name)
+        folder = os.path.join(output, sweep_grid.POINTS_DIR, name)
         assert_same_run(folder, _rerun_alone(folder, str(tmp_path / f"alone-{name}")))
 
 
@@ -91,8 +92,8 @@ def test_a_point_in_a_program_of_its_own_is_its_run_alone_bit_for_bit(tmp_path, 
     # One point per program is the CPU default: the single run's program, not a vmap over one.
     sweep.sweep(_base(algorithm), [1], {option: values[:1]}, str(tmp_path / "sweep"),
                 points_per_program=1, progress=False)
-    [name] = os.listdir(tmp_path / "sweep" / sweep.POINTS_DIR)
-    folder = os.path.join(tmp_path, "sweep", sweep.POINTS_DIR, name)
+    [name] = os.listdir(tmp_path / "sweep" / sweep_grid.POINTS_DIR)
+    folder = os.path.join(tmp_path, "sweep", sweep_grid.POINTS_DIR, name)
     alone = _rerun_alone(folder, str(tmp_path / "alone"))
     for file in ("metrics.jsonl", "evaluations.jsonl"):
         assert _lines(folder, file) == _lines(alone, file)
@@ -129,10 +130,10 @@ def test_chunks_and_structural_groups(tmp_path):
     # through one compiled program.
     assert sorted(os.listdir(tmp_path / "default" / "checkpoints")) == [
         "group0-chunk0", "group0-chunk1", "group1-chunk0", "group1-chunk1"]
-    for name in os.listdir(tmp_path / "whole" / sweep.POINTS_DIR):
+    for name in os.listdir(tmp_path / "whole" / sweep_grid.POINTS_DIR):
         for other in ("chunked", "default"):
-            assert (_lines(str(tmp_path / "whole" / sweep.POINTS_DIR / name), "metrics.jsonl") ==
-                    _lines(str(tmp_path / other / sweep.POINTS_DIR / name), "metrics.jsonl"))
+            assert (_lines(str(tmp_path / "whole" / sweep_grid.POINTS_DIR / name), "metrics.jsonl") ==
+                    _lines(str(tmp_path / other / sweep_grid.POINTS_DIR / name), "metrics.jsonl"))
 
 
 def test_resume_after_interruption_gives_the_uninterrupted_sweep(tmp_path):
@@ -149,19 +150,34 @@ def test_resume_after_interruption_gives_the_uninterrupted_sweep(tmp_path):
     for chunk in ("group0-chunk0", "group0-chunk1"):
         folder = os.path.join(interrupted, "checkpoints", chunk)
         os.remove(os.path.join(folder, sorted(os.listdir(folder))[-1]))
-    for name in os.listdir(os.path.join(interrupted, sweep.POINTS_DIR)):
-        folder = os.path.join(interrupted, sweep.POINTS_DIR, name)
+    for name in os.listdir(os.path.join(interrupted, sweep_grid.POINTS_DIR)):
+        folder = os.path.join(interrupted, sweep_grid.POINTS_DIR, name)
         os.remove(os.path.join(folder, "summary.json"))
         with open(os.path.join(folder, "metrics.jsonl"), "a") as out:
             out.write('{"round": 3, "partial": ')
     sweep.sweep(base, [0], grid, interrupted, points_per_program=1, chunks_at_once=2,
                 resume=True, progress=False)
-    for name in os.listdir(os.path.join(reference, sweep.POINTS_DIR)):
+    for name in os.listdir(os.path.join(reference, sweep_grid.POINTS_DIR)):
         for file in ("metrics.jsonl", "evaluations.jsonl"):
-            assert (_lines(os.path.join(reference, sweep.POINTS_DIR, name), file) ==
-                    _lines(os.path.join(interrupted, sweep.POINTS_DIR, name), file))
+            assert (_lines(os.path.join(reference, sweep_grid.POINTS_DIR, name), file) ==
+                    _lines(os.path.join(interrupted, sweep_grid.POINTS_DIR, name), file))
     with pytest.raises(ValueError, match="different sweep"):
         sweep.sweep(base, [0, 1], grid, interrupted, resume=True, progress=False)
+
+
+def test_chunks_at_once_are_as_many_as_their_compiled_programs_fit_the_memory_budget():
+    points = sweep_grid.grid_points(_base("fedprox"), [0, 1, 2], {}, "unwritten")
+    dataset = run_config.load_data(points[0].config)
+    population = jax.device_put(dataset.train.pad())
+    chunk = sweep._Group(points, dataset, 1, 1).chunk(0, "")
+    stats = chunk.runs.lower(chunk.runs.init(), population, 1).compile().memory_analysis()
+    needed = (stats.temp_size_in_bytes + stats.argument_size_in_bytes +
+              stats.output_size_in_bytes)
+    # Both budgets are under 8x the rough size of two chunks, so the compiled program is measured.
+    assert 3 * needed < 16 * chunk.rough_bytes(population)
+    for budget, at_once in ((needed + needed // 2, 1), (2 * needed, 2), (3 * needed, 2)):
+        group = sweep._plan(points, dataset, budget, None, 2)
+        assert (group.points_per_program, group.chunks_at_once) == (1, at_once), budget
 
 
 def test_a_failing_chunk_stops_the_chunks_running_with_it():
@@ -188,6 +204,7 @@ def test_a_failing_chunk_stops_the_chunks_running_with_it():
     ({"algorithm.mu": [-1.0]}, [0], "algorithm.mu"),
     ({"algorithm.nonsense": [1.0]}, [0], "unknown option"),
     ({}, [], "at least one seed"),
+    ({"run.cohort_size": [4, 9]}, [0], "run.cohort_size=9 is invalid; expected at most 8"),
 ])
 def test_bad_grids_are_refused_before_anything_is_written(tmp_path, grid, seeds, message):
     with pytest.raises(OptionError, match=message):
@@ -195,13 +212,22 @@ def test_bad_grids_are_refused_before_anything_is_written(tmp_path, grid, seeds,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_grid_over_the_memory_budget_at_one_point_per_chunk_is_refused_before_writing(
+        tmp_path):
+    with pytest.raises(OptionError, match="memory_budget=1000 is invalid; one grid point alone "
+                                          "needs at least"):
+        sweep.sweep(_base("fedprox"), [0, 1], {"algorithm.mu": [0.0, 0.5]},
+                    str(tmp_path / "out"), memory_budget_bytes=1000, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("text, seeds", [("0-3", (0, 1, 2, 3)), ("4", (4,)),
                                          ("0,3,5", (0, 3, 5)), ("1-2,7", (1, 2, 7))])
 def test_parse_seeds(text, seeds):
-    assert sweep.parse_seeds(text) == seeds
+    assert sweep_grid.parse_seeds(text) == seeds
 
 
 @pytest.mark.parametrize("text", ["", "3-1", "a-b", "0,0", "-2"])
 def test_parse_seeds_refuses_malformed_ranges(text):
     with pytest.raises(OptionError, match="seeds"):
-        sweep.parse_seeds(text)
+        sweep_grid.parse_seeds(text)
