@@ -265,9 +265,11 @@ def sweep(base: dict, seeds: Sequence[int], grid: dict[str, Sequence], output: s
         if not os.path.exists(sweep_file):
             raise FileNotFoundError(f"cannot resume {output!r}: it has no {SWEEP_FILE}")
         with open(sweep_file) as f:
-            if json.load(f) != json.loads(json.dumps(spec)):
-                raise experiment.ConfigMismatchError(
-                    f"cannot resume {output!r} with a different sweep than its {SWEEP_FILE}")
+            saved = json.load(f)
+        saved.setdefault("memory_budget_bytes", None)  # sweeps before 6f13930 did not save it
+        if saved != json.loads(json.dumps(spec)):
+            raise experiment.ConfigMismatchError(
+                f"cannot resume {output!r} with a different sweep than its {SWEEP_FILE}")
     elif os.path.exists(sweep_file):
         raise FileExistsError(f"output folder {output!r} already holds a sweep")
     structures: dict[Any, list[Point]] = {}

@@ -145,6 +145,10 @@ def test_resume_after_interruption_gives_the_uninterrupted_sweep(tmp_path):
                 progress=False)
     interrupted = str(tmp_path / "interrupted")
     shutil.copytree(reference, interrupted)
+    # A sweep.json written before the memory budget was saved resumes as one with the default.
+    spec = json.loads((tmp_path / "interrupted" / "sweep.json").read_text())
+    assert spec.pop("memory_budget_bytes") is None
+    (tmp_path / "interrupted" / "sweep.json").write_text(json.dumps(spec))
     # As if killed after the round-2 checkpoints: no summaries, each chunk's last checkpoint
     # gone, the metrics files holding a partial block.
     for chunk in ("group0-chunk0", "group0-chunk1"):
