@@ -146,6 +146,17 @@ def first_non_finite(rows: list[dict]) -> tuple[int, str, float] | None:
     return None
 
 
+def record_epsilon(privacy, rows: list[dict], evaluated: bool) -> None:
+    """Writes a DP run's ε spent (`privacy`: its `fedjax_lab.privacy.PrivateRun`; None: no DP)
+    into a block's metric rows: every round's where the accountant composes cheaply (RDP), else
+    the last row's when the block ends in an evaluation (a PLD composition each)."""
+    if privacy is None:
+        return
+    for row in rows:
+        if privacy.mechanism.cheap_per_round or (evaluated and row is rows[-1]):
+            row["epsilon"] = privacy.epsilon(row["round"])
+
+
 @jax.jit
 def all_finite(state) -> jax.Array:
     """Whether every inexact leaf of `state` is finite (a scalar bool)."""
@@ -309,12 +320,7 @@ def run_experiment(algorithm: Algorithm | TracedAlgorithm, dataset, *, num_round
         done = stop
         evaluating = done % eval_every == 0 or done == num_rounds
         bad = first_non_finite(rows)
-        if privacy is not None:
-            # Every round's ε where the accountant composes cheaply (RDP), else the evaluated
-            # round's (a PLD composition each).
-            for row in rows:
-                if privacy.mechanism.cheap_per_round or (evaluating and row is rows[-1]):
-                    row["epsilon"] = privacy.epsilon(row["round"])
+        record_epsilon(privacy, rows, evaluating)
         history.extend(rows)
         if output_dir is not None:
             with open(os.path.join(output_dir, METRICS_FILE), "a") as out:

@@ -45,8 +45,8 @@ class StackedRuns:
         `dataset`: the data they share (`config.load_data`)."""
         if not configs:
             raise ValueError("StackedRuns needs at least one config")
-        # DP noise is calibrated as a single run's is; the accounting a single run writes into
-        # its evaluations is not kept (run a config alone for its epsilon).
+        # DP noise is calibrated as a single run's is; the ε a single run records is the
+        # caller's to write (`fedjax_lab.sweep` writes it into each point's files).
         configs = [run_config.private_run(config, dataset)[0] for config in configs]
         traced = [run_config.traced_algorithm(config, dataset.info()) for config in configs]
         first = configs[0]

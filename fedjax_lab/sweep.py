@@ -19,8 +19,10 @@ A sweep's seeds vary the run (initial model, cohorts, client keys); every point 
 with the base config's `run.data_seed` (default: its `run.seed`), so a group trains on one
 population, and each point's saved config names that data seed. Each point writes the folder a
 single run writes (config.json, metrics.jsonl, evaluations.jsonl, summary.json; its config reruns
-it alone, see `tests/test_sweep.py` for the equality), and the sweep writes `summary.json`,
-`summary.md` (mean ± std over seeds per setting, the best setting by a metric) and `sweep.png`.
+it alone, see `tests/test_sweep.py` for the equality; a DP point records the ε its run alone
+records, and a point whose privacy budget would stop its run early is refused), and the sweep
+writes `summary.json`, `summary.md` (mean ± std over seeds per setting, the best setting by a
+metric) and `sweep.png`.
 Checkpoints are the sweep's (stacked states per chunk), so `resume` continues after a kill -9.
 """
 
@@ -35,11 +37,11 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from fedjax_lab import checkpoint, experiment, options
+from fedjax_lab import checkpoint, experiment
 from fedjax_lab import config as run_config
 from fedjax_lab.options import OptionError
 from fedjax_lab.stacked import StackedRuns
-from fedjax_lab.sweep_grid import Point, grid_points, group_key
+from fedjax_lab.sweep_grid import Point, first_config, grid_points, group_key
 from fedjax_lab.sweep_report import write_report
 
 SWEEP_FILE = "sweep.json"
@@ -65,6 +67,8 @@ class _Chunk:
     def __init__(self, points: list[Point], real: int, dataset, folder: str):
         self.points, self.real, self.folder = points, real, folder
         self.runs = StackedRuns([p.config for p in points], dataset)
+        # Each DP point's accounting, so that its files record ε as its run alone's do.
+        self.privacy = [run_config.private_run(p.config, dataset)[1] for p in points]
         self.evaluate = self.runs.evaluator(dataset.test.pad(), train_clients=dataset.train.pad())
         self.histories = [[] for _ in points]
         self.evaluations = [[] for _ in points]
@@ -131,11 +135,15 @@ def _run_chunk(chunk: _Chunk, population, rounds: int, eval_every: int,
             if bad is not None:
                 rows = [row for row in rows if row["round"] <= bad[0]]
                 chunk.diverged[index] = {"round": bad[0], "metric": bad[1]}
+            privacy = chunk.privacy[index]
+            experiment.record_epsilon(privacy, rows, evaluation is not None and bad is None)
             chunk.histories[index].extend(rows)
             with open(os.path.join(output, experiment.METRICS_FILE), "a") as out:
                 out.writelines(json.dumps(row) + "\n" for row in rows)
             if evaluation is not None and bad is None:
                 row = {"round": stop, "test": evaluation[index]}
+                if privacy is not None:
+                    row.update(epsilon=privacy.epsilon(stop), delta=privacy.delta)
                 chunk.evaluations[index].append(row)
                 with open(os.path.join(output, experiment.EVALUATIONS_FILE), "a") as out:
                     out.write(json.dumps(row) + "\n")
@@ -198,6 +206,14 @@ def _plan(members: list[Point], dataset, budget: int, points_per_program: int | 
     if experiment.padded_bytes(dataset.train) > experiment.DEVICE_POPULATION_BYTES:
         raise OptionError("data", first.data.name, "a sweep keeps the population on the "
                           "device, and this one is too large; run its points one by one")
+    for point in members:
+        private = run_config.private_run(point.config, dataset)[1]
+        if private is not None and private.rounds < point.config.run.rounds:
+            raise OptionError("algorithm.dp.target_epsilon", private.options.target_epsilon,
+                              f"spent after round {private.rounds} of {point.config.run.rounds} "
+                              f"at {point.name}, where a run alone would stop (on_budget="
+                              "'stop'); a sweep runs every point for run.rounds: lower "
+                              "run.rounds, raise the noise multiplier or set on_budget='warn'")
     experiment.check_metrics(run_config.traced_algorithm(first, dataset.info()))
     if points_per_program:
         return _Group(members, dataset, points_per_program, chunks_at_once)
@@ -259,7 +275,7 @@ def sweep(base: dict, seeds: Sequence[int], grid: dict[str, Sequence], output: s
             "metric": metric, "points_per_program": points_per_program,
             "memory_budget_bytes": memory_budget_bytes}
     points = grid_points(base, seeds, grid, output)
-    base_config = run_config.config_from_dict(options.merge(base, {"run": {"output": output}}))
+    checkpoint_every = first_config(base, grid, output).run.checkpoint_every
     sweep_file = os.path.join(output, SWEEP_FILE)
     if resume:
         if not os.path.exists(sweep_file):
@@ -311,7 +327,7 @@ def sweep(base: dict, seeds: Sequence[int], grid: dict[str, Sequence], output: s
             folder = os.path.join(output, experiment.CHECKPOINT_DIR,
                                   f"group{group_index}-chunk{index}")
             _run_chunk(group.chunk(start, folder), population, first.run.rounds,
-                       first.run.eval_every, base_config.run.checkpoint_every, resume, progress,
+                       first.run.eval_every, checkpoint_every, resume, progress,
                        stop_requested)
 
         _run_at_once(jobs, run_job, group.chunks_at_once)

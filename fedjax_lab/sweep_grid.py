@@ -67,6 +67,15 @@ def check_grid_option(dotted: str, values: Sequence, mapping: dict) -> None:
                           "number option (`fedjax-lab list NAME` marks the sweepable ones)")
 
 
+def first_config(base: dict, grid: dict[str, Sequence], output: str) -> run_config.Config:
+    """`base` with every grid option at its first value, validated: the base alone may be
+    invalid (DP's noise multiplier given only by the grid) where every point is not."""
+    mapping = options.merge(base, {"run": {"output": output}})
+    for dotted, values in grid.items():
+        mapping = options.merge(mapping, options.nest(dotted, values[0]))
+    return run_config.config_from_dict(mapping)
+
+
 def grid_points(base: dict, seeds: Sequence[int], grid: dict[str, Sequence],
                 output: str) -> list[Point]:
     """Every (setting, seed) of `grid` over the nested mapping `base`, each validated, with its
@@ -77,7 +86,7 @@ def grid_points(base: dict, seeds: Sequence[int], grid: dict[str, Sequence],
         check_grid_option(dotted, values, base)
         if not len(values):
             raise OptionError(dotted, [], "expected at least one value")
-    base_config = run_config.config_from_dict(options.merge(base, {"run": {"output": output}}))
+    base_config = first_config(base, grid, output)
     data_seed = (base_config.run.seed if base_config.run.data_seed is None
                  else base_config.run.data_seed)
     points = []

@@ -99,6 +99,44 @@ def test_a_point_in_a_program_of_its_own_is_its_run_alone_bit_for_bit(tmp_path, 
         assert _lines(folder, file) == _lines(alone, file)
 
 
+@pytest.mark.parametrize("sampling", ["fixed", "poisson"])
+def test_dp_points_record_the_epsilon_of_their_runs_alone(tmp_path, sampling):
+    # The base has no noise multiplier: only with the grid's values are its points valid.
+    dp = {"clip": 1.0, "sampling": sampling, "delta": 1e-5}
+    if sampling == "poisson":
+        dp["expected_cohort"] = 1.5
+    base = options.merge(_base("fedavg"), {"algorithm": {"dp": dp},
+                                           "run": {"rounds": 3, "eval_every": 2}})
+    output = tmp_path / "sweep"
+    sweep.sweep(base, [0], {"algorithm.dp.noise_multiplier": [0.8, 2.0]}, str(output),
+                points_per_program=1, progress=False)
+    epsilons = []
+    for name in sorted(os.listdir(output / sweep_grid.POINTS_DIR)):
+        folder = str(output / sweep_grid.POINTS_DIR / name)
+        alone = _rerun_alone(folder, str(tmp_path / f"alone-{name}"))
+        for file in ("metrics.jsonl", "evaluations.jsonl"):
+            assert _lines(folder, file) == _lines(alone, file)
+        # Every round's epsilon under RDP (fixed cohorts), the evaluated rounds' under PLD.
+        recorded = [row["round"] for row in _lines(folder, "metrics.jsonl") if "epsilon" in row]
+        assert recorded == ([1, 2, 3] if sampling == "fixed" else [2, 3])
+        epsilons.append([row["epsilon"] for row in _lines(folder, "evaluations.jsonl")])
+    # More noise spends less: each point is accounted with its own noise multiplier.
+    assert all(0 < more_noise < less_noise
+               for less_noise, more_noise in zip(epsilons[0], epsilons[1]))
+
+
+def test_a_dp_point_whose_budget_would_end_its_run_early_is_refused_before_writing(tmp_path):
+    base = options.merge(_base("fedavg"), {"algorithm": {"dp": {"clip": 1.0,
+                                                                "target_epsilon": 3.0}},
+                                           "run": {"rounds": 20}})
+    with pytest.warns(UserWarning, match="spent after round 8 of 20"), pytest.raises(
+            OptionError, match=r"^algorithm\.dp\.target_epsilon=3\.0 is invalid; spent after "
+                               r"round 8 of 20 at algorithm\.dp\.noise_multiplier=4\.0,seed=0"):
+        sweep.sweep(base, [0], {"algorithm.dp.noise_multiplier": [4.0, 8.0]},
+                    str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_seeds_and_values_reuse_one_compiled_program(tmp_path):
     config = run_config.config_from_dict(options.merge(_base("fedprox"), {"run": {"rounds": 1,
                                                                                    "eval_every": 1}}))
