@@ -11,7 +11,9 @@ registry configs, `fedavg` with `dp`: Poisson cohorts of expected size D in {15,
 adaptive clipping at the median tracked 0.56 to 0.39 over 100 rounds at D = 150), noise z
 calibrated to ε in {0.25, 0.5, 1, 2, 8} at δ = N^-1.1 (`plan_run`: PLD accountant, truncated Poisson),
 fixed denominator D. The non-private reference is FedAvg with D clients per round,
-uniform weights. Claim (the paper's): at a fixed ε, accuracy rises toward the non-private one as
+uniform weights. Each cohort's seeds run as one `fedjax_lab.sweep` for the reference and one for
+all its ε (z is traced, so each is one compiled program); each point's files, ε included, are
+its config's run alone's. Claim (the paper's): at a fixed ε, accuracy rises toward the non-private one as
 D grows, because the noise on the mean, zS/D, shrinks; z grows more slowly than D.
 
 What the small setting limits: a linear model on Synthetic-IID is an easy task and 1500 clients a
@@ -31,8 +33,10 @@ reproduces every one of them to the printed two decimals, which FL4Health's acco
     python -m experiments.dp_fedavg [--rounds 100] [--seeds 0 1 2] [--output DIR]
 """
 
+import json
 import math
 import os
+import tempfile
 
 import dp_accounting
 import numpy as np
@@ -42,8 +46,11 @@ from experiments.claims import NEAR, Check, Claim, Measured, pm, print_claims, s
 from experiments.common import (experiment_parser, mean_std, parse_args, pyplot, save_figure,
                                 start, write_results)
 from fedjax_lab import config as run_config
+from fedjax_lab import experiment as run_experiment
 from fedjax_lab.options import to_dict
 from fedjax_lab.privacy import DPOptions, accounting, plan_run
+from fedjax_lab.sweep import sweep
+from fedjax_lab.sweep_grid import grid_points
 
 SETTINGS = dict(num_clients=1500, max_examples=40, learning_rate=0.5, epochs=1, batch_size=10,
                 clip=0.5, cohorts=(15, 50, 150), epsilons=(0.25, 0.5, 1.0, 2.0, 8.0))
@@ -54,6 +61,7 @@ PAPER_ROUNDS = (10 ** 3, 10 ** 4, 10 ** 5, 10 ** 6)
 # Table 1's ε after 10^6 rounds, two decimals, row by row (quoted from memory: see above).
 PAPER_REPORTED = (7.50, 0.73, 8.13, 187.01, 1.95, 0.88)
 PAPER_PLD_DISCRETIZATION = 1e-4
+NOISE_OPTION = "algorithm.dp.noise_multiplier"
 
 
 def capacity(expected_cohort: float) -> int:
@@ -87,17 +95,38 @@ def run_config_for(settings: dict, rounds: int, seed: int, cohort: int,
                 "eval_every": rounds}})
 
 
-def run_one(config: run_config.Config) -> dict:
-    result = run_config.run(config, progress=False)
-    final = result.evaluations[-1]
-    record = {"test_accuracy": final["test"]["accuracy"], "seconds": result.seconds,
-              "participants": float(np.mean([row["participants"] for row in result.history]))}
-    if "epsilon" in final:
-        record.update(epsilon=final["epsilon"],
-                      noise_std=result.history[-1]["dp_noise_std"],
-                      clipped_fraction=float(np.mean([row["dp_clipped_fraction"]
-                                                      for row in result.history])))
-    return record
+def _lines(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def sweep_runs(settings: dict, rounds: int, seeds, cohort: int,
+               noise_multipliers: list | None) -> list[dict]:
+    """Every seed of the non-private reference (`noise_multipliers` None) or of each noise z, as
+    one `fedjax_lab.sweep` (one compiled program: the seed and z are traced); one record per
+    z (or one for the reference): {seed: test accuracy, participants, and for DP ε, the noise's
+    std and the clipped fraction}."""
+    grid = {} if noise_multipliers is None else {NOISE_OPTION: list(noise_multipliers)}
+    first = None if noise_multipliers is None else noise_multipliers[0]
+    base = run_config_for(settings, rounds, seeds[0], cohort, first).to_dict()
+    with tempfile.TemporaryDirectory(prefix="dp_fedavg_") as folder:
+        output = os.path.join(folder, "sweep")
+        sweep(base, seeds, grid, output, progress=False)
+        records = [{} for _ in (noise_multipliers or [None])]
+        for index, point in enumerate(grid_points(base, seeds, grid, output)):
+            where = point.config.run.output
+            history = _lines(os.path.join(where, run_experiment.METRICS_FILE))
+            final = _lines(os.path.join(where, run_experiment.EVALUATIONS_FILE))[-1]
+            with open(os.path.join(where, run_experiment.SUMMARY_FILE)) as f:
+                seconds = json.load(f)["seconds"]
+            record = {"test_accuracy": final["test"]["accuracy"], "seconds": seconds,
+                      "participants": float(np.mean([row["participants"] for row in history]))}
+            if "epsilon" in final:
+                record.update(epsilon=final["epsilon"], noise_std=history[-1]["dp_noise_std"],
+                              clipped_fraction=float(np.mean([row["dp_clipped_fraction"]
+                                                              for row in history])))
+            records[index // len(seeds)][str(point.seed)] = record
+    return records
 
 
 def paper_setting(rounds=PAPER_ROUNDS) -> list[dict]:
@@ -161,16 +190,15 @@ def run(rounds: int = 100, seeds=(0, 1, 2), output: str = "results/dp_fedavg", *
         "cohorts": {}}
     for cohort in settings["cohorts"]:
         entry = {"capacity": capacity(cohort), "non_private": {}, "private": {}}
-        runs = {str(seed): run_one(run_config_for(settings, rounds, seed, cohort, None))
-                for seed in seeds}
+        [runs] = sweep_runs(settings, rounds, seeds, cohort, None)
         entry["non_private"] = {"runs": runs, "test_accuracy": mean_std(
             [r["test_accuracy"] for r in runs.values()])}
-        for epsilon in settings["epsilons"]:
-            plan = plan_run(dp_options(settings, cohort, target_epsilon=epsilon),
-                            num_clients=num_clients, cohort_size=capacity(cohort), rounds=rounds)
-            runs = {str(seed): run_one(run_config_for(settings, rounds, seed, cohort,
-                                                      plan.options.noise_multiplier))
-                    for seed in seeds}
+        plans = [plan_run(dp_options(settings, cohort, target_epsilon=epsilon),
+                          num_clients=num_clients, cohort_size=capacity(cohort), rounds=rounds)
+                 for epsilon in settings["epsilons"]]
+        private_runs = sweep_runs(settings, rounds, seeds, cohort,
+                                  [plan.options.noise_multiplier for plan in plans])
+        for epsilon, plan, runs in zip(settings["epsilons"], plans, private_runs):
             entry["private"][f"{epsilon:g}"] = {
                 "target_epsilon": epsilon, "noise_multiplier": plan.options.noise_multiplier,
                 "epsilon_spent": plan.epsilon(rounds),
