@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_lab.compiled import TracedAlgorithm, as_traced, per_structure
+from fedjax_lab.compiled import (TracedAlgorithm, as_run_axis, as_traced, only_run,
+                                 per_structure)
 from fedjax_lab.core.client_execution import ClientExecution
 from fedjax_lab.core.local_training import local_train
 from fedjax_lab.core.losses import cross_entropies, model_loss
@@ -254,13 +255,19 @@ def make_sweep_evaluator(traced: TracedAlgorithm, clients, *, train_clients=None
     adapted = train_clients is not None and has_adapted_view(traced)
     sources = (clients, train_clients) if adapted else (clients,)
     score_chunk = _sweep_chunk_scorer(traced.build, adapted)
+    score_alone = _jitted_chunk_scorer(traced.build, None, adapted)
     ids = np.arange(clients.y.shape[0])
 
     def evaluate(states, keys, hyperparameters, *, per_client: bool = False) -> list[dict]:
-        joined = _scores_in_chunks(
-            lambda rows, chunk_ids: score_chunk(states, rows, chunk_ids, keys, hyperparameters),
-            sources, ids, chunk_size, client_axis=1)
         runs = len(np.asarray(jax.random.key_data(keys)))
+        if runs == 1:  # by the single run's own program, so that the two agree bit for bit
+            state, key, values = only_run((states, keys, hyperparameters))
+            score = lambda rows, chunk_ids: as_run_axis(
+                score_alone(state, rows, chunk_ids, key, values))
+        else:
+            score = lambda rows, chunk_ids: score_chunk(states, rows, chunk_ids, keys,
+                                                        hyperparameters)
+        joined = _scores_in_chunks(score, sources, ids, chunk_size, client_axis=1)
         return [summarize_views(jax.tree.map(lambda s: s[run], joined), per_client=per_client)
                 for run in range(runs)]
 

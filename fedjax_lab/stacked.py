@@ -65,6 +65,9 @@ class StackedRuns:
         self._first = traced[0]
         self._block = _stacked_block(self.build, dataset.train.num_clients,
                                      first.run.cohort_size)
+        # One run goes through the single run's own program, so the two agree bit for bit.
+        self._alone = (compiled.device_block(self.build, dataset.train.num_clients,
+                                             first.run.cohort_size) if len(configs) == 1 else None)
 
     def init(self) -> PyTree:
         """The runs' initial states, stacked."""
@@ -75,10 +78,16 @@ class StackedRuns:
         """`num_rounds` more rounds of every run, cohorts drawn from the padded `population` on
         the device; returns (states, metrics with leaves `[P, num_rounds]`). `states` is donated
         (do not use it again); each `num_rounds` compiles once per structure."""
+        if self._alone is not None:
+            state, key, values = compiled.only_run((states, self.keys, self.hyperparameters))
+            return compiled.as_run_axis(self._alone(state, population, key, values, num_rounds))
         return self._block(states, population, self.keys, self.hyperparameters, num_rounds)
 
     def lower(self, states: PyTree, population, num_rounds: int) -> jax.stages.Lowered:
         """`advance`'s program lowered, for XLA's memory analysis of its compiled form."""
+        if self._alone is not None:
+            state, key, values = compiled.only_run((states, self.keys, self.hyperparameters))
+            return self._alone.lower(state, population, key, values, num_rounds)
         return self._block.lower(states, population, self.keys, self.hyperparameters,
                                  num_rounds)
 
@@ -96,12 +105,6 @@ def _stacked_block(build, num_clients: int, cohort_size: int):
 
     def run(states, population, keys, hyperparameters, num_rounds):
         one = lambda state, key, values: rounds(state, population, key, values, num_rounds)
-        if keys.shape[0] == 1:
-            # One run goes through the single run's own program, so the two agree bit for bit.
-            # Vmapped over an axis of one, XLA:CPU ran the default job's 200 rounds 1.8x slower
-            # (3.7-4.0 s against 1.9-2.2 s), and a sweep on CPU runs one point per program.
-            squeezed = jax.tree.map(lambda leaf: leaf[0], (states, keys, hyperparameters))
-            return jax.tree.map(lambda leaf: leaf[None], one(*squeezed))
         return jax.vmap(one)(states, keys, hyperparameters)
 
     return jax.jit(run, static_argnums=4, donate_argnums=0)
