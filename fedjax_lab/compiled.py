@@ -70,9 +70,10 @@ def as_traced(algorithm: Algorithm | TracedAlgorithm) -> TracedAlgorithm:
 
 
 def only_run(stacked: PyTree) -> PyTree:
-    """The run of a run axis of one, as its own arrays: a sweep passes it to the single run's own
-    compiled programs (`vmap`ped over an axis of one, XLA:CPU ran the default job's 200 rounds
-    1.8x slower, and FedAdam's and APFL's steps and losses rounded differently)."""
+    """The run of a run axis of one, as its own arrays, for the single run's own compiled
+    programs. Programs that squeezed the axis inside them or `vmap`ped over it rounded otherwise
+    at XLA's full optimisation (FedAdam's state; FedAdam's, FedYogi's, APFL's and FedMeta's
+    evaluation losses), and the `vmap` ran the default job's 200 rounds 1.8x slower on CPU."""
     return jax.tree.map(lambda leaf: leaf[0], stacked)
 
 
