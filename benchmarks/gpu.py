@@ -14,8 +14,9 @@ Rows, all measured by the existing benchmarks (nothing is re-implemented here):
   compile seconds, client steps per second, GFLOP/s, XLA's memory analysis of the round and the
   speed-up against a per-client loop. Each under "auto" and under "vmap" (expected to win on a
   GPU, where "auto" chunks a cohort whose working set exceeds its memory budget).
-- `sweep-mlp-1`, `sweep-mlp-8` (`benchmarks.sweep.throughput`): the default job's MLP as a
-  stacked sweep program of 1 and of 8 grid points; point-rounds per second.
+- `sweep-logistic-N`, `sweep-mlp-N` for N = 1, 8, 64 (`benchmarks.sweep.throughput`): the
+  default job with logistic regression and with its MLP as a stacked sweep program of N grid
+  points; point-rounds per second and XLA's memory of the block.
 - `sweep-8-seeds` (`benchmarks.sweep.seeds_as_sweep_and_runs`): eight seeds of the default job
   (200 rounds) as one `fedjax-lab sweep` against eight `fedjax-lab run` processes, compilation
   cache off; wall seconds of the sweep and the ratio.
@@ -43,6 +44,7 @@ from benchmarks import sweep, throughput
 from fedjax_lab.core import ClientExecution
 
 PROCESSES_ROW = "sweep-8-seeds"
+SWEEP_MODELS = {"logistic": "logistic regression", "mlp": "its MLP 200-200"}
 
 
 class Scale(NamedTuple):
@@ -94,11 +96,12 @@ def throughput_row(workload: str, model: str, strategy: str) -> Row:
     return Row(name, run)
 
 
-def sweep_row(points: int) -> Row:
+def sweep_row(model: str, points: int) -> Row:
     def run(scale: Scale) -> dict:
-        measured = sweep.throughput("mlp", points, scale.sweep_rounds)
+        measured = sweep.throughput(model, points, scale.sweep_rounds)
         return {
-            "workload": f"the default job's MLP, {points} grid point(s) stacked",
+            "workload": f"the default job with {SWEEP_MODELS[model]}, {points} grid point(s) "
+                        f"stacked",
             "execution": "StackedRuns (points vmapped)",
             "seconds": points / measured["point_rounds_per_s"],
             "seconds_are": f"s/round of all points, block of {scale.sweep_rounds}",
@@ -109,7 +112,7 @@ def sweep_row(points: int) -> Row:
             "speedup_vs_loop": None,
         }
 
-    return Row(f"sweep-mlp-{points}", run)
+    return Row(f"sweep-{model}-{points}", run)
 
 
 def processes_row() -> Row:
@@ -137,7 +140,8 @@ def all_rows() -> list[Row]:
               "logreg-10000": "logistic regression 60->10"}
     rows = [throughput_row(workload, model, strategy) for workload, model in models.items()
             for strategy in ("auto", "vmap")]
-    return rows + [sweep_row(1), sweep_row(8), processes_row()]
+    return rows + [sweep_row(model, points) for model in SWEEP_MODELS for points in (1, 8, 64)] + [
+        processes_row()]
 
 
 def peak_device_mib() -> float | None:
@@ -205,7 +209,9 @@ def write_json(path: str, result: dict) -> None:
     os.replace(f.name, path)
 
 
-def measure_rows(rows: list[Row], scale: Scale) -> list[dict]:
+def measure_rows(rows: list[Row], scale: Scale,
+                 finished: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """The rows measured in order; `finished` is called with those done so far after each."""
     measured = []
     for row in rows:
         start = time.perf_counter()
@@ -216,6 +222,7 @@ def measure_rows(rows: list[Row], scale: Scale) -> list[dict]:
         print(f"# {row.name}: {result['seconds']:.4g} {result['seconds_are']}; row took "
               f"{result['elapsed_s']:.1f} s", flush=True)
         measured.append(result)
+        finished(measured)
     return measured
 
 
@@ -228,26 +235,35 @@ def main(argv=None) -> dict:
                              "(about two minutes on two CPU cores, mostly compiling); records "
                              "nothing worth keeping")
     parser.add_argument("--rows", nargs="+", choices=names, default=names,
-                        help="measure only these rows (e.g. to finish a table cut short)")
+                        help="measure only these rows, in this order (e.g. to finish a table cut "
+                             "short)")
     args = parser.parse_args(argv)
     # JAX otherwise takes 75% of the card when it starts, and the `fedjax-lab` processes of
     # sweep-8-seeds, each wanting as much, would find it taken.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     scale = SMOKE if args.smoke else FULL
-    rows = [row for row in all_rows() if row.name in args.rows
-            and not (row.name == PROCESSES_ROW and scale.job_rounds is None)]
+    by_name = {row.name: row for row in all_rows()}
+    rows = [by_name[name] for name in dict.fromkeys(args.rows)
+            if not (name == PROCESSES_ROW and scale.job_rounds is None)]
     info = {**machine(), "smoke": scale.smoke}
     if info["platform"] != "gpu":
         print(f"WARNING: no GPU: jax's device is {info['device_kind']!r} on {info['platform']}; "
               "this table is not the GPU table", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    measured = measure_rows(rows, scale)
-    total_s = time.perf_counter() - start
-    print(markdown(info, measured, total_s), flush=True)
-    result = {"machine": info, "rows": measured, "total_s": total_s}
+
+    def result(measured: list[dict]) -> dict:
+        return {"machine": info, "rows": measured, "total_s": time.perf_counter() - start}
+
+    def write_so_far(measured: list[dict]) -> None:
+        # A table cut short (a lease running out) still leaves the rows it finished.
+        if args.output:
+            write_json(args.output, result(measured))
+
+    whole = result(measure_rows(rows, scale, write_so_far))
+    print(markdown(info, whole["rows"], whole["total_s"]), flush=True)
     if args.output:
-        write_json(args.output, result)
-    return result
+        write_json(args.output, whole)
+    return whole
 
 
 if __name__ == "__main__":

@@ -54,13 +54,27 @@ def check_smoke_table(rows: list[str], capsys, tmp_path) -> None:
 
 
 def test_smoke_rows_printed_and_written_with_real_times(capsys, tmp_path):
-    check_smoke_table(["logreg-10000", "sweep-mlp-1"], capsys, tmp_path)
+    check_smoke_table(["logreg-10000", "sweep-logistic-1"], capsys, tmp_path)
 
 
 def test_the_table_has_the_issues_rows():
     names = [row.name for row in gpu.all_rows()]
-    assert {"cnn-100", "cifar-50", "logreg-10000", "sweep-mlp-8", gpu.PROCESSES_ROW} <= set(names)
+    assert {"cnn-100", "cifar-50", "logreg-10000", "sweep-logistic-1", "sweep-logistic-8",
+            "sweep-logistic-64", "sweep-mlp-1", "sweep-mlp-8", "sweep-mlp-64",
+            gpu.PROCESSES_ROW} <= set(names)
     assert len(set(names)) == len(names)
+
+
+def test_rows_finished_are_kept_when_a_later_row_fails():
+    def failing(scale):
+        raise RuntimeError("the lease ran out")
+
+    done = {"seconds": 1.0, "seconds_are": "s"}
+    kept = []
+    with pytest.raises(RuntimeError, match="lease"):
+        gpu.measure_rows([gpu.Row("done", lambda scale: done), gpu.Row("cut", failing)],
+                         gpu.SMOKE, lambda measured: kept.append([r["row"] for r in measured]))
+    assert kept == [["done"]]
 
 
 @pytest.mark.slow
