@@ -36,8 +36,8 @@ from jax.flatten_util import ravel_pytree
 
 from fedjax_lab.algorithms.fedavg import predict_with
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
-                             gather_clients, local_train, model_loss, scatter_clients,
-                             weighted_mean)
+                             gather_clients, local_train, model_loss, participants_bytes,
+                             scatter_clients, weighted_mean)
 from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.gradients import minibatch_gradient
 from fedjax_lab.core.metrics import initial_metrics, round_metrics
@@ -292,8 +292,7 @@ def _metrics(weights, losses, download, delta, upload: tuple[int, int],
     """The round's metrics plus `update_nonzeros` (coordinates applied) and `update_norm`."""
     floats, indices = upload
     per_client_up = floats * jnp.dtype(dtype).itemsize + indices * _INDEX_BYTES
-    participants = jnp.sum(weights > 0).astype(jnp.result_type(float))
-    return round_metrics(weights, losses, bytes_up=participants * per_client_up,
+    return round_metrics(weights, losses, bytes_up=participants_bytes(weights, per_client_up),
                          bytes_down=jnp.sum(download),
                          update_nonzeros=jnp.sum(delta != 0).astype(jnp.int32),
                          update_norm=jnp.linalg.norm(delta).astype(jnp.result_type(float)))

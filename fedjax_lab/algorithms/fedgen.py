@@ -44,8 +44,8 @@ from fedjax_lab.algorithms.fedgen_generator import (LABEL_COUNTS, NOISES, TEACHE
                                                     regularizer_weight, weighted_teacher_loss)
 from fedjax_lab.algorithms.fedgen_extractors import FedGenClientState, client_extractors
 from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining, ServerOptimizer
-from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
-                             cross_entropy, gather_clients, local_train, model_loss,
+from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights, cross_entropy,
+                             gather_clients, local_train, model_loss, participants_bytes,
                              scatter_clients, server_update, tree_bytes, weighted_mean)
 from fedjax_lab.core.aggregation import WEIGHTINGS
 from fedjax_lab.core.metrics import initial_metrics, round_metrics
@@ -346,7 +346,8 @@ def _round_metrics(weights, losses, steps, mean_delta, teacher, diversity, down,
     Every cohort client downloads, as in FedAvg; participants upload."""
     dtype = jnp.result_type(float)
     return round_metrics(
-        weights, losses, bytes_up=jnp.sum(weights > 0) * up, bytes_down=weights.shape[0] * down,
+        weights, losses, bytes_up=participants_bytes(weights, up),
+        bytes_down=weights.shape[0] * down,
         local_steps=jnp.sum(jnp.where(weights > 0, steps, 0)).astype(jnp.int32),
         update_norm=optax.tree.norm(mean_delta).astype(dtype),
         generator_teacher_loss=jnp.asarray(teacher, dtype),

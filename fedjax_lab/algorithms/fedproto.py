@@ -37,8 +37,8 @@ import numpy as np
 import optax
 
 from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining
-from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
-                             cross_entropy, gather_clients, local_train, masked_mean,
+from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights, cross_entropy,
+                             gather_clients, local_train, masked_mean, participants_bytes,
                              scatter_clients, tree_bytes, weighted_mean)
 from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.metrics import initial_metrics, round_metrics
@@ -310,7 +310,7 @@ def _round_metrics(weights, losses, steps, cohort_size, download, upload,
     """
     return round_metrics(
         weights, losses, bytes_down=cohort_size * tree_bytes(download),
-        bytes_up=jnp.sum(weights > 0) * tree_bytes(upload),
+        bytes_up=participants_bytes(weights, tree_bytes(upload)),
         local_steps=jnp.sum(jnp.where(weights > 0, steps, 0)).astype(jnp.int32),
         num_prototypes=jnp.sum(prototype_mask).astype(jnp.int32))
 

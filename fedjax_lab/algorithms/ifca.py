@@ -32,7 +32,7 @@ from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
                              local_train, model_loss, server_update, weighted_mean)
 from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
-from fedjax_lab.core.communication import tree_bytes
+from fedjax_lab.core.communication import participants_bytes, tree_bytes
 from fedjax_lab.core.losses import cross_entropy
 from fedjax_lab.core.metrics import initial_metrics, round_metrics
 from fedjax_lab.core.personal_models import check_num_clients
@@ -186,12 +186,10 @@ def _round_metrics(weights, losses, steps, has_data, cluster_chosen,
                    clusters) -> dict[str, jax.Array]:
     """The round's metrics (`weights`: the clients' weights over the whole cohort). Each real
     client receives the k models and sends one back."""
-    dtype = jnp.result_type(float)
     cluster_bytes = tree_bytes(clusters)
-    real_clients = jnp.sum(has_data).astype(dtype)
     return round_metrics(
-        weights, losses, bytes_down=real_clients * cluster_bytes,
-        bytes_up=jnp.sum(weights > 0).astype(dtype) * (cluster_bytes // len(cluster_chosen)),
+        weights, losses, bytes_down=participants_bytes(has_data, cluster_bytes),
+        bytes_up=participants_bytes(weights, cluster_bytes // len(cluster_chosen)),
         local_steps=jnp.sum(jnp.where(weights > 0, steps, 0)).astype(jnp.int32),
         clusters_chosen=jnp.sum(cluster_chosen).astype(jnp.int32))
 

@@ -38,8 +38,8 @@ from jax.flatten_util import ravel_pytree
 
 from fedjax_lab.algorithms.fedavg import predict_with
 from fedjax_lab.algorithms.spec import AlgorithmSpec
-from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
-                             model_loss, server_update, sign_bytes, tree_bytes)
+from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights, model_loss,
+                             participants_bytes, server_update, sign_bytes, tree_bytes)
 from fedjax_lab.core.attacks import Attack
 from fedjax_lab.core.gradients import minibatch_gradient
 from fedjax_lab.core.local_training import LossFn
@@ -238,7 +238,7 @@ def _round_metrics(rule: str, learning_rate: float, step: PyTree, weights, losse
     dtype = jnp.result_type(float)
     per_node_up = sign_bytes(step) if rule == "sign" else tree_bytes(step)
     return round_metrics(
-        weights, losses, bytes_up=jnp.sum(weights > 0).astype(dtype) * per_node_up,
+        weights, losses, bytes_up=participants_bytes(weights, per_node_up),
         bytes_down=weights.shape[0] * tree_bytes(step), noise_scale=jnp.asarray(b, dtype),
         update_norm=(learning_rate * optax.tree.norm(step)).astype(dtype))
 

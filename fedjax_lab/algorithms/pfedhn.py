@@ -37,8 +37,8 @@ import optax
 
 from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
-                             gather_clients, local_train, model_loss, scatter_clients,
-                             server_update, tree_bytes)
+                             gather_clients, local_train, model_loss, participants_bytes,
+                             scatter_clients, server_update, tree_bytes)
 from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.metrics import initial_metrics, round_metrics
 from fedjax_lab.core.types import DataInfo
@@ -330,7 +330,7 @@ def _round_metrics(weights, losses, steps, cohort_size, generated_bytes,
     dtype = jnp.result_type(float)
     return round_metrics(
         weights, losses, bytes_down=cohort_size * generated_bytes,
-        bytes_up=jnp.sum(weights > 0) * generated_bytes,
+        bytes_up=participants_bytes(weights, generated_bytes),
         local_steps=jnp.sum(jnp.where(weights > 0, steps, 0)).astype(jnp.int32),
         update_norm=optax.tree.norm(grads).astype(dtype))
 

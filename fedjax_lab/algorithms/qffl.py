@@ -47,8 +47,8 @@ import optax
 
 from fedjax_lab.algorithms.fedavg import FedAvgState, predict_with
 from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining
-from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, cross_entropy,
-                             local_train, model_loss, server_update, tree_bytes)
+from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, cross_entropy, local_train,
+                             model_loss, participants_bytes, server_update, tree_bytes)
 from fedjax_lab.core.metrics import initial_metrics, round_metrics
 from fedjax_lab.core.types import DataInfo
 from fedjax_lab.core.validation import check_number, check_positive_int
@@ -179,8 +179,8 @@ def _metrics(real, losses, global_losses, steps, params, pseudo_gradient, step_s
     uniform = jnp.where(real, 1 / jnp.maximum(real_clients, 1), 0)
     size = tree_bytes(params)
     return round_metrics(
-        uniform, losses.astype(dtype), bytes_up=real_clients * (size + scalar_bytes),
-        bytes_down=real_clients * size,
+        uniform, losses.astype(dtype), bytes_up=participants_bytes(real, size + scalar_bytes),
+        bytes_down=participants_bytes(real, size),
         local_steps=jnp.sum(jnp.where(real, steps, 0)).astype(jnp.int32),
         update_norm=optax.tree.norm(pseudo_gradient).astype(dtype),
         global_loss_mean=jnp.sum(uniform * global_losses.astype(dtype)),

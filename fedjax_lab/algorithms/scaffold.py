@@ -29,8 +29,8 @@ import optax
 from fedjax_lab.algorithms.fedavg import predict_with
 from fedjax_lab.algorithms.spec import AlgorithmSpec, ClientTraining
 from fedjax_lab.core import (Algorithm, ClientBatch, ClientExecution, client_weights,
-                             gather_clients, local_train, model_loss, scatter_clients,
-                             server_update, tree_bytes)
+                             gather_clients, local_train, model_loss, participants_bytes,
+                             scatter_clients, server_update, tree_bytes)
 from fedjax_lab.core.aggregation import WEIGHTINGS, check_weighting
 from fedjax_lab.core.losses import split_loss
 from fedjax_lab.core.metrics import initial_metrics, round_metrics
@@ -217,12 +217,12 @@ def _round_metrics(weights, losses, steps, has_data, params, mean_delta,
     """The round's metrics. Each real client receives (x, c) and sends (delta y_i, delta c_i):
     twice the model's bytes each way; padded rows are no clients and send or receive nothing."""
     dtype = jnp.result_type(float)
-    # Floats, as everywhere: int32 overflows at a thousand clients of a large model.
-    real_clients, size = jnp.sum(has_data).astype(dtype), 2 * tree_bytes(params)
+    size = 2 * tree_bytes(params)
     # Two products, not one array twice: `init` runs eagerly and the run loop donates its state,
     # which XLA refuses when two leaves share a buffer.
     return round_metrics(
-        weights, losses, bytes_up=real_clients * size, bytes_down=real_clients * size,
+        weights, losses, bytes_up=participants_bytes(has_data, size),
+        bytes_down=participants_bytes(has_data, size),
         local_steps=jnp.sum(jnp.where(weights > 0, steps, 0)).astype(jnp.int32),
         update_norm=optax.tree.norm(mean_delta).astype(dtype),
         control_variate_norm=optax.tree.norm(control_variate).astype(dtype))

@@ -34,8 +34,9 @@ def round_metrics(weights: jax.Array, losses: jax.Array, *, bytes_up, bytes_down
     metrics = {
         "train_loss": jnp.sum(weights * losses).astype(dtype),
         "participants": jnp.sum(weights > 0).astype(jnp.int32),
-        "bytes_up": jnp.asarray(bytes_up).astype(dtype),
-        "bytes_down": jnp.asarray(bytes_down).astype(dtype),
+        # Straight to floats: a Python int past int32 (a large model's bytes) is refused as int32.
+        "bytes_up": jnp.asarray(bytes_up, dtype),
+        "bytes_down": jnp.asarray(bytes_down, dtype),
     }
     clash = sorted(set(extra) & set(metrics))
     if clash:
