@@ -19,23 +19,18 @@ registry's FedAvg, Ditto, FedMeta, pFedHN and FedGen rounds (4.9 against 12.5 s)
 tests/test_fedamp.py plus tests/test_models.py take 134 s instead of 88.
 """
 
-import importlib.metadata
 import os
 
+import jaxlib.version
 import pytest
-
-
-def _major_minor(version: str) -> tuple[int, int]:
-    major, minor = version.split(".")[:2]
-    return int(major), int(minor)
-
 
 os.environ["FEDJAX_LAB_COMPILE_CACHE"] = "off"
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # jaxlib 0.11 dropped the flag with the elemental emitters, and XLA aborts on a flag it does not
-# know, so it is passed only to the jaxlib that has it.
+# know, so it is passed only to the jaxlib that has it. (XLA reads the flags when its first
+# backend starts, not when jaxlib is imported.)
 _OLD_EMITTERS = (["--xla_cpu_use_fusion_emitters=false"]
-                 if _major_minor(importlib.metadata.version("jaxlib")) < (0, 11) else [])
+                 if jaxlib.version.__version_info__ < (0, 11) else [])
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_OLD_EMITTERS,
                                     "--xla_cpu_parallel_codegen_split_count=1"]).strip()
 
