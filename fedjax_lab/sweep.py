@@ -32,6 +32,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -207,7 +208,11 @@ def _plan(members: list[Point], dataset, budget: int, points_per_program: int | 
         raise OptionError("data", first.data.name, "a sweep keeps the population on the "
                           "device, and this one is too large; run its points one by one")
     for point in members:
-        private = run_config.private_run(point.config, dataset)[1]
+        with warnings.catch_warnings():
+            # The accountant would warn that the run stops early; the sweep refuses it instead,
+            # and the points that run are accounted again (with their warnings) when built.
+            warnings.simplefilter("ignore")
+            private = run_config.private_run(point.config, dataset)[1]
         if private is not None and private.rounds < point.config.run.rounds:
             raise OptionError("algorithm.dp.target_epsilon", private.options.target_epsilon,
                               f"spent after round {private.rounds} of {point.config.run.rounds} "
