@@ -208,10 +208,11 @@ def _plan(members: list[Point], dataset, budget: int, points_per_program: int | 
         raise OptionError("data", first.data.name, "a sweep keeps the population on the "
                           "device, and this one is too large; run its points one by one")
     for point in members:
-        with warnings.catch_warnings():
-            # The accountant would warn that the run stops early; the sweep refuses it instead,
-            # and the points that run are accounted again (with their warnings) when built.
-            warnings.simplefilter("ignore")
+        # The accountant plans a run once (cached) and warns then, so its warnings are held
+        # here: the sweep refuses a point whose run would stop early instead of warning that
+        # it does, and shows the others' warnings.
+        with warnings.catch_warnings(record=True) as accountant_warnings:
+            warnings.simplefilter("always")
             private = run_config.private_run(point.config, dataset)[1]
         if private is not None and private.rounds < point.config.run.rounds:
             raise OptionError("algorithm.dp.target_epsilon", private.options.target_epsilon,
@@ -219,6 +220,8 @@ def _plan(members: list[Point], dataset, budget: int, points_per_program: int | 
                               f"at {point.name}, where a run alone would stop (on_budget="
                               "'stop'); a sweep runs every point for run.rounds: lower "
                               "run.rounds, raise the noise multiplier or set on_budget='warn'")
+        for caught in accountant_warnings:
+            warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
     experiment.check_metrics(run_config.traced_algorithm(first, dataset.info()))
     if points_per_program:
         return _Group(members, dataset, points_per_program, chunks_at_once)

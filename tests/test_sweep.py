@@ -145,11 +145,21 @@ def test_dp_points_record_the_epsilon_of_their_runs_alone(tmp_path, sampling):
     dp = {"clip": 1.0, "sampling": sampling, "delta": 1e-5}
     if sampling == "poisson":
         dp["expected_cohort"] = 1.5
+    else:
+        # z = 0.8 spends epsilon = 15 in round 1 (13.5 after it, 21.2 after round 2) and runs
+        # on with the accountant's warning; z = 2.0 stays within it (7.5 after round 3).
+        dp.update(target_epsilon=15.0, on_budget="warn")
     base = options.merge(_base("fedavg"), {"algorithm": {"dp": dp},
                                            "run": {"rounds": 3, "eval_every": 2}})
     output = tmp_path / "sweep"
-    sweep.sweep(base, [0], {"algorithm.dp.noise_multiplier": [0.8, 2.0]}, str(output),
-                points_per_program=1, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sweep.sweep(base, [0], {"algorithm.dp.noise_multiplier": [0.8, 2.0]}, str(output),
+                    points_per_program=1, progress=False)
+    spent = [str(w.message) for w in caught if "budget" in str(w.message)]
+    assert spent == ([] if sampling == "poisson" else
+                     ["epsilon=15 at delta=1e-05 is spent after round 1 of 3; running on past "
+                      "the budget (on_budget='warn')"])
     epsilons = []
     for name in sorted(os.listdir(output / sweep_grid.POINTS_DIR)):
         folder = str(output / sweep_grid.POINTS_DIR / name)
