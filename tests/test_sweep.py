@@ -146,8 +146,8 @@ def test_dp_points_record_the_epsilon_of_their_runs_alone(tmp_path, sampling):
     if sampling == "poisson":
         dp["expected_cohort"] = 1.5
     else:
-        # z = 0.8 spends epsilon = 15 in round 1 (13.5 after it, 21.2 after round 2) and runs
-        # on with the accountant's warning; z = 2.0 stays within it (7.5 after round 3).
+        # z = 0.8 stays within epsilon = 15 for one round (13.5 after it, 21.2 after round 2)
+        # and runs on with the accountant's warning; z = 2.0 stays within it (7.5 after round 3).
         dp.update(target_epsilon=15.0, on_budget="warn")
     base = options.merge(_base("fedavg"), {"algorithm": {"dp": dp},
                                            "run": {"rounds": 3, "eval_every": 2}})
