@@ -52,8 +52,14 @@ os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_OLD_EMITT
 
 # Python's full garbage collections scan every object a worker holds (JAX's caches, every test
 # module): 29 s of a run's 815 s of test time. They wait for the end of each file instead, where
-# one collection follows the freeing of the file's programs.
+# one collection follows the freeing of the file's programs, and skip what lives all session: the
+# imported packages and the collected tests.
 gc.set_threshold(*gc.get_threshold()[:2], 1000)
+
+
+def pytest_collection_finish(session):
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(autouse=True, scope="module")
