@@ -81,9 +81,10 @@ def _close(a, b):
 
 
 @functools.cache
-def _reference(name, structure=()):
+def _reference(name, structure):
     """(algorithm, initial state, jitted round, state after one round) of `name`'s config with
-    the options `structure` (pairs of dotted path and value) set, built with Python numbers."""
+    the options `structure` (pairs of dotted path and value) set, built with Python numbers.
+    `structure` has no default: functools.cache would key `(name)` and `(name, ())` apart."""
     config = options.replace_paths(REGISTRY[name].config(), dict(structure))
     options.validate(config)
     algorithm = _build(name, config)
