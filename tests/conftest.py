@@ -32,8 +32,6 @@ import tempfile
 import jaxlib.version
 import pytest
 
-# One compilation cache per test run, shared by its worker processes and the command lines and
-# notebook kernels they start, removed when the run ends.
 if "FEDJAX_LAB_TEST_RUN_CACHE" not in os.environ:
     os.environ["FEDJAX_LAB_TEST_RUN_CACHE"] = tempfile.mkdtemp(prefix="fedjax_lab_tests_xla_")
     atexit.register(shutil.rmtree, os.environ["FEDJAX_LAB_TEST_RUN_CACHE"], ignore_errors=True)
