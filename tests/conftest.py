@@ -27,7 +27,7 @@ about 2.2 of the 3.9 ms a small function took to lower, and 13,000 lowerings in 
 primitives are most of them). The tests share one context per thread for the length of a test file
 instead (`_share_mlir_contexts`); the lowered modules are the same text (checked on every
 registered algorithm's init and round), only the context they live in is reused. The default
-suite on two cores went from 344-365 s (five runs) to 308-310 s (three).
+suite on two cores went from 344-365 s (five runs) to 308-318 s (four, two on a clean clone).
 """
 
 import atexit
